@@ -1,0 +1,72 @@
+"""MAML (Finn et al. 2017), second order.
+
+Per task: theta' = SGD^k(theta; support), and the client sends the weighted mean over
+its tasks of grad_theta L_query(theta'), differentiating through the inner loop
+(the Hessian-vector products of the second-order term included).
+Server: Adam on the weighted mean meta-gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import grad
+
+from common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, OuterConfig, Params, UpdateKind
+from common.algorithms.inner import loss_at, map_tasks, sgd_adapt
+from common.algorithms.outer import AdamOuter
+from common.tasks import LossFn, TaskBatch
+
+
+def meta_gradient(
+    model: nn.Module, params: Params, batch: TaskBatch, loss_fn: LossFn, inner: InnerConfig, *, first_order: bool
+) -> ClientUpdate:
+    """Mean over tasks of the MAML meta-gradient; first_order drops the inner loop's graph."""
+
+    def query_loss_after(p: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor):
+        adapted = sgd_adapt(model, p, xs, ys, loss_fn, steps=inner.steps, lr=inner.lr)
+        loss = loss_at(model, adapted, xq, yq, loss_fn)
+        return loss, loss
+
+    def per_task(p: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor):
+        loss_pre = loss_at(model, p, xq, yq, loss_fn)
+        if first_order:
+            adapted = sgd_adapt(model, p, xs, ys, loss_fn, steps=inner.steps, lr=inner.lr)
+            g, loss_post = grad(lambda a: (lambda l: (l, l))(loss_at(model, a, xq, yq, loss_fn)), has_aux=True)(
+                adapted
+            )
+        else:
+            g, loss_post = grad(query_loss_after, has_aux=True)(p, xs, ys, xq, yq)
+        return g, loss_pre, loss_post
+
+    grads, loss_pre, loss_post = map_tasks(per_task, params, batch, vectorize=inner.vectorize)
+    return ClientUpdate(
+        tensors={k: v.mean(0).detach() for k, v in grads.items()},
+        weight=float(batch.num_tasks),
+        metrics={"loss_pre": float(loss_pre.mean()), "loss_post": float(loss_post.mean())},
+    )
+
+
+def client_step(model: nn.Module, params: Params, batch: TaskBatch, loss_fn: LossFn, inner: InnerConfig) -> ClientUpdate:
+    return meta_gradient(model, params, batch, loss_fn, inner, first_order=False)
+
+
+def adapt(
+    model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, *, steps: int, lr: float
+) -> Params:
+    """theta' = SGD^steps(theta; x, y): the personalisation rule MAML meta-learns for."""
+    return sgd_adapt(model, params, x, y, loss_fn, steps=steps, lr=lr)
+
+
+def make_outer(config: OuterConfig) -> AdamOuter:
+    return AdamOuter(config)
+
+
+ALGORITHM = Algorithm(
+    name="maml",
+    update_kind=UpdateKind.META_GRADIENT,
+    client_step=client_step,
+    make_outer=make_outer,
+    default_outer_lr=1e-3,
+    adapt=adapt,
+)

@@ -1,0 +1,64 @@
+"""Server steps (outer optimizers) over the flat meta-parameter vector."""
+
+from __future__ import annotations
+
+import torch
+
+from common.algorithms.base import OuterConfig
+
+
+class AdamOuter:
+    """theta <- Adam(theta, g) with g the weighted mean meta-gradient (Kingma & Ba 2015)."""
+
+    def __init__(self, config: OuterConfig, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.lr = config.lr
+        self.betas = betas
+        self.eps = eps
+        self.step_count = 0
+        self.exp_avg: torch.Tensor | None = None
+        self.exp_avg_sq: torch.Tensor | None = None
+
+    def step(self, theta: torch.Tensor, update: torch.Tensor, round_index: int) -> float:
+        if self.exp_avg is None or self.exp_avg_sq is None:
+            self.exp_avg = torch.zeros_like(theta)
+            self.exp_avg_sq = torch.zeros_like(theta)
+        b1, b2 = self.betas
+        self.step_count += 1
+        self.exp_avg.mul_(b1).add_(update, alpha=1 - b1)
+        self.exp_avg_sq.mul_(b2).addcmul_(update, update, value=1 - b2)
+        bias1 = 1 - b1**self.step_count
+        bias2 = 1 - b2**self.step_count
+        denom = (self.exp_avg_sq / bias2).sqrt_().add_(self.eps)
+        theta.addcdiv_(self.exp_avg, denom, value=-self.lr / bias1)
+        return self.lr
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {"step": torch.tensor(self.step_count, dtype=torch.int64)}
+        if self.exp_avg is not None and self.exp_avg_sq is not None:
+            state["exp_avg"] = self.exp_avg
+            state["exp_avg_sq"] = self.exp_avg_sq
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.step_count = int(state["step"])
+        self.exp_avg = state.get("exp_avg")
+        self.exp_avg_sq = state.get("exp_avg_sq")
+
+
+class ReptileOuter:
+    """theta <- theta + eps_r * mean(delta), eps_r = lr * (1 - r / R) (Nichol et al. 2018)."""
+
+    def __init__(self, config: OuterConfig) -> None:
+        self.lr = config.lr
+        self.rounds = max(1, config.rounds)
+
+    def step(self, theta: torch.Tensor, update: torch.Tensor, round_index: int) -> float:
+        eps = self.lr * (1.0 - round_index / self.rounds)
+        theta.add_(update, alpha=eps)
+        return eps
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass

@@ -1,0 +1,48 @@
+"""Reptile (Nichol et al. 2018).
+
+Per task: theta' = SGD^k(theta; all of the task's examples), and the client sends
+the mean delta = theta' - theta over its tasks. Server: theta <- theta + eps_r * mean(delta),
+eps_r annealed linearly from the outer learning rate to 0 over the run.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, OuterConfig, Params, UpdateKind
+from common.algorithms.inner import loss_at, map_tasks, sgd_adapt
+from common.algorithms.maml import adapt
+from common.algorithms.outer import ReptileOuter
+from common.tasks import LossFn, TaskBatch
+
+
+def client_step(model: nn.Module, params: Params, batch: TaskBatch, loss_fn: LossFn, inner: InnerConfig) -> ClientUpdate:
+    def per_task(p: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor):
+        x = torch.cat([xs, xq])
+        y = torch.cat([ys, yq])
+        adapted = sgd_adapt(model, p, x, y, loss_fn, steps=inner.steps, lr=inner.lr)
+        loss_pre = loss_at(model, p, xq, yq, loss_fn)
+        loss_post = loss_at(model, adapted, xq, yq, loss_fn)
+        return {k: adapted[k] - p[k] for k in p}, loss_pre, loss_post
+
+    deltas, loss_pre, loss_post = map_tasks(per_task, params, batch, vectorize=inner.vectorize)
+    return ClientUpdate(
+        tensors={k: v.mean(0).detach() for k, v in deltas.items()},
+        weight=float(batch.num_tasks),
+        metrics={"loss_pre": float(loss_pre.mean()), "loss_post": float(loss_post.mean())},
+    )
+
+
+def make_outer(config: OuterConfig) -> ReptileOuter:
+    return ReptileOuter(config)
+
+
+ALGORITHM = Algorithm(
+    name="reptile",
+    update_kind=UpdateKind.PARAMETER_DELTA,
+    client_step=client_step,
+    make_outer=make_outer,
+    default_outer_lr=1.0,
+    adapt=adapt,
+)

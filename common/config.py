@@ -1,0 +1,70 @@
+"""The run configuration every participant shares, and its validation."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from common.codec import DEFAULT_CHUNK_BYTES, ENCODINGS
+from common.models import ModelSpec
+
+CLIENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def check_client_id(client_id: str) -> str:
+    if not CLIENT_ID.match(client_id):
+        raise ValueError(f"client id: expected 1-64 characters from [A-Za-z0-9._-], got {client_id!r}")
+    return client_id
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What the coordinator tells every client when it joins (see RunConfig in coordinator.proto)."""
+
+    run_id: str
+    algorithm: str = "maml"
+    task: str = "sinusoid"
+    model: ModelSpec = field(default_factory=lambda: ModelSpec("mlp", {"in_features": 1, "hidden": [40, 40], "out_features": 1}))
+    shots: int = 5
+    queries: int = 10
+    tasks_per_client: int = 10
+    inner_steps: int = 1
+    inner_lr: float = 0.01
+    seed: int = 0
+    encoding: str = "float32"
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    eval_shots: int = 5
+    eval_steps: int = 10
+    eval_tasks_per_client: int = 50
+    poll_timeout_s: float = 10.0
+    rounds: int = 1500
+
+    def __post_init__(self) -> None:
+        from common.algorithms import ALGORITHMS
+        from common.tasks import TASKS
+
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"--algorithm: expected one of {sorted(ALGORITHMS)}, got {self.algorithm!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"--task: expected one of {sorted(TASKS)}, got {self.task!r}")
+        if self.encoding not in ENCODINGS:
+            raise ValueError(f"--encoding: expected one of {list(ENCODINGS)}, got {self.encoding!r}")
+        for name in ("shots", "queries", "tasks_per_client", "eval_shots", "eval_tasks_per_client", "rounds"):
+            _positive_int(name, getattr(self, name))
+        for name in ("inner_steps", "eval_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 0, got {value!r}")
+        if not (self.inner_lr > 0 and self.inner_lr < float("inf")):
+            raise ValueError(f"--inner-lr: expected a positive finite number, got {self.inner_lr!r}")
+        if not (1024 <= self.chunk_bytes <= 3 << 20):
+            raise ValueError(f"--chunk-bytes: expected 1024 to {3 << 20} (3 MiB), got {self.chunk_bytes!r}")
+        if not (0.05 <= self.poll_timeout_s <= 600):
+            raise ValueError(f"--poll-timeout-s: expected 0.05 to 600 seconds, got {self.poll_timeout_s!r}")
+        if not (0 <= self.seed < 2**63):
+            raise ValueError(f"--seed: expected an integer in [0, 2**63), got {self.seed!r}")
+
+
+def _positive_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {value!r}")

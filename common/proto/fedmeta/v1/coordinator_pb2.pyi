@@ -1,0 +1,200 @@
+from common.proto.fedmeta.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ACTION_UNSPECIFIED: _ClassVar[Action]
+    ACTION_TRAIN: _ClassVar[Action]
+    ACTION_EVALUATE: _ClassVar[Action]
+    ACTION_WAIT: _ClassVar[Action]
+    ACTION_FINISHED: _ClassVar[Action]
+
+class UpdateKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    UPDATE_KIND_UNSPECIFIED: _ClassVar[UpdateKind]
+    UPDATE_KIND_META_GRADIENT: _ClassVar[UpdateKind]
+    UPDATE_KIND_PARAMETER_DELTA: _ClassVar[UpdateKind]
+    UPDATE_KIND_EVALUATION: _ClassVar[UpdateKind]
+ACTION_UNSPECIFIED: Action
+ACTION_TRAIN: Action
+ACTION_EVALUATE: Action
+ACTION_WAIT: Action
+ACTION_FINISHED: Action
+UPDATE_KIND_UNSPECIFIED: UpdateKind
+UPDATE_KIND_META_GRADIENT: UpdateKind
+UPDATE_KIND_PARAMETER_DELTA: UpdateKind
+UPDATE_KIND_EVALUATION: UpdateKind
+
+class ModelSpec(_message.Message):
+    __slots__ = ("name", "kwargs_json")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kwargs_json: str
+    def __init__(self, name: _Optional[str] = ..., kwargs_json: _Optional[str] = ...) -> None: ...
+
+class RunConfig(_message.Message):
+    __slots__ = ("run_id", "algorithm", "task", "model", "shots", "queries", "tasks_per_client", "inner_steps", "inner_lr", "seed", "encoding", "chunk_bytes", "eval_shots", "eval_steps", "eval_tasks_per_client", "poll_timeout_s", "rounds")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SHOTS_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    TASKS_PER_CLIENT_FIELD_NUMBER: _ClassVar[int]
+    INNER_STEPS_FIELD_NUMBER: _ClassVar[int]
+    INNER_LR_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EVAL_SHOTS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_TASKS_PER_CLIENT_FIELD_NUMBER: _ClassVar[int]
+    POLL_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    algorithm: str
+    task: str
+    model: ModelSpec
+    shots: int
+    queries: int
+    tasks_per_client: int
+    inner_steps: int
+    inner_lr: float
+    seed: int
+    encoding: _tensor_pb2.Encoding
+    chunk_bytes: int
+    eval_shots: int
+    eval_steps: int
+    eval_tasks_per_client: int
+    poll_timeout_s: float
+    rounds: int
+    def __init__(self, run_id: _Optional[str] = ..., algorithm: _Optional[str] = ..., task: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., shots: _Optional[int] = ..., queries: _Optional[int] = ..., tasks_per_client: _Optional[int] = ..., inner_steps: _Optional[int] = ..., inner_lr: _Optional[float] = ..., seed: _Optional[int] = ..., encoding: _Optional[_Union[_tensor_pb2.Encoding, str]] = ..., chunk_bytes: _Optional[int] = ..., eval_shots: _Optional[int] = ..., eval_steps: _Optional[int] = ..., eval_tasks_per_client: _Optional[int] = ..., poll_timeout_s: _Optional[float] = ..., rounds: _Optional[int] = ...) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("client_id", "protocol_version", "device", "num_tasks", "encodings")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    NUM_TASKS_FIELD_NUMBER: _ClassVar[int]
+    ENCODINGS_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    protocol_version: int
+    device: str
+    num_tasks: int
+    encodings: _containers.RepeatedScalarFieldContainer[_tensor_pb2.Encoding]
+    def __init__(self, client_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., device: _Optional[str] = ..., num_tasks: _Optional[int] = ..., encodings: _Optional[_Iterable[_Union[_tensor_pb2.Encoding, str]]] = ...) -> None: ...
+
+class JoinResponse(_message.Message):
+    __slots__ = ("config",)
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    config: RunConfig
+    def __init__(self, config: _Optional[_Union[RunConfig, _Mapping]] = ...) -> None: ...
+
+class WaitForAssignmentRequest(_message.Message):
+    __slots__ = ("run_id", "client_id")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    client_id: str
+    def __init__(self, run_id: _Optional[str] = ..., client_id: _Optional[str] = ...) -> None: ...
+
+class WaitForAssignmentResponse(_message.Message):
+    __slots__ = ("action", "round", "parameter_version", "detail")
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    action: Action
+    round: int
+    parameter_version: str
+    detail: str
+    def __init__(self, action: _Optional[_Union[Action, str]] = ..., round: _Optional[int] = ..., parameter_version: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class FetchParametersRequest(_message.Message):
+    __slots__ = ("run_id", "client_id", "parameter_version")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    client_id: str
+    parameter_version: str
+    def __init__(self, run_id: _Optional[str] = ..., client_id: _Optional[str] = ..., parameter_version: _Optional[str] = ...) -> None: ...
+
+class FetchParametersResponse(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: ParametersHeader
+    chunk: _tensor_pb2.TensorChunk
+    def __init__(self, header: _Optional[_Union[ParametersHeader, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
+
+class ParametersHeader(_message.Message):
+    __slots__ = ("parameter_version", "tensors")
+    PARAMETER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    parameter_version: str
+    tensors: _tensor_pb2.TensorSetHeader
+    def __init__(self, parameter_version: _Optional[str] = ..., tensors: _Optional[_Union[_tensor_pb2.TensorSetHeader, _Mapping]] = ...) -> None: ...
+
+class SubmitUpdateRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: UpdateHeader
+    chunk: _tensor_pb2.TensorChunk
+    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
+
+class UpdateHeader(_message.Message):
+    __slots__ = ("run_id", "round", "client_id", "base_version", "kind", "weight", "metrics", "tensors")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    round: int
+    client_id: str
+    base_version: str
+    kind: UpdateKind
+    weight: float
+    metrics: _containers.ScalarMap[str, float]
+    tensors: _tensor_pb2.TensorSetHeader
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[str] = ..., base_version: _Optional[str] = ..., kind: _Optional[_Union[UpdateKind, str]] = ..., weight: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., tensors: _Optional[_Union[_tensor_pb2.TensorSetHeader, _Mapping]] = ...) -> None: ...
+
+class SubmitUpdateResponse(_message.Message):
+    __slots__ = ("accepted", "duplicate")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    duplicate: bool
+    def __init__(self, accepted: _Optional[bool] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ("run_id", "client_id")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    client_id: str
+    def __init__(self, run_id: _Optional[str] = ..., client_id: _Optional[str] = ...) -> None: ...
+
+class LeaveResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -1,0 +1,34 @@
+"""Sinusoid regression (Finn et al. 2017, section 5.1).
+
+A task is y = A sin(x - phi) with amplitude A ~ U[0.1, 5], phase phi ~ U[0, pi];
+inputs x ~ U[-5, 5]. Loss: mean squared error.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+AMPLITUDE = (0.1, 5.0)
+PHASE = (0.0, math.pi)
+X_RANGE = (-5.0, 5.0)
+
+
+class SinusoidTasks:
+    """Samples sinusoid tasks as stacked tensors of shape [tasks, examples, 1]."""
+
+    @staticmethod
+    def sample(
+        *, num_tasks: int, shots: int, queries: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        amp = torch.empty(num_tasks, 1, 1).uniform_(*AMPLITUDE, generator=generator)
+        phase = torch.empty(num_tasks, 1, 1).uniform_(*PHASE, generator=generator)
+        x = torch.empty(num_tasks, shots + queries, 1).uniform_(*X_RANGE, generator=generator)
+        y = amp * torch.sin(x - phase)
+        return x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:]
+
+    @staticmethod
+    def curve(amp: float, phase: float, x: torch.Tensor) -> torch.Tensor:
+        """The true function of one task, for plots."""
+        return amp * torch.sin(x - phase)

@@ -13,7 +13,7 @@ CLIENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 def check_client_id(client_id: str) -> str:
     if not CLIENT_ID.match(client_id):
-        raise ValueError(f"client id: expected 1-64 characters from [A-Za-z0-9._-], got {client_id!r}")
+        raise ValueError(f"expected 1-64 characters from [A-Za-z0-9._-], got {client_id!r}")
     return client_id
 
 
@@ -38,6 +38,7 @@ class RunConfig:
     eval_tasks_per_client: int = 50
     poll_timeout_s: float = 10.0
     rounds: int = 1500
+    eval_queries: int = 100
 
     def __post_init__(self) -> None:
         from common.algorithms import ALGORITHMS
@@ -49,7 +50,7 @@ class RunConfig:
             raise ValueError(f"--task: expected one of {sorted(TASKS)}, got {self.task!r}")
         if self.encoding not in ENCODINGS:
             raise ValueError(f"--encoding: expected one of {list(ENCODINGS)}, got {self.encoding!r}")
-        for name in ("shots", "queries", "tasks_per_client", "eval_shots", "eval_tasks_per_client", "rounds"):
+        for name in ("shots", "queries", "tasks_per_client", "eval_shots", "eval_tasks_per_client", "rounds", "eval_queries"):
             _positive_int(name, getattr(self, name))
         for name in ("inner_steps", "eval_steps"):
             value = getattr(self, name)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from common.codec import encoding_from_proto, encoding_to_proto
 from common.config import RunConfig
 from common.models import ModelSpec
@@ -9,14 +11,10 @@ from common.proto import pb
 
 
 def model_spec_to_proto(spec: ModelSpec) -> pb.ModelSpec:
-    import json
-
     return pb.ModelSpec(name=spec.name, kwargs_json=json.dumps(spec.kwargs, sort_keys=True))
 
 
 def model_spec_from_proto(msg: pb.ModelSpec) -> ModelSpec:
-    import json
-
     kwargs = json.loads(msg.kwargs_json or "{}")
     if not isinstance(kwargs, dict):
         raise ValueError(f"model kwargs: expected a JSON object, got {msg.kwargs_json!r}")
@@ -42,6 +40,7 @@ def run_config_to_proto(config: RunConfig) -> pb.RunConfig:
         eval_tasks_per_client=config.eval_tasks_per_client,
         poll_timeout_s=config.poll_timeout_s,
         rounds=config.rounds,
+        eval_queries=config.eval_queries,
     )
 
 
@@ -64,4 +63,5 @@ def run_config_from_proto(msg: pb.RunConfig) -> RunConfig:
         eval_tasks_per_client=msg.eval_tasks_per_client,
         poll_timeout_s=msg.poll_timeout_s,
         rounds=msg.rounds,
+        eval_queries=msg.eval_queries,
     )

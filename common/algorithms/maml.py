@@ -67,6 +67,6 @@ ALGORITHM = Algorithm(
     update_kind=UpdateKind.META_GRADIENT,
     client_step=client_step,
     make_outer=make_outer,
-    default_outer_lr=1e-3,
+    default_outer_lr=3e-3,
     adapt=adapt,
 )

@@ -41,7 +41,7 @@ class ModelSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kwargs_json: _Optional[str] = ...) -> None: ...
 
 class RunConfig(_message.Message):
-    __slots__ = ("run_id", "algorithm", "task", "model", "shots", "queries", "tasks_per_client", "inner_steps", "inner_lr", "seed", "encoding", "chunk_bytes", "eval_shots", "eval_steps", "eval_tasks_per_client", "poll_timeout_s", "rounds")
+    __slots__ = ("run_id", "algorithm", "task", "model", "shots", "queries", "tasks_per_client", "inner_steps", "inner_lr", "seed", "encoding", "chunk_bytes", "eval_shots", "eval_steps", "eval_tasks_per_client", "poll_timeout_s", "rounds", "eval_queries")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,7 @@ class RunConfig(_message.Message):
     EVAL_TASKS_PER_CLIENT_FIELD_NUMBER: _ClassVar[int]
     POLL_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_QUERIES_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     algorithm: str
     task: str
@@ -76,7 +77,8 @@ class RunConfig(_message.Message):
     eval_tasks_per_client: int
     poll_timeout_s: float
     rounds: int
-    def __init__(self, run_id: _Optional[str] = ..., algorithm: _Optional[str] = ..., task: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., shots: _Optional[int] = ..., queries: _Optional[int] = ..., tasks_per_client: _Optional[int] = ..., inner_steps: _Optional[int] = ..., inner_lr: _Optional[float] = ..., seed: _Optional[int] = ..., encoding: _Optional[_Union[_tensor_pb2.Encoding, str]] = ..., chunk_bytes: _Optional[int] = ..., eval_shots: _Optional[int] = ..., eval_steps: _Optional[int] = ..., eval_tasks_per_client: _Optional[int] = ..., poll_timeout_s: _Optional[float] = ..., rounds: _Optional[int] = ...) -> None: ...
+    eval_queries: int
+    def __init__(self, run_id: _Optional[str] = ..., algorithm: _Optional[str] = ..., task: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., shots: _Optional[int] = ..., queries: _Optional[int] = ..., tasks_per_client: _Optional[int] = ..., inner_steps: _Optional[int] = ..., inner_lr: _Optional[float] = ..., seed: _Optional[int] = ..., encoding: _Optional[_Union[_tensor_pb2.Encoding, str]] = ..., chunk_bytes: _Optional[int] = ..., eval_shots: _Optional[int] = ..., eval_steps: _Optional[int] = ..., eval_tasks_per_client: _Optional[int] = ..., poll_timeout_s: _Optional[float] = ..., rounds: _Optional[int] = ..., eval_queries: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("client_id", "protocol_version", "device", "num_tasks", "encodings")

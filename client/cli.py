@@ -1,0 +1,83 @@
+"""fedmeta-client: join a coordinator and run the inner loops on local tasks."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from types import FrameType
+
+from client.retry import CoordinatorUnreachable, RetryPolicy
+from client.worker import ClientConfig, Shutdown, Worker, default_data_seed
+from common.cli import OneLineErrorParser, setup_logging
+from common.config import check_client_id
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(
+        prog="fedmeta-client",
+        description="Join a fedmeta coordinator, train on local tasks when sampled, and exit when the run finishes.",
+    )
+    parser.add_argument("--server", required=True, metavar="HOST:PORT", help="coordinator address, e.g. 10.0.0.5:50051")
+    parser.add_argument("--client-id", required=True, help="this client's id: 1-64 characters from [A-Za-z0-9._-]")
+    parser.add_argument("--data-seed", type=int, default=None,
+                        help="seed of this client's local task stream (default: derived from --client-id)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default (default: 0)")
+    parser.add_argument("--no-vmap", action="store_true", help="loop over tasks instead of batching them with torch.func.vmap")
+    parser.add_argument("--give-up-s", type=float, default=300.0,
+                        help="seconds to keep retrying an unreachable coordinator before exiting 1 (default: 300)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="log verbosity (default: info)")
+    return parser
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    raise Shutdown(signal.Signals(signum).name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    if ":" not in args.server:
+        parser.error(f"--server: expected HOST:PORT, got {args.server!r}")
+    if args.threads < 0:
+        parser.error(f"--threads: expected an integer >= 0, got {args.threads}")
+    if not args.give_up_s > 0:
+        parser.error(f"--give-up-s: expected a positive number, got {args.give_up_s}")
+    try:
+        check_client_id(args.client_id)
+    except ValueError as exc:
+        parser.error(f"--client-id: {exc}")
+    try:
+        config = ClientConfig(
+            server=args.server,
+            client_id=args.client_id,
+            data_seed=default_data_seed(args.client_id) if args.data_seed is None else args.data_seed,
+            device=args.device,
+            threads=args.threads,
+            vectorize=not args.no_vmap,
+            retry=RetryPolicy(give_up_s=args.give_up_s),
+        )
+        worker = Worker(config)
+    except ValueError as exc:
+        parser.error(str(exc))
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    try:
+        return worker.run_forever()
+    except Shutdown as exc:
+        logging.getLogger("fedmeta.client").info("%s received; leaving the run", exc)
+        worker.stop.set()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        worker.leave()
+        return 0
+    except CoordinatorUnreachable as exc:
+        print(f"fedmeta-client: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

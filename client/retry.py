@@ -1,0 +1,62 @@
+"""Retries for transient gRPC failures: exponential backoff with full jitter.
+
+Only UNAVAILABLE and DEADLINE_EXCEEDED are retried; every other status is an answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+log = logging.getLogger("fedmeta.client")
+T = TypeVar("T")
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """delay_n = U(0, min(max_delay_s, initial_delay_s * 2**n)); give up after give_up_s."""
+
+    initial_delay_s: float = 0.1
+    max_delay_s: float = 5.0
+    give_up_s: float = 300.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        return rng.uniform(0, min(self.max_delay_s, self.initial_delay_s * 2**attempt))
+
+
+class CoordinatorUnreachable(RuntimeError):
+    """The coordinator stayed unreachable for longer than the retry policy allows."""
+
+
+def with_retry(
+    call: Callable[[], T], *, what: str, policy: RetryPolicy, stop: threading.Event, rng: random.Random
+) -> T:
+    """Run call(), retrying transient failures until it answers or policy.give_up_s passes."""
+    start = time.monotonic()
+    attempt = 0
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as exc:
+            code = exc.code() if isinstance(exc, grpc.Call) else None
+            if code not in RETRYABLE or stop.is_set():
+                raise
+            elapsed = time.monotonic() - start
+            if elapsed > policy.give_up_s:
+                raise CoordinatorUnreachable(
+                    f"{what}: the coordinator has been unreachable for {elapsed:.0f} s ({code.name if code else '?'})"
+                ) from exc
+            delay = policy.delay(attempt, rng)
+            if attempt == 0 or attempt % 10 == 0:
+                log.warning("%s: %s (%s); retrying", what, code.name if code else "?", exc.details() if isinstance(exc, grpc.Call) else exc)
+            attempt += 1
+            if stop.wait(delay):
+                raise

@@ -1,0 +1,232 @@
+"""The client worker: join, long-poll, fetch, compute, submit; reconnects by itself.
+
+The loop is the same in every deployment: a local child of `fedmeta-server
+--local-clients`, a container, or a machine across the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from client.retry import RetryPolicy, with_retry
+from common import PROTOCOL_VERSION
+from common.algorithms import InnerConfig, UpdateKind, get_algorithm
+from common.codec import Reassembler, TensorSetError, decode, encode, header_from_proto, header_to_proto, iter_chunks, specs_of
+from common.config import RunConfig, check_client_id
+from common.evaluation import evaluate
+from common.models import build_model, init_parameters
+from common.proto import pb, pb_grpc, tensor_pb
+from common.tasks import STREAM_EVAL, STREAM_TRAIN, loss_for, sample_batch, task_seed
+from common.wire import run_config_from_proto
+
+log = logging.getLogger("fedmeta.client")
+_KIND = {UpdateKind.META_GRADIENT: pb.UPDATE_KIND_META_GRADIENT, UpdateKind.PARAMETER_DELTA: pb.UPDATE_KIND_PARAMETER_DELTA}
+_RPC_TIMEOUT_S = 60.0
+
+
+def default_data_seed(client_id: str) -> int:
+    """A stable data seed from the client id, so restarts see the same data."""
+    return int.from_bytes(hashlib.sha256(client_id.encode()).digest()[:4], "little")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """One client's settings: where the coordinator is, who it is, what it computes on."""
+
+    server: str
+    client_id: str
+    data_seed: int
+    device: str = "cpu"
+    threads: int = 0
+    vectorize: bool = True
+    retry: RetryPolicy = RetryPolicy()
+
+    def __post_init__(self) -> None:
+        check_client_id(self.client_id)
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"--device: expected cpu or cuda[:N], got {self.device!r}")
+
+
+class Shutdown(Exception):
+    """Raised in the main thread by SIGTERM/SIGINT to stop the worker cleanly."""
+
+
+class Worker:
+    """Runs one client until the coordinator says FINISHED (exit 0) or it gives up (exit 1)."""
+
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        self.stop = threading.Event()
+        self._rng = random.Random(config.client_id)
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is visible to this process")
+        self.channel = grpc.insecure_channel(
+            config.server,
+            options=[("grpc.max_receive_message_length", 4 << 20), ("grpc.max_send_message_length", 4 << 20)],
+        )
+        self.stub = pb_grpc.CoordinatorStub(self.channel)
+        self.run: RunConfig | None = None
+        self._cached_version = ""
+        self._params: dict[str, torch.Tensor] = {}
+        self.rounds_trained = 0
+
+    # ---- RPCs -------------------------------------------------------------------------------
+    def _retry(self, call, what: str):  # type: ignore[no-untyped-def]
+        return with_retry(call, what=what, policy=self.config.retry, stop=self.stop, rng=self._rng)
+
+    def join(self) -> RunConfig:
+        request = pb.JoinRequest(
+            client_id=self.config.client_id,
+            protocol_version=PROTOCOL_VERSION,
+            device=str(self.device),
+            num_tasks=0,
+            encodings=[tensor_pb.ENCODING_FLOAT32, tensor_pb.ENCODING_FLOAT16, tensor_pb.ENCODING_BFLOAT16],
+        )
+        response = self._retry(lambda: self.stub.Join(request, timeout=_RPC_TIMEOUT_S), "Join")
+        run = run_config_from_proto(response.config)
+        if self.run is None or self.run.run_id != run.run_id:
+            self.model = build_model(run.model).to(self.device)
+            self.specs = specs_of(init_parameters(run.model, 0))
+            self.algorithm = get_algorithm(run.algorithm)
+            self.loss_fn = loss_for(run.task)
+            self._cached_version = ""
+        self.run = run
+        log.info("client %s joined run %s (%s on %s)", self.config.client_id, run.run_id, run.algorithm, run.task)
+        return run
+
+    def _fetch(self, version: str) -> dict[str, torch.Tensor]:
+        if version == self._cached_version:
+            return self._params
+        assert self.run is not None
+        request = pb.FetchParametersRequest(run_id=self.run.run_id, client_id=self.config.client_id, parameter_version=version)
+
+        def fetch() -> dict[str, torch.Tensor]:
+            stream: Iterator[pb.FetchParametersResponse] = self.stub.FetchParameters(request, timeout=_RPC_TIMEOUT_S)
+            first = next(stream)
+            if not first.HasField("header"):
+                raise TensorSetError("FetchParameters did not start with a header")
+            header = header_from_proto(first.header.tensors)
+            assembler = Reassembler(header, max_bytes=header.total_bytes)
+            for msg in stream:
+                assembler.add(msg.chunk.offset, msg.chunk.data)
+            return decode(assembler.finish(), expected=self.specs)
+
+        params = self._retry(fetch, "FetchParameters")
+        self._params = {k: v.to(self.device) for k, v in params.items()}
+        self._cached_version = version
+        return self._params
+
+    def _submit(self, header: pb.UpdateHeader, tensors: dict[str, torch.Tensor] | None) -> pb.SubmitUpdateResponse:
+        assert self.run is not None
+        payload = memoryview(b"")
+        if tensors is not None:
+            encoded = encode({k: v.detach().cpu() for k, v in tensors.items()}, encoding=self.run.encoding)
+            header.tensors.CopyFrom(header_to_proto(encoded.header))
+            payload = encoded.payload
+        chunk_bytes = self.run.chunk_bytes
+
+        def messages() -> Iterator[pb.SubmitUpdateRequest]:
+            yield pb.SubmitUpdateRequest(header=header)
+            if tensors is not None:
+                for offset, data in iter_chunks(payload, chunk_bytes):
+                    yield pb.SubmitUpdateRequest(chunk=tensor_pb.TensorChunk(offset=offset, data=data))
+
+        return self._retry(lambda: self.stub.SubmitUpdate(messages(), timeout=_RPC_TIMEOUT_S), "SubmitUpdate")
+
+    def leave(self) -> None:
+        if self.run is None:
+            return
+        try:
+            self.stub.Leave(pb.LeaveRequest(run_id=self.run.run_id, client_id=self.config.client_id), timeout=2.0)
+        except grpc.RpcError:
+            pass
+
+    # ---- work ---------------------------------------------------------------------------------
+    def train(self, round_index: int, version: str) -> None:
+        run = self.run
+        assert run is not None
+        params = self._fetch(version)
+        seed = task_seed(run.seed, self.config.data_seed, STREAM_TRAIN, round_index)
+        batch = sample_batch(run.task, num_tasks=run.tasks_per_client, shots=run.shots, queries=run.queries, seed=seed)
+        start = time.perf_counter()
+        inner = InnerConfig(steps=run.inner_steps, lr=run.inner_lr, vectorize=self.config.vectorize)
+        update = self.algorithm.client_step(self.model, params, batch.to(self.device), self.loss_fn, inner)
+        compute_s = time.perf_counter() - start
+        header = pb.UpdateHeader(
+            run_id=run.run_id, round=round_index, client_id=self.config.client_id, base_version=version,
+            kind=_KIND[self.algorithm.update_kind], weight=update.weight,
+            metrics={**update.metrics, "compute_s": compute_s},
+        )
+        reply = self._submit(header, update.tensors)
+        self.rounds_trained += 1
+        level = logging.INFO if self.rounds_trained % 100 == 1 else logging.DEBUG
+        log.log(level, "round %d: %d tasks, query loss %.3f -> %.3f, %.1f ms compute%s", round_index,
+                batch.num_tasks, update.metrics["loss_pre"], update.metrics["loss_post"], compute_s * 1e3,
+                " (duplicate)" if reply.duplicate else "")
+
+    def evaluate(self, round_index: int, version: str) -> None:
+        run = self.run
+        assert run is not None
+        params = self._fetch(version)
+        seed = task_seed(run.seed, self.config.data_seed, STREAM_EVAL, 0)
+        batch = sample_batch(run.task, num_tasks=run.eval_tasks_per_client, shots=run.eval_shots,
+                             queries=run.eval_queries, seed=seed)
+        metrics = evaluate(self.algorithm, self.model, params, batch.to(self.device), self.loss_fn,
+                           steps=run.eval_steps, lr=run.inner_lr, vectorize=self.config.vectorize)
+        header = pb.UpdateHeader(
+            run_id=run.run_id, round=round_index, client_id=self.config.client_id, base_version=version,
+            kind=pb.UPDATE_KIND_EVALUATION, weight=float(batch.num_tasks), metrics=metrics,
+        )
+        self._submit(header, None)
+        log.info("evaluation on %d held-out tasks: loss %.3f before, %.3f after %d steps",
+                 batch.num_tasks, metrics["loss_pre"], metrics["loss_post"], run.eval_steps)
+
+    def run_forever(self) -> int:
+        """The worker loop. Returns the process exit code."""
+        if self.config.threads > 0:
+            torch.set_num_threads(self.config.threads)
+        self.join()
+        while not self.stop.is_set():
+            run = self.run
+            assert run is not None
+            request = pb.WaitForAssignmentRequest(run_id=run.run_id, client_id=self.config.client_id)
+            try:
+                a = self._retry(
+                    lambda: self.stub.WaitForAssignment(request, timeout=run.poll_timeout_s + 10.0), "WaitForAssignment"
+                )
+                if a.action == pb.ACTION_FINISHED:
+                    log.info("the run is finished after %d rounds trained here; leaving", self.rounds_trained)
+                    self.leave()
+                    return 0
+                if a.action == pb.ACTION_TRAIN:
+                    self.train(a.round, a.parameter_version)
+                elif a.action == pb.ACTION_EVALUATE:
+                    self.evaluate(a.round, a.parameter_version)
+            except grpc.RpcError as exc:
+                if not isinstance(exc, grpc.Call):
+                    raise
+                self._on_refusal(exc)
+        self.leave()
+        return 0
+
+    def _on_refusal(self, exc: grpc.Call) -> None:
+        code, details = exc.code(), exc.details()
+        if code == grpc.StatusCode.NOT_FOUND or (
+            code == grpc.StatusCode.FAILED_PRECONDITION and "call Join" in (details or "")
+        ):
+            log.warning("the coordinator does not know this client (%s); joining again", details)
+            self.join()
+        elif code == grpc.StatusCode.FAILED_PRECONDITION:
+            log.warning("work refused (%s); asking for new work", details)
+        else:
+            raise exc  # type: ignore[misc]

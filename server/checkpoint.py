@@ -1,0 +1,62 @@
+"""Atomic checkpoints: one safetensors file (tensors) with a JSON metadata entry.
+
+Written to a temporary file, fsynced, then renamed over the previous one, so a
+coordinator killed at any moment leaves either the old or the new checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+FILENAME = "state.safetensors"
+_META_KEY = "fedmeta"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """theta (flat), outer-optimizer tensors and JSON-friendly metadata."""
+
+    theta: torch.Tensor
+    outer: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+
+
+def save(directory: Path, checkpoint: Checkpoint) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / FILENAME
+    tmp = directory / f".{FILENAME}.tmp"
+    tensors = {"theta": checkpoint.theta.contiguous()}
+    tensors.update({f"outer.{k}": v.contiguous() for k, v in checkpoint.outer.items()})
+    save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(checkpoint.meta)})
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def load(directory: Path) -> Checkpoint | None:
+    """The checkpoint in directory, or None if there is none."""
+    path = directory / FILENAME
+    if not path.exists():
+        return None
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})[_META_KEY])
+    except Exception as exc:  # safetensors raises its own error types across versions
+        raise ValueError(f"checkpoint {path} is unreadable ({exc}); move it away to start afresh") from exc
+    outer = {k.removeprefix("outer."): v for k, v in tensors.items() if k.startswith("outer.")}
+    return Checkpoint(theta=tensors["theta"], outer=outer, meta=meta)

@@ -1,0 +1,233 @@
+"""The coordinator's configuration: one option table drives the CLI flags, the TOML file and validation."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from common.algorithms import ALGORITHMS, get_algorithm
+from common.codec import DEFAULT_CHUNK_BYTES, ENCODINGS
+from common.config import RunConfig
+from common.tasks import TASKS
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: its flag, type, default, allowed values and help text."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("algorithm", str, "maml", "meta-learning algorithm", choices=tuple(sorted(ALGORITHMS))),
+    Option("task", str, "sinusoid", "task family", choices=tuple(sorted(TASKS))),
+    Option("rounds", int, 1500, "training rounds (outer steps)", minimum=1),
+    Option("clients_per_round", int, None, "clients sampled per round (default: --local-clients, else 4)", minimum=1),
+    Option("min_clients", int, 1, "answers needed to close a round at its deadline", minimum=1),
+    Option("round_deadline_s", float, 30.0, "seconds a round waits for its sampled clients", minimum=0.05),
+    Option("tasks_per_client", int, 10, "tasks each sampled client trains on per round (its meta-batch)", minimum=1),
+    Option("shots", int, 5, "support examples per task (K in K-shot)", minimum=1),
+    Option("queries", int, 10, "query examples per task", minimum=1),
+    Option("inner_steps", int, 1, "inner-loop SGD steps in training", minimum=0),
+    Option("inner_lr", float, 0.01, "inner-loop learning rate", minimum=0.0),
+    Option("outer_lr", float, None, "outer learning rate (default: 3e-3 Adam for maml/fomaml, 1.0 annealed for reptile)", minimum=0.0),
+    Option("eval_shots", int, 5, "support examples per held-out task in the final evaluation", minimum=1),
+    Option("eval_queries", int, 100, "query examples per held-out task in the final evaluation", minimum=1),
+    Option("eval_steps", int, 10, "adaptation steps in the final evaluation", minimum=0),
+    Option("eval_tasks_per_client", int, 50, "held-out tasks each client adapts on in the final evaluation", minimum=1),
+    Option("seed", int, 0, "run seed: model init, client sampling, task streams", minimum=0),
+    Option("encoding", str, "float32", "transport encoding of floating-point tensors", choices=ENCODINGS),
+    Option("chunk_bytes", int, DEFAULT_CHUNK_BYTES, "payload bytes per stream chunk", minimum=1024, maximum=3 << 20),
+    Option("poll_timeout_s", float, 10.0, "seconds the server holds a WaitForAssignment long-poll", minimum=0.05, maximum=600),
+    Option("max_update_bytes", int, 1 << 31, "largest update payload accepted, in bytes", minimum=1),
+    Option("max_concurrent_uploads", int, 2, "updates buffered at once (peak memory: this many model copies)", minimum=1),
+    Option("checkpoint_every", int, 1, "write a checkpoint every this many rounds", minimum=1),
+    Option("host", str, "127.0.0.1", "address to bind (0.0.0.0 for every interface)"),
+    Option("port", int, None, "port to bind, 0 picks a free one (default: 50051; with --local-clients, a free one)", minimum=0, maximum=65535),
+    Option("max_workers", int, 64, "gRPC worker threads (each waiting client holds one)", minimum=4),
+    Option("run_dir", str, None, "run directory (default: runs/<algorithm>-<task>-<time>); an existing one resumes"),
+    Option("local_clients", int, 0, "also start this many client processes on 127.0.0.1", minimum=0),
+)
+_BY_NAME = {o.name: o for o in OPTIONS}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the coordinator needs, resolved and validated."""
+
+    run: RunConfig
+    rounds: int
+    clients_per_round: int
+    min_clients: int
+    round_deadline_s: float
+    outer_lr: float
+    max_update_bytes: int
+    max_concurrent_uploads: int
+    checkpoint_every: int
+    host: str
+    port: int
+    max_workers: int
+    run_dir: Path
+    local_clients: int
+
+
+def check_value(option: Option, value: Any) -> Any:
+    """Coerce and validate one value; raise ValueError naming the flag."""
+    if value is None:
+        if option.default is None:
+            return None
+        raise ValueError(f"{option.flag}: a value is required")
+    expected = option.type
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, expected) or isinstance(value, bool):
+        raise ValueError(f"{option.flag}: expected {expected.__name__}, got {value!r}")
+    if option.choices is not None and value not in option.choices:
+        raise ValueError(f"{option.flag}: expected one of {', '.join(option.choices)}; got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{option.flag}: expected a finite number, got {value!r}")
+    if option.minimum is not None and value < option.minimum:
+        raise ValueError(f"{option.flag}: expected a value >= {option.minimum:g}, got {value!r}")
+    if option.maximum is not None and value > option.maximum:
+        raise ValueError(f"{option.flag}: expected a value <= {option.maximum:g}, got {value!r}")
+    return value
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """Read a flat TOML config whose keys are option names (flags with '_' for '-')."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"--config: no such file: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--config: cannot read {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"--config: {path} is not valid TOML: {exc}") from None
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in _BY_NAME:
+            raise ValueError(f"--config: {path}: unknown key {key!r}; allowed: {', '.join(sorted(_BY_NAME))}")
+        try:
+            values[name] = check_value(_BY_NAME[name], value)
+        except ValueError as exc:
+            raise ValueError(f"--config: {path}: {exc}") from None
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML file of settings (keys as below, with _); flags override it")
+    for o in OPTIONS:
+        default = "" if o.default is None else f" (default: {o.default})"
+        parser.add_argument(
+            o.flag,
+            type=str,
+            default=None,
+            metavar=o.type.__name__.upper() if o.choices is None else "{" + ",".join(o.choices) + "}",
+            help=o.help + default,
+        )
+
+
+def _parse_flag(option: Option, text: str) -> Any:
+    try:
+        value = option.type(text)
+    except ValueError:
+        raise ValueError(f"{option.flag}: expected {option.type.__name__}, got {text!r}") from None
+    return check_value(option, value)
+
+
+def resolve(args: argparse.Namespace) -> ServerConfig:
+    """Defaults, then the TOML file, then flags; validated into a ServerConfig."""
+    values = {o.name: o.default for o in OPTIONS}
+    if args.config is not None:
+        values.update(load_toml(args.config))
+    for o in OPTIONS:
+        text = getattr(args, o.name)
+        if text is not None:
+            values[o.name] = _parse_flag(o, text)
+    return build(values)
+
+
+def build(values: dict[str, Any]) -> ServerConfig:
+    """A ServerConfig from option values (missing ones take their defaults)."""
+    v = {o.name: o.default for o in OPTIONS} | values
+    for name, value in v.items():
+        if name not in _BY_NAME:
+            raise ValueError(f"unknown setting {name!r}")
+        check_value(_BY_NAME[name], value)
+    algorithm = get_algorithm(v["algorithm"])
+    clients_per_round = v["clients_per_round"] or v["local_clients"] or 4
+    if v["min_clients"] > clients_per_round:
+        raise ValueError(f"--min-clients: expected at most --clients-per-round ({clients_per_round}), got {v['min_clients']}")
+    run_dir = Path(v["run_dir"] or f"runs/{v['algorithm']}-{v['task']}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run = RunConfig(
+        run_id=run_dir.resolve().name,
+        algorithm=v["algorithm"],
+        task=v["task"],
+        shots=v["shots"],
+        queries=v["queries"],
+        tasks_per_client=v["tasks_per_client"],
+        inner_steps=v["inner_steps"],
+        inner_lr=v["inner_lr"],
+        seed=v["seed"],
+        encoding=v["encoding"],
+        chunk_bytes=v["chunk_bytes"],
+        eval_shots=v["eval_shots"],
+        eval_steps=v["eval_steps"],
+        eval_tasks_per_client=v["eval_tasks_per_client"],
+        eval_queries=v["eval_queries"],
+        poll_timeout_s=v["poll_timeout_s"],
+        rounds=v["rounds"],
+    )
+    if v["inner_lr"] <= 0:
+        raise ValueError(f"--inner-lr: expected a positive number, got {v['inner_lr']!r}")
+    outer_lr = algorithm.default_outer_lr if v["outer_lr"] is None else v["outer_lr"]
+    if outer_lr <= 0:
+        raise ValueError(f"--outer-lr: expected a positive number, got {outer_lr!r}")
+    return ServerConfig(
+        run=run,
+        rounds=v["rounds"],
+        clients_per_round=clients_per_round,
+        min_clients=v["min_clients"],
+        round_deadline_s=v["round_deadline_s"],
+        outer_lr=outer_lr,
+        max_update_bytes=v["max_update_bytes"],
+        max_concurrent_uploads=v["max_concurrent_uploads"],
+        checkpoint_every=v["checkpoint_every"],
+        host=v["host"],
+        port=(0 if v["local_clients"] else 50051) if v["port"] is None else v["port"],
+        max_workers=v["max_workers"],
+        run_dir=run_dir,
+        local_clients=v["local_clients"],
+    )
+
+
+def describe(config: ServerConfig) -> dict[str, Any]:
+    """The settings as a JSON-friendly dict (for config.json, summary.json and resume checks)."""
+    out: dict[str, Any] = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if f.name == "run":
+            out.update({k: getattr(value, k) for k in ("algorithm", "task", "shots", "queries", "tasks_per_client",
+                                                        "inner_steps", "inner_lr", "seed", "encoding", "chunk_bytes",
+                                                        "eval_shots", "eval_queries", "eval_steps",
+                                                        "eval_tasks_per_client", "poll_timeout_s")})
+            out["model"] = {"name": value.model.name, "kwargs": value.model.kwargs}
+        else:
+            out[f.name] = str(value) if isinstance(value, Path) else value
+    return out

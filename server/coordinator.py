@@ -1,0 +1,526 @@
+"""The coordinator's state: theta, the client registry and the round state machine.
+
+No gRPC here beyond status codes: the service (server/service.py) turns RPCs into
+calls on Coordinator, and Coordinator raises Rejected(code, message) for bad ones.
+
+A round: sample clients -> they fetch theta and submit updates, summed into a
+streaming weighted mean as they arrive -> the round thread closes the round when
+every sampled client answered, or at the deadline with >= min_clients answers
+(else it replaces the silent clients and extends the deadline) -> outer step on a
+copy of theta, new version, checkpoint, metrics. After the last training round an
+evaluation round collects pre/post-adaptation losses, then the run is FINISHED.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import grpc
+import torch
+
+from common.aggregation import FlatLayout, WeightedMean
+from common.algorithms import OuterConfig, UpdateKind, get_algorithm
+from common.codec import EncodedTensorSet, TensorSetHeader, TensorSpec, check_specs, encode
+from common.config import RunConfig
+from common.models import init_parameters
+from server import checkpoint
+from server.config import ServerConfig, describe
+from server.rundir import RunDir
+
+log = logging.getLogger("fedmeta.coordinator")
+
+
+class Rejected(Exception):
+    """A request refused with a gRPC status code and a sentence a person can act on."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Action(Enum):
+    TRAIN = "train"
+    EVALUATE = "evaluate"
+    WAIT = "wait"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class Assignment:
+    action: Action
+    round: int = 0
+    version: str = ""
+    detail: str = ""
+
+
+@dataclass
+class ClientInfo:
+    client_id: str
+    device: str
+    num_tasks: int
+    last_seen: float
+    polling: int = 0
+    left: bool = False
+    told_finished: bool = False
+
+
+@dataclass
+class Round:
+    index: int
+    evaluation: bool
+    sampled: set[str]
+    started: float
+    deadline: float
+    version: str
+    accumulator: WeightedMean | None
+    answered: set[str] = field(default_factory=set)
+    dropped: set[str] = field(default_factory=set)
+    metric_sums: dict[str, float] = field(default_factory=dict)
+    metric_weight: float = 0.0
+    attempts: int = 0
+
+
+@dataclass(frozen=True)
+class UpdateMeta:
+    """The header of a submitted update, as domain values."""
+
+    run_id: str
+    round: int
+    client_id: str
+    base_version: str
+    kind: UpdateKind | None  # None: evaluation metrics
+    weight: float
+    metrics: Mapping[str, float]
+    tensors: TensorSetHeader | None
+
+
+class Coordinator:
+    """Holds theta and runs rounds; thread-safe; one instance per run."""
+
+    def __init__(self, config: ServerConfig, *, on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.config = config
+        self.run: RunConfig = config.run
+        self.algorithm = get_algorithm(self.run.algorithm)
+        self.rundir = RunDir(config.run_dir)
+        self._on_round = on_round
+        self._cond = threading.Condition()
+        self._uploads = threading.BoundedSemaphore(config.max_concurrent_uploads)
+        self._clients: dict[str, ClientInfo] = {}
+        self._accepted: dict[int, set[str]] = {}
+        self._round: Round | None = None
+        self._waiting_since = time.monotonic()
+        self._stopping = threading.Event()
+        self.finished = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._bytes_lock = threading.Lock()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.summary: dict[str, Any] | None = None
+
+        params = init_parameters(self.run.model, self.run.seed)
+        self.layout = FlatLayout.of(params)
+        self.specs: tuple[TensorSpec, ...] = self.layout.specs
+        self.outer = self.algorithm.make_outer(OuterConfig(lr=config.outer_lr, rounds=config.rounds))
+        self.next_round = 0
+        self.evaluation_done = False
+        self._wall_before = 0.0
+        self._clients_seen: set[str] = set()
+        self._theta = self.layout.flatten(params)
+        self._resume()
+        self._publish(self._theta)
+        self._started = time.monotonic()
+
+    # ---- state persistence -------------------------------------------------------------
+    def _resume(self) -> None:
+        state = checkpoint.load(self.rundir.checkpoint_dir)
+        if state is None:
+            self.rundir.create(describe(self.config))
+            return
+        stored = state.meta.get("config", {})
+        current = describe(self.config)
+        keys = ("algorithm", "task", "model", "seed", "rounds", "shots", "queries", "tasks_per_client",
+                "inner_steps", "inner_lr", "outer_lr")
+        differ = [k for k in keys if stored.get(k) != current.get(k)]
+        if differ:
+            pairs = ", ".join(f"{k}: checkpoint {stored.get(k)!r}, now {current.get(k)!r}" for k in differ)
+            raise ValueError(f"--run-dir {self.config.run_dir} holds a run with other settings ({pairs}); "
+                             "pass the same settings to resume or choose a new --run-dir")
+        if state.theta.numel() != self.layout.numel:
+            raise ValueError(f"checkpoint in {self.config.run_dir} does not match the model's size")
+        self._theta = state.theta.clone()
+        self.outer.load_state_dict(state.outer)
+        meta = state.meta
+        self.next_round = int(meta["next_round"])
+        self.bytes_sent = int(meta.get("bytes_sent", 0))
+        self.bytes_received = int(meta.get("bytes_received", 0))
+        self._wall_before = float(meta.get("wall_s", 0.0))
+        self._clients_seen = set(meta.get("clients_seen", []))
+        now = time.monotonic()
+        for cid, info in meta.get("clients", {}).items():
+            self._clients[cid] = ClientInfo(cid, info.get("device", ""), int(info.get("num_tasks", 0)), now)
+        log.info("resumed run %s from its checkpoint: next round %d of %d, %d clients known",
+                 self.run.run_id, self.next_round, self.config.rounds, len(self._clients))
+
+    def _save_checkpoint(self) -> None:
+        with self._cond:
+            clients = {c.client_id: {"device": c.device, "num_tasks": c.num_tasks}
+                       for c in self._clients.values() if not c.left}
+            seen = sorted(self._clients_seen)
+        meta = {
+            "next_round": self.next_round,
+            "version": self.version,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "wall_s": self.wall_s,
+            "clients": clients,
+            "clients_seen": seen,
+            "config": describe(self.config),
+            # Sampling is a pure function of (seed, round, attempt): no generator state to save.
+            "rng": {"seed": self.run.seed, "round": self.next_round},
+        }
+        checkpoint.save(self.rundir.checkpoint_dir, checkpoint.Checkpoint(self._theta, self.outer.state_dict(), meta))
+
+    @property
+    def wall_s(self) -> float:
+        return self._wall_before + time.monotonic() - self._started
+
+    def _publish(self, theta: torch.Tensor) -> None:
+        """Make theta the broadcast version; the payload views theta's memory (no copy for float32)."""
+        self._theta = theta
+        views = self.layout.views(theta)
+        self._encoded: dict[str, EncodedTensorSet] = {}
+        plain = encode(views)
+        self.version = plain.header.sha256.hex()
+        self._encoded["float32"] = plain
+        if self.run.encoding != "float32":
+            self._encoded[self.run.encoding] = encode(views, encoding=self.run.encoding)
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        """The current meta-parameters as named views (read-only by convention)."""
+        return self.layout.views(self._theta)
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._round_loop, name="fedmeta-rounds", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def count_bytes(self, *, sent: int = 0, received: int = 0) -> None:
+        with self._bytes_lock:
+            self.bytes_sent += sent
+            self.bytes_received += received
+
+    # ---- RPC entry points ------------------------------------------------------------------
+    def join(self, client_id: str, *, device: str, num_tasks: int) -> RunConfig:
+        with self._cond:
+            info = self._clients.get(client_id)
+            now = time.monotonic()
+            if info is None or info.left:
+                self._clients[client_id] = ClientInfo(client_id, device, num_tasks, now)
+                log.info("client %s joined (device %s)", client_id, device or "?")
+            else:
+                info.device, info.num_tasks, info.last_seen = device, num_tasks, now
+            self._clients_seen.add(client_id)
+            self._cond.notify_all()
+        return self.run
+
+    def leave(self, client_id: str) -> None:
+        with self._cond:
+            info = self._known(client_id)
+            info.left = True
+            rnd = self._round
+            if rnd is not None and client_id in rnd.sampled and client_id not in rnd.answered:
+                rnd.sampled.discard(client_id)
+                rnd.dropped.add(client_id)
+            log.info("client %s left", client_id)
+            self._cond.notify_all()
+
+    def _known(self, client_id: str) -> ClientInfo:
+        info = self._clients.get(client_id)
+        if info is None or info.left:
+            raise Rejected(grpc.StatusCode.NOT_FOUND,
+                           f"client {client_id!r} has not joined run {self.run.run_id!r}; call Join first")
+        return info
+
+    def check_run(self, run_id: str) -> None:
+        if run_id != self.run.run_id:
+            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"run {run_id!r} is not this coordinator's run {self.run.run_id!r}; call Join again")
+
+    def wait(self, client_id: str, timeout_s: float) -> Assignment:
+        """Long-poll: block until this client has work, the run finishes, or timeout_s passes."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            info = self._known(client_id)
+            info.polling += 1
+            try:
+                while True:
+                    info.last_seen = time.monotonic()
+                    assignment = self._assignment_for(client_id)
+                    remaining = deadline - time.monotonic()
+                    if assignment.action != Action.WAIT or remaining <= 0 or self._stopping.is_set():
+                        if assignment.action == Action.FINISHED:
+                            info.told_finished = True
+                        return assignment
+                    self._cond.wait(timeout=remaining)
+                    if info.left:
+                        raise Rejected(grpc.StatusCode.NOT_FOUND, f"client {client_id!r} left the run")
+            finally:
+                info.polling -= 1
+                info.last_seen = time.monotonic()
+
+    def _assignment_for(self, client_id: str) -> Assignment:
+        if self.finished.is_set():
+            return Assignment(Action.FINISHED, detail="the run is finished")
+        rnd = self._round
+        if rnd is None:
+            return Assignment(Action.WAIT, detail="waiting for clients to start the next round")
+        if client_id in rnd.sampled and client_id not in rnd.answered:
+            action = Action.EVALUATE if rnd.evaluation else Action.TRAIN
+            return Assignment(action, rnd.index, rnd.version)
+        return Assignment(Action.WAIT, detail=f"round {rnd.index} is in progress without you")
+
+    def encoded_parameters(self, client_id: str, version: str) -> EncodedTensorSet:
+        with self._cond:
+            self._known(client_id).last_seen = time.monotonic()
+            if version != self.version:
+                raise Rejected(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"parameter version {version[:12]!r} is not current; the current one is "
+                               f"{self.version[:12]!r}: ask WaitForAssignment for new work")
+            return self._encoded[self.run.encoding]
+
+    def check_update(self, meta: UpdateMeta) -> bool:
+        """Validate an update header before its payload is read. Returns True for a duplicate."""
+        self.check_run(meta.run_id)
+        if not (meta.weight > 0 and math.isfinite(meta.weight)):
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"weight: expected a positive finite number, got {meta.weight!r}")
+        for name, value in meta.metrics.items():
+            if not math.isfinite(value):
+                raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"metric {name!r} is not finite: {value!r}")
+        with self._cond:
+            self._known(meta.client_id).last_seen = time.monotonic()
+            if meta.client_id in self._accepted.get(meta.round, ()):
+                return True
+            rnd = self._round
+            self._check_round(rnd, meta)
+        if meta.kind is None:
+            if meta.tensors is not None and meta.tensors.specs:
+                raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "an evaluation update carries no tensors")
+            return False
+        if meta.tensors is None:
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "the update header lists no tensors")
+        if meta.tensors.total_bytes > self.config.max_update_bytes:
+            raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"update of {meta.tensors.total_bytes} bytes is over the cap of "
+                           f"{self.config.max_update_bytes} bytes (--max-update-bytes)")
+        try:
+            check_specs(meta.tensors.specs, self.specs)
+        except ValueError as exc:
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        return False
+
+    def _check_round(self, rnd: Round | None, meta: UpdateMeta) -> None:
+        if rnd is None or meta.round != rnd.index:
+            current = "none is open" if rnd is None else f"the current round is {rnd.index}"
+            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"update for round {meta.round} refused: {current}")
+        if meta.client_id not in rnd.sampled:
+            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"client {meta.client_id!r} is not sampled in round {rnd.index}")
+        if meta.base_version != rnd.version:
+            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"update computed from version {meta.base_version[:12]!r}; round {rnd.index} "
+                           f"trains version {rnd.version[:12]!r}")
+        expected = None if rnd.evaluation else self.algorithm.update_kind
+        if meta.kind != expected:
+            want = "evaluation metrics" if expected is None else expected.value
+            got = "evaluation metrics" if meta.kind is None else meta.kind.value
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"round {rnd.index} expects {want}, got {got}")
+
+    def upload_slot(self) -> threading.BoundedSemaphore:
+        """Bounds how many update payloads are buffered at once (memory: one model each)."""
+        return self._uploads
+
+    def accept(self, meta: UpdateMeta, tensors: Mapping[str, torch.Tensor] | None) -> bool:
+        """Count a verified update once. Returns True if it was a duplicate."""
+        with self._cond:
+            if meta.client_id in self._accepted.get(meta.round, ()):
+                return True
+            rnd = self._round
+            self._check_round(rnd, meta)
+            assert rnd is not None
+            if tensors is not None:
+                assert rnd.accumulator is not None
+                rnd.accumulator.add(tensors, meta.weight)
+            for name, value in meta.metrics.items():
+                rnd.metric_sums[name] = rnd.metric_sums.get(name, 0.0) + meta.weight * value
+            rnd.metric_weight += meta.weight
+            rnd.answered.add(meta.client_id)
+            self._accepted.setdefault(meta.round, set()).add(meta.client_id)
+            self._cond.notify_all()
+        return False
+
+    # ---- the round thread ------------------------------------------------------------------------
+    def _live(self, now: float) -> list[str]:
+        lease = 2 * self.run.poll_timeout_s + 5.0
+        return sorted(c.client_id for c in self._clients.values()
+                      if not c.left and (c.polling > 0 or now - c.last_seen <= lease))
+
+    def _round_loop(self) -> None:
+        try:
+            while not self._stopping.is_set() and not self.finished.is_set():
+                closing = None
+                with self._cond:
+                    now = time.monotonic()
+                    if self._round is None:
+                        self._try_open(now)
+                    rnd = self._round
+                    if rnd is not None:
+                        complete = not rnd.sampled - rnd.answered and rnd.answered
+                        if complete or (now >= rnd.deadline and len(rnd.answered) >= self._quorum(rnd)):
+                            closing, self._round = rnd, None
+                        elif now >= rnd.deadline:
+                            self._resample(rnd, now)
+                    if closing is None:
+                        wait = 0.5 if rnd is None else max(0.0, rnd.deadline - now)
+                        self._cond.wait(timeout=min(wait, 0.5))
+                if closing is not None:
+                    self._close(closing)
+        except Exception:
+            log.exception("the round thread failed; stopping the run")
+            self._stopping.set()
+            self.finished.set()
+            raise
+
+    def _quorum(self, rnd: Round) -> int:
+        return 1 if rnd.evaluation else self.config.min_clients
+
+    def _try_open(self, now: float) -> None:
+        if self.evaluation_done:
+            return
+        live = self._live(now)
+        evaluation = self.next_round >= self.config.rounds
+        target = self.config.clients_per_round
+        waited = now - self._waiting_since
+        enough = len(live) >= target or (len(live) >= self.config.min_clients and waited >= self.config.round_deadline_s)
+        if not enough:
+            return
+        if evaluation:
+            sampled = set(live)
+            accumulator = None
+        else:
+            rng = random.Random(f"{self.run.seed}:{self.next_round}:0")
+            sampled = set(rng.sample(live, min(target, len(live))))
+            accumulator = WeightedMean(self.layout)
+        self._round = Round(self.next_round, evaluation, sampled, now, now + self.config.round_deadline_s,
+                            self.version, accumulator)
+        if len(sampled) < target and not evaluation:
+            log.info("round %d starts with %d of %d clients (only %d live after %.0f s)",
+                     self.next_round, len(sampled), target, len(live), waited)
+        self._cond.notify_all()
+
+    def _resample(self, rnd: Round, now: float) -> None:
+        silent = rnd.sampled - rnd.answered
+        rnd.attempts += 1
+        live = [c for c in self._live(now) if c not in rnd.sampled and c not in rnd.dropped]
+        rng = random.Random(f"{self.run.seed}:{rnd.index}:{rnd.attempts}")
+        need = max(0, self.config.clients_per_round - len(rnd.answered))
+        fresh = set(rng.sample(live, min(need, len(live))))
+        rnd.sampled = rnd.answered | fresh
+        rnd.dropped |= silent
+        rnd.deadline = now + self.config.round_deadline_s
+        log.warning("round %d: deadline passed with %d of %d answers (quorum %d); dropped silent %s, "
+                    "added %s, waiting %.0f s more", rnd.index, len(rnd.answered), len(rnd.answered | silent),
+                    self._quorum(rnd), sorted(silent) or "none", sorted(fresh) or "none", self.config.round_deadline_s)
+        self._cond.notify_all()
+
+    def _close(self, rnd: Round) -> None:
+        metrics = {k: v / rnd.metric_weight for k, v in rnd.metric_sums.items()} if rnd.metric_weight else {}
+        if rnd.evaluation:
+            self._finish(rnd, metrics)
+            return
+        assert rnd.accumulator is not None
+        theta = self._theta.clone()  # clients may still be streaming the old buffer
+        lr = self.outer.step(theta, rnd.accumulator.mean(), rnd.index)
+        if not bool(torch.isfinite(theta).all()):
+            raise RuntimeError(f"round {rnd.index}: the outer step produced non-finite parameters; "
+                               "lower --outer-lr or --inner-lr")
+        with self._cond:
+            self._publish(theta)
+            self.next_round = rnd.index + 1
+            self._waiting_since = time.monotonic()
+            self._accepted = {r: s for r, s in self._accepted.items() if r >= rnd.index - 8}
+        if self.next_round % self.config.checkpoint_every == 0 or self.next_round == self.config.rounds:
+            self._save_checkpoint()
+        record = {
+            "round": rnd.index,
+            "meta_loss": metrics.get("loss_post"),
+            "loss_pre": metrics.get("loss_pre"),
+            "clients_sampled": len(rnd.answered | rnd.sampled | rnd.dropped),
+            "clients_answered": len(rnd.answered),
+            "round_s": time.monotonic() - rnd.started,
+            "outer_lr": lr,
+            "version": self.version,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "wall_s": self.wall_s,
+        }
+        self.rundir.append_metrics(record)
+        if self._on_round is not None:
+            self._on_round(record)
+
+    def _finish(self, rnd: Round, metrics: dict[str, float]) -> None:
+        export = self.rundir.export_model(self.parameters(), self.run, self.version)
+        self.summary = {
+            "run_id": self.run.run_id,
+            "algorithm": self.run.algorithm,
+            "task": self.run.task,
+            "seed": self.run.seed,
+            "rounds_completed": self.next_round,
+            "clients_seen": len(self._clients_seen),
+            "wall_s": self.wall_s,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "parameter_version": self.version,
+            "model": str(export),
+            "eval": {
+                "shots": self.run.eval_shots,
+                "steps": self.run.eval_steps,
+                "queries": self.run.eval_queries,
+                "tasks": int(round(rnd.metric_weight)),
+                "clients": len(rnd.answered),
+                "loss_pre": metrics.get("loss_pre"),
+                "loss_post": metrics.get("loss_post"),
+            },
+            "config": describe(self.config),
+        }
+        self.rundir.write_summary(self.summary)
+        with self._cond:
+            self.evaluation_done = True
+            self.finished.set()
+            self._cond.notify_all()
+        log.info("run finished: %d rounds, evaluation on %d held-out tasks", self.next_round,
+                 self.summary["eval"]["tasks"])
+
+    def clients_pending_finish(self) -> int:
+        """Live clients that have not yet been told the run is finished."""
+        with self._cond:
+            now = time.monotonic()
+            return sum(1 for cid in self._live(now) if not self._clients[cid].told_finished)

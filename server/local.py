@@ -1,0 +1,48 @@
+"""Client processes on this machine for `fedmeta-server --local-clients N`.
+
+They are ordinary `python -m client` processes (exec'd, never forked after gRPC
+started) talking to the coordinator over 127.0.0.1, exactly as remote clients do.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def local_client_id(index: int) -> str:
+    return f"local-{index}"
+
+
+def spawn(count: int, port: int, logs_dir: Path) -> list[subprocess.Popen[bytes]]:
+    """Start count clients with data seeds 0..count-1; each logs to logs_dir/client-local-<i>.log."""
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // count)
+    procs = []
+    for i in range(count):
+        client_id = local_client_id(i)
+        cmd = [sys.executable, "-m", "client", "--server", f"127.0.0.1:{port}", "--client-id", client_id,
+               "--data-seed", str(i), "--threads", str(threads)]
+        with open(logs_dir / f"client-{client_id}.log", "ab") as log:
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+    return procs
+
+
+def stop(procs: list[subprocess.Popen[bytes]], *, timeout_s: float = 10.0) -> None:
+    """Wait for clients to exit; SIGTERM the ones still running after timeout_s, then SIGKILL."""
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

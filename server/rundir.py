@@ -1,0 +1,70 @@
+"""The run directory: config.json, metrics.jsonl, checkpoint/, model/, summary.json, logs/."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from common.config import RunConfig
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """Paths and writers for one run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.checkpoint_dir = path / "checkpoint"
+        self.model_dir = path / "model"
+        self.logs_dir = path / "logs"
+        self.metrics_path = path / "metrics.jsonl"
+        self.summary_path = path / "summary.json"
+
+    def check_not_finished(self) -> None:
+        if self.summary_path.exists():
+            raise ValueError(f"--run-dir {self.path} holds a finished run (summary.json exists); choose a new --run-dir")
+
+    def create(self, config: Mapping[str, Any]) -> None:
+        self.check_not_finished()
+        if self.metrics_path.exists():
+            raise ValueError(f"--run-dir {self.path} has metrics but no checkpoint; choose a new --run-dir")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.logs_dir.mkdir(exist_ok=True)
+        _write_json_atomic(self.path / "config.json", dict(config))
+
+    def append_metrics(self, record: Mapping[str, Any]) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def export_model(self, params: Mapping[str, torch.Tensor], run: RunConfig, version: str) -> Path:
+        """Write model/model.safetensors and model/model.json (what `adapt` needs)."""
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        weights = self.model_dir / "model.safetensors"
+        tmp = self.model_dir / ".model.safetensors.tmp"
+        save_file({k: v.contiguous() for k, v in params.items()}, str(tmp), metadata={"parameter_version": version})
+        os.replace(tmp, weights)
+        spec = {
+            "model": {"name": run.model.name, "kwargs": run.model.kwargs},
+            "algorithm": run.algorithm,
+            "task": run.task,
+            "parameter_version": version,
+            "adapt": {"steps": run.eval_steps, "lr": run.inner_lr, "shots": run.eval_shots},
+            "run": {k: v for k, v in asdict(run).items() if k != "model"},
+        }
+        _write_json_atomic(self.model_dir / "model.json", spec)
+        return weights
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        _write_json_atomic(self.summary_path, dict(summary))

@@ -1,0 +1,228 @@
+"""The gRPC face of the coordinator: the Coordinator service, health checking, reflection."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from concurrent import futures
+from typing import NoReturn
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from common import PROTOCOL_VERSION
+from common.algorithms import UpdateKind
+from common.codec import (
+    EncodedTensorSet,
+    Reassembler,
+    TensorSetError,
+    TensorSetTooLarge,
+    decode,
+    header_from_proto,
+    header_to_proto,
+    iter_chunks,
+)
+from common.config import check_client_id
+from common.proto import pb, pb_grpc, tensor_pb
+from common.wire import run_config_to_proto
+from server.config import ServerConfig
+from server.coordinator import Action, Coordinator, Rejected, UpdateMeta
+
+log = logging.getLogger("fedmeta.service")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
+_ACTIONS = {
+    Action.TRAIN: pb.ACTION_TRAIN,
+    Action.EVALUATE: pb.ACTION_EVALUATE,
+    Action.WAIT: pb.ACTION_WAIT,
+    Action.FINISHED: pb.ACTION_FINISHED,
+}
+_KINDS = {
+    pb.UPDATE_KIND_META_GRADIENT: UpdateKind.META_GRADIENT,
+    pb.UPDATE_KIND_PARAMETER_DELTA: UpdateKind.PARAMETER_DELTA,
+    pb.UPDATE_KIND_EVALUATION: None,
+}
+_MESSAGE_OVERHEAD = 64 * 1024
+
+
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    context.abort(code, message)
+    raise AssertionError("unreachable")  # context.abort raises
+
+
+def _client_id(context: grpc.ServicerContext, client_id: str) -> str:
+    try:
+        return check_client_id(client_id)
+    except ValueError as exc:
+        _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"client_id: {exc}")
+
+
+class CoordinatorService(pb_grpc.CoordinatorServicer):
+    """Translates RPCs into Coordinator calls and Rejected into gRPC status codes."""
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.coordinator = coordinator
+        self.run = coordinator.run
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
+        client_id = _client_id(context, request.client_id)
+        if request.protocol_version != PROTOCOL_VERSION:
+            _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                   f"protocol version {request.protocol_version} is not supported; this coordinator speaks "
+                   f"version {PROTOCOL_VERSION}: install a matching fedmeta release")
+        try:
+            config = self.coordinator.join(client_id, device=request.device[:64], num_tasks=request.num_tasks)
+        except Rejected as exc:
+            _abort(context, exc.code, exc.message)
+        response = pb.JoinResponse(config=run_config_to_proto(config))
+        self.coordinator.count_bytes(sent=response.ByteSize(), received=request.ByteSize())
+        return response
+
+    def WaitForAssignment(
+        self, request: pb.WaitForAssignmentRequest, context: grpc.ServicerContext
+    ) -> pb.WaitForAssignmentResponse:
+        client_id = _client_id(context, request.client_id)
+        timeout = self.run.poll_timeout_s
+        remaining = context.time_remaining()
+        if remaining is not None:
+            timeout = max(0.0, min(timeout, remaining - 0.5))
+        try:
+            self.coordinator.check_run(request.run_id)
+            a = self.coordinator.wait(client_id, timeout)
+        except Rejected as exc:
+            _abort(context, exc.code, exc.message)
+        response = pb.WaitForAssignmentResponse(
+            action=_ACTIONS[a.action], round=a.round, parameter_version=a.version, detail=a.detail
+        )
+        self.coordinator.count_bytes(sent=response.ByteSize(), received=request.ByteSize())
+        return response
+
+    def FetchParameters(
+        self, request: pb.FetchParametersRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.FetchParametersResponse]:
+        client_id = _client_id(context, request.client_id)
+        try:
+            self.coordinator.check_run(request.run_id)
+            encoded: EncodedTensorSet = self.coordinator.encoded_parameters(client_id, request.parameter_version)
+        except Rejected as exc:
+            _abort(context, exc.code, exc.message)
+        header = pb.FetchParametersResponse(
+            header=pb.ParametersHeader(
+                parameter_version=request.parameter_version, tensors=header_to_proto(encoded.header)
+            )
+        )
+        sent = header.ByteSize()
+        yield header
+        for offset, data in iter_chunks(encoded.payload, self.run.chunk_bytes):
+            msg = pb.FetchParametersResponse(chunk=tensor_pb.TensorChunk(offset=offset, data=data))
+            sent += len(data) + 16
+            yield msg
+        self.coordinator.count_bytes(sent=sent, received=request.ByteSize())
+
+    def SubmitUpdate(
+        self, request_iterator: Iterator[pb.SubmitUpdateRequest], context: grpc.ServicerContext
+    ) -> pb.SubmitUpdateResponse:
+        received = 0
+        try:
+            first = next(request_iterator, None)
+            if first is None or not first.HasField("header"):
+                raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "the first message of SubmitUpdate must be the header")
+            received += first.ByteSize()
+            meta = self._meta(first.header, context)
+            if self.coordinator.check_update(meta):
+                self._drain(request_iterator)
+                return pb.SubmitUpdateResponse(accepted=True, duplicate=True)
+            if meta.tensors is not None and meta.kind is not None:
+                slot = self.coordinator.upload_slot()
+                if not slot.acquire(timeout=self.coordinator.config.round_deadline_s):
+                    raise Rejected(grpc.StatusCode.UNAVAILABLE, "too many updates are streaming in; retry shortly")
+                assembler = tensors = None
+                try:
+                    assembler = Reassembler(meta.tensors, max_bytes=self.coordinator.config.max_update_bytes)
+                    for msg in request_iterator:
+                        if not msg.HasField("chunk"):
+                            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
+                                           "after the header, SubmitUpdate takes only chunk messages")
+                        received += len(msg.chunk.data) + 16
+                        assembler.add(msg.chunk.offset, msg.chunk.data)
+                    tensors = decode(assembler.finish())
+                    duplicate = self.coordinator.accept(meta, tensors)
+                finally:
+                    assembler = tensors = None  # free the buffer before another upload may take the slot
+                    slot.release()
+                return pb.SubmitUpdateResponse(accepted=True, duplicate=duplicate)
+            else:
+                for msg in request_iterator:
+                    raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "an evaluation update carries no chunks")
+            duplicate = self.coordinator.accept(meta, None)
+        except Rejected as exc:
+            log.info("update refused (%s): %s", exc.code.name, exc.message)
+            _abort(context, exc.code, exc.message)
+        except TensorSetTooLarge as exc:
+            _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except TensorSetError as exc:
+            log.info("update refused (INVALID_ARGUMENT): %s", exc)
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        finally:
+            self.coordinator.count_bytes(received=received)
+        return pb.SubmitUpdateResponse(accepted=True, duplicate=duplicate)
+
+    def _meta(self, header: pb.UpdateHeader, context: grpc.ServicerContext) -> UpdateMeta:
+        client_id = _client_id(context, header.client_id)
+        if header.kind not in _KINDS:
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"update kind {header.kind} is not one of META_GRADIENT, PARAMETER_DELTA, EVALUATION")
+        tensors = None
+        if header.HasField("tensors"):
+            tensors = header_from_proto(header.tensors)
+        return UpdateMeta(
+            run_id=header.run_id,
+            round=header.round,
+            client_id=client_id,
+            base_version=header.base_version,
+            kind=_KINDS[header.kind],
+            weight=header.weight,
+            metrics=dict(header.metrics),
+            tensors=tensors,
+        )
+
+    @staticmethod
+    def _drain(request_iterator: Iterator[pb.SubmitUpdateRequest]) -> None:
+        for _ in request_iterator:
+            pass
+
+    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveResponse:
+        client_id = _client_id(context, request.client_id)
+        try:
+            self.coordinator.check_run(request.run_id)
+            self.coordinator.leave(client_id)
+        except Rejected as exc:
+            _abort(context, exc.code, exc.message)
+        return pb.LeaveResponse()
+
+
+def create_server(config: ServerConfig, coordinator: Coordinator) -> tuple[grpc.Server, int]:
+    """A started-but-not-serving gRPC server bound to config.host:config.port; returns (server, port)."""
+    max_message = config.run.chunk_bytes + _MESSAGE_OVERHEAD
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="fedmeta-rpc"),
+        options=[
+            ("grpc.max_receive_message_length", max_message),
+            ("grpc.max_send_message_length", max_message),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(coordinator), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    address = f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind {address}: is the port in use? pass --port 0 to pick a free one")
+    return server, port

@@ -1,0 +1,72 @@
+"""The centralised reference: the same algorithm, tasks and seeds as a federation, in one process.
+
+A federation of clients with data seeds S and full participation computes, per round r,
+theta <- outer_step(theta, sum_c w_c u_c / sum_c w_c) with u_c the client step on the
+batch seeded by (run seed, c, r). This module runs exactly that without a network, so
+a one-client federation can be checked against it and benchmarks can compare wall time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from common.aggregation import FlatLayout, WeightedMean
+from common.algorithms import InnerConfig, OuterConfig, get_algorithm
+from common.config import RunConfig
+from common.evaluation import evaluate
+from common.models import build_model, init_parameters
+from common.tasks import STREAM_EVAL, STREAM_TRAIN, loss_for, sample_batch, task_seed
+
+
+def train(
+    run: RunConfig,
+    *,
+    outer_lr: float,
+    data_seeds: Sequence[int],
+    rounds: int | None = None,
+    theta: dict[str, torch.Tensor] | None = None,
+    vectorize: bool = True,
+    on_round: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Run `rounds` (default run.rounds) centralised meta-steps; return the meta-parameters."""
+    algorithm = get_algorithm(run.algorithm)
+    model = build_model(run.model)
+    loss_fn = loss_for(run.task)
+    params = theta if theta is not None else init_parameters(run.model, run.seed)
+    layout = FlatLayout.of(params)
+    flat = layout.flatten(params)
+    total_rounds = run.rounds if rounds is None else rounds
+    outer = algorithm.make_outer(OuterConfig(lr=outer_lr, rounds=run.rounds))
+    inner = InnerConfig(steps=run.inner_steps, lr=run.inner_lr, vectorize=vectorize)
+    for r in range(total_rounds):
+        acc = WeightedMean(layout)
+        losses = []
+        for data_seed in data_seeds:
+            seed = task_seed(run.seed, data_seed, STREAM_TRAIN, r)
+            batch = sample_batch(run.task, num_tasks=run.tasks_per_client, shots=run.shots, queries=run.queries, seed=seed)
+            update = algorithm.client_step(model, layout.views(flat), batch, loss_fn, inner)
+            acc.add(update.tensors, update.weight)
+            losses.append(update.metrics["loss_post"])
+        outer.step(flat, acc.mean(), r)
+        if on_round is not None:
+            on_round(r, {"meta_loss": sum(losses) / len(losses)})
+    return layout.views(flat)
+
+
+def evaluate_held_out(
+    run: RunConfig, params: dict[str, torch.Tensor], *, data_seeds: Sequence[int], vectorize: bool = True
+) -> dict[str, float]:
+    """The federation's final evaluation (each data seed's held-out tasks), in one process."""
+    algorithm = get_algorithm(run.algorithm)
+    model = build_model(run.model)
+    loss_fn = loss_for(run.task)
+    totals = {"loss_pre": 0.0, "loss_post": 0.0}
+    for data_seed in data_seeds:
+        batch = sample_batch(run.task, num_tasks=run.eval_tasks_per_client, shots=run.eval_shots,
+                             queries=run.eval_queries, seed=task_seed(run.seed, data_seed, STREAM_EVAL, 0))
+        m = evaluate(algorithm, model, params, batch, loss_fn, steps=run.eval_steps, lr=run.inner_lr, vectorize=vectorize)
+        for k in totals:
+            totals[k] += m[k] / len(data_seeds)
+    return totals

@@ -141,6 +141,7 @@ class Coordinator:
 
     # ---- state persistence -------------------------------------------------------------
     def _resume(self) -> None:
+        self.rundir.check_not_finished()
         state = checkpoint.load(self.rundir.checkpoint_dir)
         if state is None:
             self.rundir.create(describe(self.config))
@@ -262,8 +263,12 @@ class Coordinator:
             raise Rejected(grpc.StatusCode.FAILED_PRECONDITION,
                            f"run {run_id!r} is not this coordinator's run {self.run.run_id!r}; call Join again")
 
-    def wait(self, client_id: str, timeout_s: float) -> Assignment:
-        """Long-poll: block until this client has work, the run finishes, or timeout_s passes."""
+    def wait(self, client_id: str, timeout_s: float, is_active: Callable[[], bool] = lambda: True) -> Assignment:
+        """Long-poll: block until this client has work, the run finishes, or timeout_s passes.
+
+        is_active reports whether the caller is still connected; a dead caller stops
+        counting as a live client within a second.
+        """
         deadline = time.monotonic() + timeout_s
         with self._cond:
             info = self._known(client_id)
@@ -273,11 +278,11 @@ class Coordinator:
                     info.last_seen = time.monotonic()
                     assignment = self._assignment_for(client_id)
                     remaining = deadline - time.monotonic()
-                    if assignment.action != Action.WAIT or remaining <= 0 or self._stopping.is_set():
+                    if assignment.action != Action.WAIT or remaining <= 0 or self._stopping.is_set() or not is_active():
                         if assignment.action == Action.FINISHED:
                             info.told_finished = True
                         return assignment
-                    self._cond.wait(timeout=remaining)
+                    self._cond.wait(timeout=min(remaining, 1.0))
                     if info.left:
                         raise Rejected(grpc.StatusCode.NOT_FOUND, f"client {client_id!r} left the run")
             finally:
@@ -437,18 +442,23 @@ class Coordinator:
         self._cond.notify_all()
 
     def _resample(self, rnd: Round, now: float) -> None:
+        """Too few answers at the deadline: drop silent clients whose lease expired (slow but
+        live ones may still answer), add live clients not yet sampled, extend the deadline."""
+        live = set(self._live(now))
         silent = rnd.sampled - rnd.answered
+        gone = silent - live
         rnd.attempts += 1
-        live = [c for c in self._live(now) if c not in rnd.sampled and c not in rnd.dropped]
+        candidates = sorted(live - rnd.sampled)
         rng = random.Random(f"{self.run.seed}:{rnd.index}:{rnd.attempts}")
-        need = max(0, self.config.clients_per_round - len(rnd.answered))
-        fresh = set(rng.sample(live, min(need, len(live))))
-        rnd.sampled = rnd.answered | fresh
-        rnd.dropped |= silent
+        need = max(0, self.config.clients_per_round - len(rnd.sampled - gone))
+        fresh = set(rng.sample(candidates, min(need, len(candidates))))
+        rnd.sampled = (rnd.sampled - gone) | fresh
+        rnd.dropped |= gone
+        rnd.dropped -= rnd.sampled
         rnd.deadline = now + self.config.round_deadline_s
-        log.warning("round %d: deadline passed with %d of %d answers (quorum %d); dropped silent %s, "
-                    "added %s, waiting %.0f s more", rnd.index, len(rnd.answered), len(rnd.answered | silent),
-                    self._quorum(rnd), sorted(silent) or "none", sorted(fresh) or "none", self.config.round_deadline_s)
+        log.warning("round %d: deadline passed with %d of %d answers (quorum %d); dropped unreachable %s, "
+                    "added %s, waiting %g s more", rnd.index, len(rnd.answered), len(silent | rnd.answered),
+                    self._quorum(rnd), sorted(gone) or "none", sorted(fresh) or "none", self.config.round_deadline_s)
         self._cond.notify_all()
 
     def _close(self, rnd: Round) -> None:

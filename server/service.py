@@ -89,7 +89,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             timeout = max(0.0, min(timeout, remaining - 0.5))
         try:
             self.coordinator.check_run(request.run_id)
-            a = self.coordinator.wait(client_id, timeout)
+            a = self.coordinator.wait(client_id, timeout, context.is_active)
         except Rejected as exc:
             _abort(context, exc.code, exc.message)
         response = pb.WaitForAssignmentResponse(

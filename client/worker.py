@@ -104,6 +104,23 @@ class Worker:
         log.info("client %s joined run %s (%s on %s)", self.config.client_id, run.run_id, run.algorithm, run.task)
         return run
 
+    def _hold(self, version: str, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self._params = {k: v.to(self.device) for k, v in params.items()}
+        self._cached_version = version
+        return self._params
+
+    def _take_inline(self, a: pb.WaitForAssignmentResponse) -> None:
+        """Keep parameters the coordinator inlined in the assignment (small models)."""
+        if not a.HasField("parameters"):
+            return
+        try:
+            header = header_from_proto(a.parameters.tensors)
+            assembler = Reassembler(header, max_bytes=header.total_bytes)
+            assembler.add(0, a.parameters.payload)
+            self._hold(a.parameter_version, decode(assembler.finish(), expected=self.specs))
+        except TensorSetError as exc:
+            log.warning("inlined parameters are unusable (%s); fetching them instead", exc)
+
     def _fetch(self, version: str) -> dict[str, torch.Tensor]:
         if version == self._cached_version:
             return self._params
@@ -121,10 +138,7 @@ class Worker:
                 assembler.add(msg.chunk.offset, msg.chunk.data)
             return decode(assembler.finish(), expected=self.specs)
 
-        params = self._retry(fetch, "FetchParameters")
-        self._params = {k: v.to(self.device) for k, v in params.items()}
-        self._cached_version = version
-        return self._params
+        return self._hold(version, self._retry(fetch, "FetchParameters"))
 
     def _submit(self, header: pb.UpdateHeader, tensors: dict[str, torch.Tensor] | None) -> pb.SubmitUpdateResponse:
         assert self.run is not None
@@ -199,7 +213,9 @@ class Worker:
         while not self.stop.is_set():
             run = self.run
             assert run is not None
-            request = pb.WaitForAssignmentRequest(run_id=run.run_id, client_id=self.config.client_id)
+            request = pb.WaitForAssignmentRequest(
+                run_id=run.run_id, client_id=self.config.client_id, held_version=self._cached_version
+            )
             try:
                 a = self._retry(
                     lambda: self.stub.WaitForAssignment(request, timeout=run.poll_timeout_s + 10.0), "WaitForAssignment"
@@ -208,6 +224,7 @@ class Worker:
                     log.info("the run is finished after %d rounds trained here; leaving", self.rounds_trained)
                     self.leave()
                     return 0
+                self._take_inline(a)
                 if a.action == pb.ACTION_TRAIN:
                     self.train(a.round, a.parameter_version)
                 elif a.action == pb.ACTION_EVALUATE:

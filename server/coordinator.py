@@ -300,6 +300,14 @@ class Coordinator:
             return Assignment(action, rnd.index, rnd.version)
         return Assignment(Action.WAIT, detail=f"round {rnd.index} is in progress without you")
 
+    def inline_parameters(self, version: str) -> EncodedTensorSet | None:
+        """The encoded parameters of version if they fit in one chunk (to inline them), else None."""
+        with self._cond:
+            if version != self.version:
+                return None
+            encoded = self._encoded[self.run.encoding]
+        return encoded if encoded.header.total_bytes <= self.run.chunk_bytes else None
+
     def encoded_parameters(self, client_id: str, version: str) -> EncodedTensorSet:
         with self._cond:
             self._known(client_id).last_seen = time.monotonic()

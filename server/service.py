@@ -95,6 +95,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         response = pb.WaitForAssignmentResponse(
             action=_ACTIONS[a.action], round=a.round, parameter_version=a.version, detail=a.detail
         )
+        if a.action in (Action.TRAIN, Action.EVALUATE) and request.held_version != a.version:
+            encoded = self.coordinator.inline_parameters(a.version)
+            if encoded is not None:
+                response.parameters.tensors.CopyFrom(header_to_proto(encoded.header))
+                response.parameters.payload = bytes(encoded.payload)
         self.coordinator.count_bytes(sent=response.ByteSize(), received=request.ByteSize())
         return response
 

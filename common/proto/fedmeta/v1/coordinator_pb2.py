@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from common.proto.fedmeta.v1 import tensor_pb2 as fedmeta_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66\x65\x64meta/v1/coordinator.proto\x12\nfedmeta.v1\x1a\x17\x66\x65\x64meta/v1/tensor.proto\".\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bkwargs_json\x18\x02 \x01(\t\"\x93\x03\n\tRunConfig\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\talgorithm\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12$\n\x05model\x18\x04 \x01(\x0b\x32\x15.fedmeta.v1.ModelSpec\x12\r\n\x05shots\x18\x05 \x01(\r\x12\x0f\n\x07queries\x18\x06 \x01(\r\x12\x18\n\x10tasks_per_client\x18\x07 \x01(\r\x12\x13\n\x0binner_steps\x18\x08 \x01(\r\x12\x10\n\x08inner_lr\x18\t \x01(\x01\x12\x0c\n\x04seed\x18\n \x01(\x04\x12&\n\x08\x65ncoding\x18\x0b \x01(\x0e\x32\x14.fedmeta.v1.Encoding\x12\x13\n\x0b\x63hunk_bytes\x18\x0c \x01(\r\x12\x12\n\neval_shots\x18\r \x01(\r\x12\x12\n\neval_steps\x18\x0e \x01(\r\x12\x1d\n\x15\x65val_tasks_per_client\x18\x0f \x01(\r\x12\x16\n\x0epoll_timeout_s\x18\x10 \x01(\x01\x12\x0e\n\x06rounds\x18\x11 \x01(\r\x12\x14\n\x0c\x65val_queries\x18\x12 \x01(\r\"\x86\x01\n\x0bJoinRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x11\n\tnum_tasks\x18\x04 \x01(\x04\x12\'\n\tencodings\x18\x05 \x03(\x0e\x32\x14.fedmeta.v1.Encoding\"5\n\x0cJoinResponse\x12%\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x15.fedmeta.v1.RunConfig\"=\n\x18WaitForAssignmentRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\"y\n\x19WaitForAssignmentResponse\x12\"\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x12.fedmeta.v1.Action\x12\r\n\x05round\x18\x02 \x01(\r\x12\x19\n\x11parameter_version\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"V\n\x16\x46\x65tchParametersRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x19\n\x11parameter_version\x18\x03 \x01(\t\"~\n\x17\x46\x65tchParametersResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.fedmeta.v1.ParametersHeaderH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.fedmeta.v1.TensorChunkH\x00\x42\t\n\x07message\"[\n\x10ParametersHeader\x12\x19\n\x11parameter_version\x18\x01 \x01(\t\x12,\n\x07tensors\x18\x02 \x01(\x0b\x32\x1b.fedmeta.v1.TensorSetHeader\"v\n\x13SubmitUpdateRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedmeta.v1.UpdateHeaderH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.fedmeta.v1.TensorChunkH\x00\x42\t\n\x07message\"\xa2\x02\n\x0cUpdateHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\t\x12$\n\x04kind\x18\x05 \x01(\x0e\x32\x16.fedmeta.v1.UpdateKind\x12\x0e\n\x06weight\x18\x06 \x01(\x01\x12\x36\n\x07metrics\x18\x07 \x03(\x0b\x32%.fedmeta.v1.UpdateHeader.MetricsEntry\x12,\n\x07tensors\x18\x08 \x01(\x0b\x32\x1b.fedmeta.v1.TensorSetHeader\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\";\n\x14SubmitUpdateResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"1\n\x0cLeaveRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\"\x0f\n\rLeaveResponse*m\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x41\x43TION_TRAIN\x10\x01\x12\x13\n\x0f\x41\x43TION_EVALUATE\x10\x02\x12\x0f\n\x0b\x41\x43TION_WAIT\x10\x03\x12\x13\n\x0f\x41\x43TION_FINISHED\x10\x04*\x85\x01\n\nUpdateKind\x12\x1b\n\x17UPDATE_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19UPDATE_KIND_META_GRADIENT\x10\x01\x12\x1f\n\x1bUPDATE_KIND_PARAMETER_DELTA\x10\x02\x12\x1a\n\x16UPDATE_KIND_EVALUATION\x10\x03\x32\x9b\x03\n\x0b\x43oordinator\x12\x39\n\x04Join\x12\x17.fedmeta.v1.JoinRequest\x1a\x18.fedmeta.v1.JoinResponse\x12`\n\x11WaitForAssignment\x12$.fedmeta.v1.WaitForAssignmentRequest\x1a%.fedmeta.v1.WaitForAssignmentResponse\x12\\\n\x0f\x46\x65tchParameters\x12\".fedmeta.v1.FetchParametersRequest\x1a#.fedmeta.v1.FetchParametersResponse0\x01\x12S\n\x0cSubmitUpdate\x12\x1f.fedmeta.v1.SubmitUpdateRequest\x1a .fedmeta.v1.SubmitUpdateResponse(\x01\x12<\n\x05Leave\x12\x18.fedmeta.v1.LeaveRequest\x1a\x19.fedmeta.v1.LeaveResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66\x65\x64meta/v1/coordinator.proto\x12\nfedmeta.v1\x1a\x17\x66\x65\x64meta/v1/tensor.proto\".\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bkwargs_json\x18\x02 \x01(\t\"\x93\x03\n\tRunConfig\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\talgorithm\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12$\n\x05model\x18\x04 \x01(\x0b\x32\x15.fedmeta.v1.ModelSpec\x12\r\n\x05shots\x18\x05 \x01(\r\x12\x0f\n\x07queries\x18\x06 \x01(\r\x12\x18\n\x10tasks_per_client\x18\x07 \x01(\r\x12\x13\n\x0binner_steps\x18\x08 \x01(\r\x12\x10\n\x08inner_lr\x18\t \x01(\x01\x12\x0c\n\x04seed\x18\n \x01(\x04\x12&\n\x08\x65ncoding\x18\x0b \x01(\x0e\x32\x14.fedmeta.v1.Encoding\x12\x13\n\x0b\x63hunk_bytes\x18\x0c \x01(\r\x12\x12\n\neval_shots\x18\r \x01(\r\x12\x12\n\neval_steps\x18\x0e \x01(\r\x12\x1d\n\x15\x65val_tasks_per_client\x18\x0f \x01(\r\x12\x16\n\x0epoll_timeout_s\x18\x10 \x01(\x01\x12\x0e\n\x06rounds\x18\x11 \x01(\r\x12\x14\n\x0c\x65val_queries\x18\x12 \x01(\r\"\x86\x01\n\x0bJoinRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x11\n\tnum_tasks\x18\x04 \x01(\x04\x12\'\n\tencodings\x18\x05 \x03(\x0e\x32\x14.fedmeta.v1.Encoding\"5\n\x0cJoinResponse\x12%\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x15.fedmeta.v1.RunConfig\"S\n\x18WaitForAssignmentRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x14\n\x0cheld_version\x18\x03 \x01(\t\"\xab\x01\n\x19WaitForAssignmentResponse\x12\"\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x12.fedmeta.v1.Action\x12\r\n\x05round\x18\x02 \x01(\r\x12\x19\n\x11parameter_version\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x30\n\nparameters\x18\x05 \x01(\x0b\x32\x1c.fedmeta.v1.InlineParameters\"Q\n\x10InlineParameters\x12,\n\x07tensors\x18\x01 \x01(\x0b\x32\x1b.fedmeta.v1.TensorSetHeader\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"V\n\x16\x46\x65tchParametersRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x19\n\x11parameter_version\x18\x03 \x01(\t\"~\n\x17\x46\x65tchParametersResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.fedmeta.v1.ParametersHeaderH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.fedmeta.v1.TensorChunkH\x00\x42\t\n\x07message\"[\n\x10ParametersHeader\x12\x19\n\x11parameter_version\x18\x01 \x01(\t\x12,\n\x07tensors\x18\x02 \x01(\x0b\x32\x1b.fedmeta.v1.TensorSetHeader\"v\n\x13SubmitUpdateRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedmeta.v1.UpdateHeaderH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.fedmeta.v1.TensorChunkH\x00\x42\t\n\x07message\"\xa2\x02\n\x0cUpdateHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\t\x12$\n\x04kind\x18\x05 \x01(\x0e\x32\x16.fedmeta.v1.UpdateKind\x12\x0e\n\x06weight\x18\x06 \x01(\x01\x12\x36\n\x07metrics\x18\x07 \x03(\x0b\x32%.fedmeta.v1.UpdateHeader.MetricsEntry\x12,\n\x07tensors\x18\x08 \x01(\x0b\x32\x1b.fedmeta.v1.TensorSetHeader\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\";\n\x14SubmitUpdateResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"1\n\x0cLeaveRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\"\x0f\n\rLeaveResponse*m\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x41\x43TION_TRAIN\x10\x01\x12\x13\n\x0f\x41\x43TION_EVALUATE\x10\x02\x12\x0f\n\x0b\x41\x43TION_WAIT\x10\x03\x12\x13\n\x0f\x41\x43TION_FINISHED\x10\x04*\x85\x01\n\nUpdateKind\x12\x1b\n\x17UPDATE_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19UPDATE_KIND_META_GRADIENT\x10\x01\x12\x1f\n\x1bUPDATE_KIND_PARAMETER_DELTA\x10\x02\x12\x1a\n\x16UPDATE_KIND_EVALUATION\x10\x03\x32\x9b\x03\n\x0b\x43oordinator\x12\x39\n\x04Join\x12\x17.fedmeta.v1.JoinRequest\x1a\x18.fedmeta.v1.JoinResponse\x12`\n\x11WaitForAssignment\x12$.fedmeta.v1.WaitForAssignmentRequest\x1a%.fedmeta.v1.WaitForAssignmentResponse\x12\\\n\x0f\x46\x65tchParameters\x12\".fedmeta.v1.FetchParametersRequest\x1a#.fedmeta.v1.FetchParametersResponse0\x01\x12S\n\x0cSubmitUpdate\x12\x1f.fedmeta.v1.SubmitUpdateRequest\x1a .fedmeta.v1.SubmitUpdateResponse(\x01\x12<\n\x05Leave\x12\x18.fedmeta.v1.LeaveRequest\x1a\x19.fedmeta.v1.LeaveResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_UPDATEHEADER_METRICSENTRY']._loaded_options = None
   _globals['_UPDATEHEADER_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_ACTION']._serialized_start=1752
-  _globals['_ACTION']._serialized_end=1861
-  _globals['_UPDATEKIND']._serialized_start=1864
-  _globals['_UPDATEKIND']._serialized_end=1997
+  _globals['_ACTION']._serialized_start=1908
+  _globals['_ACTION']._serialized_end=2017
+  _globals['_UPDATEKIND']._serialized_start=2020
+  _globals['_UPDATEKIND']._serialized_end=2153
   _globals['_MODELSPEC']._serialized_start=69
   _globals['_MODELSPEC']._serialized_end=115
   _globals['_RUNCONFIG']._serialized_start=118
@@ -47,27 +47,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOINRESPONSE']._serialized_start=660
   _globals['_JOINRESPONSE']._serialized_end=713
   _globals['_WAITFORASSIGNMENTREQUEST']._serialized_start=715
-  _globals['_WAITFORASSIGNMENTREQUEST']._serialized_end=776
-  _globals['_WAITFORASSIGNMENTRESPONSE']._serialized_start=778
-  _globals['_WAITFORASSIGNMENTRESPONSE']._serialized_end=899
-  _globals['_FETCHPARAMETERSREQUEST']._serialized_start=901
-  _globals['_FETCHPARAMETERSREQUEST']._serialized_end=987
-  _globals['_FETCHPARAMETERSRESPONSE']._serialized_start=989
-  _globals['_FETCHPARAMETERSRESPONSE']._serialized_end=1115
-  _globals['_PARAMETERSHEADER']._serialized_start=1117
-  _globals['_PARAMETERSHEADER']._serialized_end=1208
-  _globals['_SUBMITUPDATEREQUEST']._serialized_start=1210
-  _globals['_SUBMITUPDATEREQUEST']._serialized_end=1328
-  _globals['_UPDATEHEADER']._serialized_start=1331
-  _globals['_UPDATEHEADER']._serialized_end=1621
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=1575
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=1621
-  _globals['_SUBMITUPDATERESPONSE']._serialized_start=1623
-  _globals['_SUBMITUPDATERESPONSE']._serialized_end=1682
-  _globals['_LEAVEREQUEST']._serialized_start=1684
-  _globals['_LEAVEREQUEST']._serialized_end=1733
-  _globals['_LEAVERESPONSE']._serialized_start=1735
-  _globals['_LEAVERESPONSE']._serialized_end=1750
-  _globals['_COORDINATOR']._serialized_start=2000
-  _globals['_COORDINATOR']._serialized_end=2411
+  _globals['_WAITFORASSIGNMENTREQUEST']._serialized_end=798
+  _globals['_WAITFORASSIGNMENTRESPONSE']._serialized_start=801
+  _globals['_WAITFORASSIGNMENTRESPONSE']._serialized_end=972
+  _globals['_INLINEPARAMETERS']._serialized_start=974
+  _globals['_INLINEPARAMETERS']._serialized_end=1055
+  _globals['_FETCHPARAMETERSREQUEST']._serialized_start=1057
+  _globals['_FETCHPARAMETERSREQUEST']._serialized_end=1143
+  _globals['_FETCHPARAMETERSRESPONSE']._serialized_start=1145
+  _globals['_FETCHPARAMETERSRESPONSE']._serialized_end=1271
+  _globals['_PARAMETERSHEADER']._serialized_start=1273
+  _globals['_PARAMETERSHEADER']._serialized_end=1364
+  _globals['_SUBMITUPDATEREQUEST']._serialized_start=1366
+  _globals['_SUBMITUPDATEREQUEST']._serialized_end=1484
+  _globals['_UPDATEHEADER']._serialized_start=1487
+  _globals['_UPDATEHEADER']._serialized_end=1777
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=1731
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=1777
+  _globals['_SUBMITUPDATERESPONSE']._serialized_start=1779
+  _globals['_SUBMITUPDATERESPONSE']._serialized_end=1838
+  _globals['_LEAVEREQUEST']._serialized_start=1840
+  _globals['_LEAVEREQUEST']._serialized_end=1889
+  _globals['_LEAVERESPONSE']._serialized_start=1891
+  _globals['_LEAVERESPONSE']._serialized_end=1906
+  _globals['_COORDINATOR']._serialized_start=2156
+  _globals['_COORDINATOR']._serialized_end=2567
 # @@protoc_insertion_point(module_scope)

@@ -101,24 +101,36 @@ class JoinResponse(_message.Message):
     def __init__(self, config: _Optional[_Union[RunConfig, _Mapping]] = ...) -> None: ...
 
 class WaitForAssignmentRequest(_message.Message):
-    __slots__ = ("run_id", "client_id")
+    __slots__ = ("run_id", "client_id", "held_version")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    HELD_VERSION_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     client_id: str
-    def __init__(self, run_id: _Optional[str] = ..., client_id: _Optional[str] = ...) -> None: ...
+    held_version: str
+    def __init__(self, run_id: _Optional[str] = ..., client_id: _Optional[str] = ..., held_version: _Optional[str] = ...) -> None: ...
 
 class WaitForAssignmentResponse(_message.Message):
-    __slots__ = ("action", "round", "parameter_version", "detail")
+    __slots__ = ("action", "round", "parameter_version", "detail", "parameters")
     ACTION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_VERSION_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     action: Action
     round: int
     parameter_version: str
     detail: str
-    def __init__(self, action: _Optional[_Union[Action, str]] = ..., round: _Optional[int] = ..., parameter_version: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+    parameters: InlineParameters
+    def __init__(self, action: _Optional[_Union[Action, str]] = ..., round: _Optional[int] = ..., parameter_version: _Optional[str] = ..., detail: _Optional[str] = ..., parameters: _Optional[_Union[InlineParameters, _Mapping]] = ...) -> None: ...
+
+class InlineParameters(_message.Message):
+    __slots__ = ("tensors", "payload")
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    tensors: _tensor_pb2.TensorSetHeader
+    payload: bytes
+    def __init__(self, tensors: _Optional[_Union[_tensor_pb2.TensorSetHeader, _Mapping]] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class FetchParametersRequest(_message.Message):
     __slots__ = ("run_id", "client_id", "parameter_version")

@@ -9,7 +9,7 @@ import sys
 from types import FrameType
 
 from client.retry import CoordinatorUnreachable, RetryPolicy
-from client.worker import ClientConfig, Shutdown, Worker, default_data_seed
+from client.worker import ClientConfig, ClientError, Shutdown, Worker, default_data_seed
 from common.cli import OneLineErrorParser, setup_logging
 from common.config import check_client_id
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         worker.leave()
         return 0
-    except CoordinatorUnreachable as exc:
+    except (CoordinatorUnreachable, ClientError) as exc:
         print(f"fedmeta-client: error: {exc}", file=sys.stderr)
         return 1
 

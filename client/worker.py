@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import random
 import threading
 import time
@@ -54,6 +55,10 @@ class ClientConfig:
         check_client_id(self.client_id)
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"--device: expected cpu or cuda[:N], got {self.device!r}")
+
+
+class ClientError(RuntimeError):
+    """A condition this client cannot recover from; the message says what to do."""
 
 
 class Shutdown(Exception):
@@ -176,6 +181,11 @@ class Worker:
         inner = InnerConfig(steps=run.inner_steps, lr=run.inner_lr, vectorize=self.config.vectorize)
         update = self.algorithm.client_step(self.model, params, batch.to(self.device), self.loss_fn, inner)
         compute_s = time.perf_counter() - start
+        finite = all(bool(torch.isfinite(t).all()) for t in update.tensors.values())
+        if not finite or not all(math.isfinite(v) for v in update.metrics.values()):
+            raise ClientError(f"round {round_index}: the client step produced non-finite values (query loss "
+                              f"{update.metrics.get('loss_post')}); the inner loop diverged: lower --inner-lr "
+                              "or --outer-lr on the coordinator")
         header = pb.UpdateHeader(
             run_id=run.run_id, round=round_index, client_id=self.config.client_id, base_version=version,
             kind=_KIND[self.algorithm.update_kind], weight=update.weight,
@@ -246,4 +256,4 @@ class Worker:
         elif code == grpc.StatusCode.FAILED_PRECONDITION:
             log.warning("work refused (%s); asking for new work", details)
         else:
-            raise exc  # type: ignore[misc]
+            raise ClientError(f"the coordinator refused this client: {code.name}: {details}") from None

@@ -109,18 +109,20 @@ def serve(config: ServerConfig, *, progress_bar: bool) -> int:
     log.info("run %s: %s on %s, %d rounds, %d clients per round; run directory %s", config.run.run_id,
              config.run.algorithm, config.run.task, config.rounds, config.clients_per_round, config.run_dir)
     progress = Progress(config, coordinator.next_round, bar=progress_bar)
-    coordinator.start()
-    procs = local.spawn(config.local_clients, port, config.run_dir / "logs") if config.local_clients else []
-    if procs:
-        log.info("started %d local client processes (logs in %s)", len(procs), config.run_dir / "logs")
+    procs: list = []
     try:
         with logging_redirect_tqdm():
+            coordinator.start()
+            if config.local_clients:
+                procs = local.spawn(config.local_clients, port, config.run_dir / "logs")
+                log.info("started %d local client processes (logs in %s)", len(procs), config.run_dir / "logs")
             while not coordinator.finished.wait(0.5):
                 if procs and all(p.poll() is not None for p in procs):
                     codes = sorted({p.returncode for p in procs})
                     raise RuntimeError(f"every local client exited (codes {codes}) before the run finished; "
-                                       f"see {config.run_dir / 'logs'}")
-        progress.close()
+                                       f"local-0 said: {local.last_error(config.run_dir / 'logs', 0)!r} "
+                                       f"(logs in {config.run_dir / 'logs'})")
+            progress.close()
         deadline = time.monotonic() + 2 * config.run.poll_timeout_s
         while coordinator.clients_pending_finish() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -130,8 +132,7 @@ def serve(config: ServerConfig, *, progress_bar: bool) -> int:
         server.stop(grace=1.0)
         local.stop(procs, timeout_s=10.0 if coordinator.finished.is_set() else 0.0)
     if coordinator.summary is None:
-        log.error("the run stopped without finishing; see the log above")
-        return 1
+        raise RuntimeError(f"the run stopped without finishing: {coordinator.error or 'see the log above'}")
     print_summary(coordinator.summary, str(config.run_dir))
     return 0
 
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130 if str(exc) == "SIGINT" else 0
     except ValueError as exc:
         parser.error(str(exc))
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:
         print(f"fedmeta-server: error: {exc}", file=sys.stderr)
         return 1
 

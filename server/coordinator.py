@@ -125,6 +125,7 @@ class Coordinator:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.summary: dict[str, Any] | None = None
+        self.error: str | None = None
 
         params = init_parameters(self.run.model, self.run.seed)
         self.layout = FlatLayout.of(params)
@@ -248,7 +249,7 @@ class Coordinator:
             if rnd is not None and client_id in rnd.sampled and client_id not in rnd.answered:
                 rnd.sampled.discard(client_id)
                 rnd.dropped.add(client_id)
-            log.info("client %s left", client_id)
+            log.log(logging.DEBUG if self.finished.is_set() else logging.INFO, "client %s left", client_id)
             self._cond.notify_all()
 
     def _known(self, client_id: str) -> ClientInfo:
@@ -416,8 +417,9 @@ class Coordinator:
                         self._cond.wait(timeout=min(wait, 0.5))
                 if closing is not None:
                     self._close(closing)
-        except Exception:
+        except Exception as exc:
             log.exception("the round thread failed; stopping the run")
+            self.error = str(exc)
             self._stopping.set()
             self.finished.set()
             raise

@@ -46,3 +46,13 @@ def stop(procs: list[subprocess.Popen[bytes]], *, timeout_s: float = 10.0) -> No
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+def last_error(logs_dir: Path, index: int) -> str:
+    """The last line of a local client's log, to quote when it failed."""
+    path = logs_dir / f"client-{local_client_id(index)}.log"
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""

@@ -58,6 +58,10 @@ def _client_id(context: grpc.ServicerContext, client_id: str) -> str:
         _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"client_id: {exc}")
 
 
+def _peer_client(first: pb.SubmitUpdateRequest | None) -> str:
+    return repr(first.header.client_id) if first is not None and first.HasField("header") else "an unknown client"
+
+
 class CoordinatorService(pb_grpc.CoordinatorServicer):
     """Translates RPCs into Coordinator calls and Rejected into gRPC status codes."""
 
@@ -129,6 +133,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self, request_iterator: Iterator[pb.SubmitUpdateRequest], context: grpc.ServicerContext
     ) -> pb.SubmitUpdateResponse:
         received = 0
+        first = None
         try:
             first = next(request_iterator, None)
             if first is None or not first.HasField("header"):
@@ -162,12 +167,12 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                     raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "an evaluation update carries no chunks")
             duplicate = self.coordinator.accept(meta, None)
         except Rejected as exc:
-            log.info("update refused (%s): %s", exc.code.name, exc.message)
+            log.warning("update from %s refused (%s): %s", _peer_client(first), exc.code.name, exc.message)
             _abort(context, exc.code, exc.message)
         except TensorSetTooLarge as exc:
             _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except TensorSetError as exc:
-            log.info("update refused (INVALID_ARGUMENT): %s", exc)
+            log.warning("update from %s refused (INVALID_ARGUMENT): %s", _peer_client(first), exc)
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         finally:
             self.coordinator.count_bytes(received=received)

@@ -108,3 +108,18 @@ def test_finished_run_and_changed_settings_are_refused(processes, tmp_path: Path
     assert changed.returncode == 2
     assert changed.stderr.count("\n") == 1
     assert "rounds: checkpoint 2, now 5" in changed.stderr
+
+
+def test_diverging_run_stops_with_a_clear_error(tmp_path: Path) -> None:
+    """--local-clients: when every client fails, the coordinator exits 1 quoting a client's error."""
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "server", "--local-clients", "2", "--rounds", "5", "--inner-lr", "1e30",
+         "--run-dir", str(run_dir), "--no-progress", *FAST],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("fedmeta-server: error: every local client exited")
+    assert "inner loop diverged" in last
+    assert not (run_dir / "metrics.jsonl").exists()  # no round was closed with bad updates

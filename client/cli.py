@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
-    if ":" not in args.server:
-        parser.error(f"--server: expected HOST:PORT, got {args.server!r}")
+    host, sep, port = args.server.rpartition(":")
+    if not (sep and host and port.isdigit() and 1 <= int(port) <= 65535):
+        parser.error(f"--server: expected HOST:PORT with a port from 1 to 65535, got {args.server!r}")
     if args.threads < 0:
         parser.error(f"--threads: expected an integer >= 0, got {args.threads}")
     if not args.give_up_s > 0:

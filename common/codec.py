@@ -168,7 +168,11 @@ def encode(tensors: Mapping[str, torch.Tensor], *, encoding: str = "float32") ->
         dtype = _wire_dtype(t.dtype, encoding)
         t = t.detach()
         if DTYPES[dtype] != t.dtype:
-            t = t.to(DTYPES[dtype])
+            converted = t.to(DTYPES[dtype])
+            if dtype == "float16" and not bool(torch.isfinite(converted).all()) and bool(torch.isfinite(t).all()):
+                raise TensorSetError(f"tensor {name!r} has values beyond float16's range (65504): "
+                                     "use the bfloat16 or float32 encoding")
+            t = converted
         specs.append(TensorSpec(name, dtype, tuple(int(d) for d in t.shape)))
         wire.append(t)
     flat = _flat_view(wire) if wire else None

@@ -56,7 +56,8 @@ def load(directory: Path) -> Checkpoint | None:
         tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {})[_META_KEY])
+        theta = tensors["theta"]
     except Exception as exc:  # safetensors raises its own error types across versions
-        raise ValueError(f"checkpoint {path} is unreadable ({exc}); move it away to start afresh") from exc
+        raise ValueError(f"checkpoint {path} is unreadable ({exc!r}); move it away to start afresh") from exc
     outer = {k.removeprefix("outer."): v for k, v in tensors.items() if k.startswith("outer.")}
-    return Checkpoint(theta=tensors["theta"], outer=outer, meta=meta)
+    return Checkpoint(theta=theta, outer=outer, meta=meta)

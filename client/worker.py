@@ -159,6 +159,7 @@ class Worker:
             if tensors is not None:
                 for offset, data in iter_chunks(payload, chunk_bytes):
                     yield pb.SubmitUpdateRequest(chunk=tensor_pb.TensorChunk(offset=offset, data=data))
+            yield pb.SubmitUpdateRequest(end=pb.UpdateEnd())
 
         return self._retry(lambda: self.stub.SubmitUpdate(messages(), timeout=_RPC_TIMEOUT_S), "SubmitUpdate")
 

@@ -36,7 +36,7 @@ _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _FLOATING = ("float32", "float16", "bfloat16", "float64")
 ENCODINGS = ("float32", "float16", "bfloat16")
 
-_DTYPE_TO_PROTO = {
+_DTYPE_TO_PROTO: dict[str, int] = {
     "float32": tensor_pb.DTYPE_FLOAT32,
     "float16": tensor_pb.DTYPE_FLOAT16,
     "bfloat16": tensor_pb.DTYPE_BFLOAT16,
@@ -45,13 +45,13 @@ _DTYPE_TO_PROTO = {
     "int32": tensor_pb.DTYPE_INT32,
     "uint8": tensor_pb.DTYPE_UINT8,
 }
-_DTYPE_FROM_PROTO = {v: k for k, v in _DTYPE_TO_PROTO.items()}
-_ENCODING_TO_PROTO = {
+_DTYPE_FROM_PROTO: dict[int, str] = {v: k for k, v in _DTYPE_TO_PROTO.items()}
+_ENCODING_TO_PROTO: dict[str, int] = {
     "float32": tensor_pb.ENCODING_FLOAT32,
     "float16": tensor_pb.ENCODING_FLOAT16,
     "bfloat16": tensor_pb.ENCODING_BFLOAT16,
 }
-_ENCODING_FROM_PROTO = {v: k for k, v in _ENCODING_TO_PROTO.items()}
+_ENCODING_FROM_PROTO: dict[int, str] = {v: k for k, v in _ENCODING_TO_PROTO.items()}
 _NAME = re.compile(r"^[A-Za-z0-9_.:/-]{1,256}$")
 
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -142,11 +142,11 @@ def _flat_view(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
             return None
         end += t.numel() * t.element_size()
     total = sum(t.numel() for t in tensors)
-    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (total,))
+    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (total,), (1,))
 
 
 def _as_bytes(t: torch.Tensor) -> memoryview:
-    return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy())
+    return t.detach().reshape(-1).view(torch.uint8).numpy().data
 
 
 def encode(tensors: Mapping[str, torch.Tensor], *, encoding: str = "float32") -> EncodedTensorSet:

@@ -37,6 +37,11 @@ from server.rundir import RunDir
 
 log = logging.getLogger("fedmeta.coordinator")
 
+# Bounds that keep weighted sums finite: an update weighs at most this (e.g. tasks)...
+MAX_WEIGHT = 1e9
+# ...and a metric is at most this large in magnitude.
+MAX_METRIC = 1e30
+
 
 class Rejected(Exception):
     """A request refused with a gRPC status code and a sentence a person can act on."""
@@ -321,12 +326,13 @@ class Coordinator:
     def check_update(self, meta: UpdateMeta) -> bool:
         """Validate an update header before its payload is read. Returns True for a duplicate."""
         self.check_run(meta.run_id)
-        if not (meta.weight > 0 and math.isfinite(meta.weight)):
+        if not (0 < meta.weight <= MAX_WEIGHT):
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"weight: expected a positive finite number, got {meta.weight!r}")
+                           f"weight: expected a number in (0, {MAX_WEIGHT:.0e}], got {meta.weight!r}")
         for name, value in meta.metrics.items():
-            if not math.isfinite(value):
-                raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"metric {name!r} is not finite: {value!r}")
+            if not abs(value) <= MAX_METRIC:
+                raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"metric {name!r} must be finite and at most {MAX_METRIC:.0e} in size, got {value!r}")
         with self._cond:
             self._known(meta.client_id).last_seen = time.monotonic()
             if meta.client_id in self._accepted.get(meta.round, ()):

@@ -46,7 +46,7 @@ class RunDir:
 
     def append_metrics(self, record: Mapping[str, Any]) -> None:
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
 
     def export_model(self, params: Mapping[str, torch.Tensor], run: RunConfig, version: str) -> Path:
         """Write model/model.safetensors and model/model.json (what `adapt` needs)."""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterator
 from concurrent import futures
 from typing import NoReturn
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -44,6 +46,8 @@ _KINDS = {
     pb.UPDATE_KIND_EVALUATION: None,
 }
 _MESSAGE_OVERHEAD = 64 * 1024
+# |weight * value| bound that keeps a float32 sum of up to ~1e8 updates finite.
+MAX_WEIGHTED_ABS = 1e30
 
 
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
@@ -56,6 +60,15 @@ def _client_id(context: grpc.ServicerContext, client_id: str) -> str:
         return check_client_id(client_id)
     except ValueError as exc:
         _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"client_id: {exc}")
+
+
+def check_magnitude(tensors: dict[str, torch.Tensor], weight: float) -> None:
+    """Refuse updates whose weighted values could overflow the float32 running sum."""
+    peak = max((float(t.abs().max()) for t in tensors.values() if t.numel()), default=0.0)
+    if weight * peak > MAX_WEIGHTED_ABS:
+        raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
+                       f"update values up to {peak:.3g} times weight {weight:.3g} exceed {MAX_WEIGHTED_ABS:.0e}; "
+                       "such an update would overflow the aggregate")
 
 
 def _peer_client(first: pb.SubmitUpdateRequest | None) -> str:
@@ -150,21 +163,31 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 assembler = tensors = None
                 try:
                     assembler = Reassembler(meta.tensors, max_bytes=self.coordinator.config.max_update_bytes)
+                    ended = False
                     for msg in request_iterator:
+                        if msg.HasField("end"):
+                            ended = True
+                            break  # the update is complete; nothing after its end is read
                         if not msg.HasField("chunk"):
                             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
-                                           "after the header, SubmitUpdate takes only chunk messages")
+                                           "after the header, SubmitUpdate takes chunk messages, then one end message")
                         received += len(msg.chunk.data) + 16
                         assembler.add(msg.chunk.offset, msg.chunk.data)
+                    if not ended:
+                        raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
+                                       "the update stream ended without its end message; the update is not counted")
                     tensors = decode(assembler.finish())
+                    check_magnitude(tensors, meta.weight)
                     duplicate = self.coordinator.accept(meta, tensors)
                 finally:
                     assembler = tensors = None  # free the buffer before another upload may take the slot
                     slot.release()
                 return pb.SubmitUpdateResponse(accepted=True, duplicate=duplicate)
             else:
-                for msg in request_iterator:
-                    raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "an evaluation update carries no chunks")
+                messages = list(itertools.islice(request_iterator, 2))
+                if len(messages) != 1 or not messages[0].HasField("end"):
+                    raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
+                                   "an evaluation update is a header and an end message, with no chunks")
             duplicate = self.coordinator.accept(meta, None)
         except Rejected as exc:
             log.warning("update from %s refused (%s): %s", _peer_client(first), exc.code.name, exc.message)

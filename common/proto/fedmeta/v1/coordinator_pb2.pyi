@@ -159,12 +159,18 @@ class ParametersHeader(_message.Message):
     def __init__(self, parameter_version: _Optional[str] = ..., tensors: _Optional[_Union[_tensor_pb2.TensorSetHeader, _Mapping]] = ...) -> None: ...
 
 class SubmitUpdateRequest(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "end")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
     header: UpdateHeader
     chunk: _tensor_pb2.TensorChunk
-    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
+    end: UpdateEnd
+    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ..., end: _Optional[_Union[UpdateEnd, _Mapping]] = ...) -> None: ...
+
+class UpdateEnd(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class UpdateHeader(_message.Message):
     __slots__ = ("run_id", "round", "client_id", "base_version", "kind", "weight", "metrics", "tensors")

@@ -64,3 +64,22 @@ def test_one_client_federation_reproduces_centralised_run(processes, tmp_path: P
 
     init = init_parameters(config.run.model, config.run.seed)
     assert any((federated[n] - init[n]).abs().max() > 1e-4 for n in init)
+
+
+@pytest.mark.parametrize("encoding", ["float16", "bfloat16"])
+def test_reduced_precision_encoding_and_many_chunks(processes, tmp_path: Path, encoding: str) -> None:
+    """Updates and parameters travel as float16/bfloat16 in 1 KiB chunks (the MLP needs 4 of them)."""
+    run_dir = tmp_path / "run"
+    server = processes.server(run_dir, "--algorithm", "reptile", "--rounds", "4", "--clients-per-round", "2",
+                              "--encoding", encoding, "--chunk-bytes", "1024", *FAST)
+    clients = [processes.client(server.port, f"c{i}", i) for i in range(2)]
+    assert server.wait(120) == 0, server.output()
+    for c in clients:
+        assert c.wait(30) == 0, c.output()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds_completed"] == 4
+    assert summary["config"]["encoding"] == encoding
+    # Half-precision parameters on the wire: each round sends about 2 bytes per parameter per client.
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    per_round = (records[-1]["bytes_received"] - records[0]["bytes_received"]) / (len(records) - 1)
+    assert 2 * 1761 * 2 <= per_round < 2 * 1761 * 4, per_round

@@ -302,12 +302,12 @@ class Reassembler:
 def header_to_proto(header: TensorSetHeader) -> tensor_pb.TensorSetHeader:
     return tensor_pb.TensorSetHeader(
         tensors=[
-            tensor_pb.TensorSpec(name=s.name, dtype=_DTYPE_TO_PROTO[s.dtype], shape=s.shape)
+            tensor_pb.TensorSpec(name=s.name, dtype=_DTYPE_TO_PROTO[s.dtype], shape=s.shape)  # type: ignore[arg-type]
             for s in header.specs
         ],
         total_bytes=header.total_bytes,
         sha256=header.sha256,
-        encoding=_ENCODING_TO_PROTO[header.encoding],
+        encoding=_ENCODING_TO_PROTO[header.encoding],  # type: ignore[arg-type]
     )
 
 

@@ -101,9 +101,10 @@ def check_value(option: Option, value: Any) -> Any:
         raise ValueError(f"{option.flag}: expected one of {', '.join(option.choices)}; got {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{option.flag}: expected a finite number, got {value!r}")
-    if option.minimum is not None and value < option.minimum:
+    number: Any = value
+    if option.minimum is not None and number < option.minimum:
         raise ValueError(f"{option.flag}: expected a value >= {option.minimum:g}, got {value!r}")
-    if option.maximum is not None and value > option.maximum:
+    if option.maximum is not None and number > option.maximum:
         raise ValueError(f"{option.flag}: expected a value <= {option.maximum:g}, got {value!r}")
     return value
 

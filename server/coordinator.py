@@ -14,7 +14,6 @@ evaluation round collects pre/post-adaptation losses, then the run is FINISHED.
 from __future__ import annotations
 
 import logging
-import math
 import random
 import threading
 import time

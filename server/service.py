@@ -20,6 +20,7 @@ from common.codec import (
     Reassembler,
     TensorSetError,
     TensorSetTooLarge,
+    abs_max,
     decode,
     header_from_proto,
     header_to_proto,
@@ -64,7 +65,7 @@ def _client_id(context: grpc.ServicerContext, client_id: str) -> str:
 
 def check_magnitude(tensors: dict[str, torch.Tensor], weight: float) -> None:
     """Refuse updates whose weighted values could overflow the float32 running sum."""
-    peak = max((float(t.abs().max()) for t in tensors.values() if t.numel()), default=0.0)
+    peak = max((abs_max(t) for t in tensors.values()), default=0.0)
     if weight * peak > MAX_WEIGHTED_ABS:
         raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
                        f"update values up to {peak:.3g} times weight {weight:.3g} exceed {MAX_WEIGHTED_ABS:.0e}; "

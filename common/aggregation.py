@@ -69,6 +69,13 @@ class WeightedMean:
             raise ValueError("no update to aggregate")
         return self.total / self.weight
 
+    def take_mean(self) -> torch.Tensor:
+        """The mean, computed in place in the sum's buffer (no copy); the accumulator is spent."""
+        if self.count == 0:
+            raise ValueError("no update to aggregate")
+        self.count = 0
+        return self.total.div_(self.weight)
+
 
 def weighted_mean(updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
     """sum_i w_i u_i / sum_i w_i over whole updates (reference form, O(clients x model))."""

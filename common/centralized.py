@@ -49,7 +49,7 @@ def train(
             update = algorithm.client_step(model, layout.views(flat), batch, loss_fn, inner)
             acc.add(update.tensors, update.weight)
             losses.append(update.metrics["loss_post"])
-        outer.step(flat, acc.mean(), r)
+        outer.step(flat, acc.take_mean(), r)
         if on_round is not None:
             on_round(r, {"meta_loss": sum(losses) / len(losses)})
     return layout.views(flat)

@@ -14,6 +14,7 @@ evaluation round collects pre/post-adaptation losses, then the run is FINISHED.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
 import time
@@ -27,7 +28,7 @@ import torch
 
 from common.aggregation import FlatLayout, WeightedMean
 from common.algorithms import OuterConfig, UpdateKind, get_algorithm
-from common.codec import EncodedTensorSet, TensorSetHeader, TensorSpec, check_specs, encode
+from common.codec import EncodedTensorSet, TensorSetHeader, TensorSpec, abs_max, check_specs, encode
 from common.config import RunConfig
 from common.models import init_parameters
 from server import checkpoint
@@ -138,6 +139,8 @@ class Coordinator:
         self.next_round = 0
         self.evaluation_done = False
         self._wall_before = 0.0
+        self._readers = 0
+        self._stepping = False
         self._clients_seen: set[str] = set()
         self._theta = self.layout.flatten(params)
         self._resume()
@@ -305,22 +308,32 @@ class Coordinator:
             return Assignment(action, rnd.index, rnd.version)
         return Assignment(Action.WAIT, detail=f"round {rnd.index} is in progress without you")
 
-    def inline_parameters(self, version: str) -> EncodedTensorSet | None:
-        """The encoded parameters of version if they fit in one chunk (to inline them), else None."""
+    def inline_parameters(self, version: str) -> tuple[TensorSetHeader, bytes] | None:
+        """A copy of version's encoded parameters if they fit in one chunk (to inline them), else None."""
         with self._cond:
-            if version != self.version:
-                return None
             encoded = self._encoded[self.run.encoding]
-        return encoded if encoded.header.total_bytes <= self.run.chunk_bytes else None
+            if version != self.version or self._stepping or encoded.header.total_bytes > self.run.chunk_bytes:
+                return None
+            return encoded.header, bytes(encoded.payload)
 
-    def encoded_parameters(self, client_id: str, version: str) -> EncodedTensorSet:
+    def acquire_parameters(self, client_id: str, version: str) -> EncodedTensorSet:
+        """The encoded current parameters, held for a stream until release_parameters().
+
+        While any stream holds them, the outer step works on a copy instead of in place.
+        """
         with self._cond:
             self._known(client_id).last_seen = time.monotonic()
-            if version != self.version:
+            if version != self.version or self._stepping:
                 raise Rejected(grpc.StatusCode.FAILED_PRECONDITION,
-                               f"parameter version {version[:12]!r} is not current; the current one is "
-                               f"{self.version[:12]!r}: ask WaitForAssignment for new work")
+                               f"parameter version {version[:12]!r} is not current (the current one is "
+                               f"{self.version[:12]!r}, or a new one is being made): ask WaitForAssignment "
+                               "for new work")
+            self._readers += 1
             return self._encoded[self.run.encoding]
+
+    def release_parameters(self) -> None:
+        with self._cond:
+            self._readers -= 1
 
     def check_update(self, meta: UpdateMeta) -> bool:
         """Validate an update header before its payload is read. Returns True for a duplicate."""
@@ -482,13 +495,19 @@ class Coordinator:
             self._finish(rnd, metrics)
             return
         assert rnd.accumulator is not None
-        theta = self._theta.clone()  # clients may still be streaming the old buffer
-        lr = self.outer.step(theta, rnd.accumulator.mean(), rnd.index)
-        if not bool(torch.isfinite(theta).all()):
+        with self._cond:
+            self._stepping = True  # no new reader of the old version from here on
+            in_place = self._readers == 0
+        # Step in place unless a straggler is still streaming the old buffer: O(model) memory.
+        theta = self._theta if in_place else self._theta.clone()
+        lr = self.outer.step(theta, rnd.accumulator.take_mean(), rnd.index)
+        rnd.accumulator = None
+        if not math.isfinite(abs_max(theta)):
             raise RuntimeError(f"round {rnd.index}: the outer step produced non-finite parameters; "
                                "lower --outer-lr or --inner-lr")
         with self._cond:
             self._publish(theta)
+            self._stepping = False
             self.next_round = rnd.index + 1
             self._waiting_since = time.monotonic()
             self._accepted = {r: s for r, s in self._accepted.items() if r >= rnd.index - 8}

@@ -114,10 +114,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             action=_ACTIONS[a.action], round=a.round, parameter_version=a.version, detail=a.detail
         )
         if a.action in (Action.TRAIN, Action.EVALUATE) and request.held_version != a.version:
-            encoded = self.coordinator.inline_parameters(a.version)
-            if encoded is not None:
-                response.parameters.tensors.CopyFrom(header_to_proto(encoded.header))
-                response.parameters.payload = bytes(encoded.payload)
+            inline = self.coordinator.inline_parameters(a.version)
+            if inline is not None:
+                response.parameters.tensors.CopyFrom(header_to_proto(inline[0]))
+                response.parameters.payload = inline[1]
         self.coordinator.count_bytes(sent=response.ByteSize(), received=request.ByteSize())
         return response
 
@@ -127,21 +127,24 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         client_id = _client_id(context, request.client_id)
         try:
             self.coordinator.check_run(request.run_id)
-            encoded: EncodedTensorSet = self.coordinator.encoded_parameters(client_id, request.parameter_version)
+            encoded: EncodedTensorSet = self.coordinator.acquire_parameters(client_id, request.parameter_version)
         except Rejected as exc:
             _abort(context, exc.code, exc.message)
-        header = pb.FetchParametersResponse(
-            header=pb.ParametersHeader(
-                parameter_version=request.parameter_version, tensors=header_to_proto(encoded.header)
+        sent = 0
+        try:
+            header = pb.FetchParametersResponse(
+                header=pb.ParametersHeader(
+                    parameter_version=request.parameter_version, tensors=header_to_proto(encoded.header)
+                )
             )
-        )
-        sent = header.ByteSize()
-        yield header
-        for offset, data in iter_chunks(encoded.payload, self.run.chunk_bytes):
-            msg = pb.FetchParametersResponse(chunk=tensor_pb.TensorChunk(offset=offset, data=data))
-            sent += len(data) + 16
-            yield msg
-        self.coordinator.count_bytes(sent=sent, received=request.ByteSize())
+            sent += header.ByteSize()
+            yield header
+            for offset, data in iter_chunks(encoded.payload, self.run.chunk_bytes):
+                sent += len(data) + 16
+                yield pb.FetchParametersResponse(chunk=tensor_pb.TensorChunk(offset=offset, data=data))
+        finally:
+            self.coordinator.release_parameters()
+            self.coordinator.count_bytes(sent=sent, received=request.ByteSize())
 
     def SubmitUpdate(
         self, request_iterator: Iterator[pb.SubmitUpdateRequest], context: grpc.ServicerContext

@@ -511,6 +511,10 @@ class Coordinator:
             self.next_round = rnd.index + 1
             self._waiting_since = time.monotonic()
             self._accepted = {r: s for r, s in self._accepted.items() if r >= rnd.index - 8}
+            round_s = time.monotonic() - rnd.started
+            # Clients start the next round while this thread writes the checkpoint: only this
+            # thread changes theta and the optimizer state, so what it writes is consistent.
+            self._try_open(time.monotonic())
         if self.next_round % self.config.checkpoint_every == 0 or self.next_round == self.config.rounds:
             self._save_checkpoint()
         record = {
@@ -519,7 +523,8 @@ class Coordinator:
             "loss_pre": metrics.get("loss_pre"),
             "clients_sampled": len(rnd.answered | rnd.sampled | rnd.dropped),
             "clients_answered": len(rnd.answered),
-            "round_s": time.monotonic() - rnd.started,
+            "round_s": round_s,
+            "client_compute_s": metrics.get("compute_s"),
             "outer_lr": lr,
             "version": self.version,
             "bytes_sent": self.bytes_sent,

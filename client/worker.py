@@ -21,7 +21,7 @@ import torch
 from client.retry import RetryPolicy, with_retry
 from common import PROTOCOL_VERSION
 from common.algorithms import InnerConfig, UpdateKind, get_algorithm
-from common.codec import Reassembler, TensorSetError, decode, encode, header_from_proto, header_to_proto, iter_chunks, specs_of
+from common.codec import Reassembler, abs_max, TensorSetError, decode, encode, header_from_proto, header_to_proto, iter_chunks, specs_of
 from common.config import RunConfig, check_client_id
 from common.evaluation import evaluate
 from common.models import build_model, init_parameters
@@ -182,7 +182,7 @@ class Worker:
         inner = InnerConfig(steps=run.inner_steps, lr=run.inner_lr, vectorize=self.config.vectorize)
         update = self.algorithm.client_step(self.model, params, batch.to(self.device), self.loss_fn, inner)
         compute_s = time.perf_counter() - start
-        finite = all(bool(torch.isfinite(t).all()) for t in update.tensors.values())
+        finite = all(math.isfinite(abs_max(t)) for t in update.tensors.values())
         if not finite or not all(math.isfinite(v) for v in update.metrics.values()):
             raise ClientError(f"round {round_index}: the client step produced non-finite values (query loss "
                               f"{update.metrics.get('loss_post')}); the inner loop diverged: lower --inner-lr "

@@ -99,6 +99,8 @@ class EncodedTensorSet:
 
     header: TensorSetHeader
     payload: memoryview
+    # True when Reassembler.finish() already checked the digest, so decode() need not hash again.
+    verified: bool = False
 
 
 def _check_host() -> None:
@@ -183,7 +185,7 @@ def encode(tensors: Mapping[str, torch.Tensor], *, encoding: str = "float32") ->
         t = t.detach()
         if DTYPES[dtype] != t.dtype:
             converted = t.to(DTYPES[dtype])
-            if dtype == "float16" and not bool(torch.isfinite(converted).all()) and bool(torch.isfinite(t).all()):
+            if dtype == "float16" and torch.finfo(torch.float16).max < abs_max(t) < math.inf:
                 raise TensorSetError(f"tensor {name!r} has values beyond float16's range (65504): "
                                      "use the bfloat16 or float32 encoding")
             t = converted
@@ -246,7 +248,7 @@ def decode(
     header = encoded.header
     if len(encoded.payload) != header.total_bytes:
         raise TensorSetError(f"payload has {len(encoded.payload)} bytes; the header says {header.total_bytes}")
-    if digest(header.specs, encoded.payload) != header.sha256:
+    if not encoded.verified and digest(header.specs, encoded.payload) != header.sha256:
         raise TensorSetError("SHA-256 digest mismatch: the payload was corrupted or the header does not match it")
     if expected is not None:
         check_specs(header.specs, expected)
@@ -310,7 +312,7 @@ class Reassembler:
             )
         if self._hash.digest() != self.header.sha256:
             raise TensorSetError("SHA-256 digest mismatch: the payload was corrupted or the header does not match it")
-        return EncodedTensorSet(self.header, self._view)
+        return EncodedTensorSet(self.header, self._view, verified=True)
 
 
 def header_to_proto(header: TensorSetHeader) -> tensor_pb.TensorSetHeader:

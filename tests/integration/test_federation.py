@@ -79,7 +79,7 @@ def test_reduced_precision_encoding_and_many_chunks(processes, tmp_path: Path, e
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds_completed"] == 4
     assert summary["config"]["encoding"] == encoding
-    # Half-precision parameters on the wire: each round sends about 2 bytes per parameter per client.
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    per_round = (records[-1]["bytes_received"] - records[0]["bytes_received"]) / (len(records) - 1)
-    assert 2 * 1761 * 2 <= per_round < 2 * 1761 * 4, per_round
+    # Half precision on the wire: 4 rounds x 2 clients x 1761 parameters x 2 bytes of updates,
+    # plus headers and polls, stays below what the float32 payloads alone would be.
+    received = summary["bytes_received"]
+    assert 4 * 2 * 1761 * 2 <= received < 4 * 2 * 1761 * 4, received

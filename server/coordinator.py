@@ -519,6 +519,7 @@ class Coordinator:
             self._save_checkpoint()
         record = {
             "round": rnd.index,
+            "seed": self.run.seed,
             "meta_loss": metrics.get("loss_post"),
             "loss_pre": metrics.get("loss_pre"),
             "clients_sampled": len(rnd.answered | rnd.sampled | rnd.dropped),

@@ -30,7 +30,7 @@ def test_three_clients_run_each_algorithm(processes, tmp_path: Path, algorithm: 
     assert summary["bytes_sent"] > 0 and summary["bytes_received"] > 0
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == list(range(5))
-    assert all(r["clients_answered"] == 3 for r in records)
+    assert all(r["clients_answered"] == 3 and r["seed"] == 0 for r in records)
     assert len({r["version"] for r in records}) == 5
     assert (run_dir / "model" / "model.safetensors").exists()
     assert json.loads((run_dir / "model" / "model.json").read_text())["algorithm"] == algorithm

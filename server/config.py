@@ -6,7 +6,7 @@ import argparse
 import math
 import time
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -224,11 +224,7 @@ def describe(config: ServerConfig) -> dict[str, Any]:
     for f in fields(config):
         value = getattr(config, f.name)
         if f.name == "run":
-            out.update({k: getattr(value, k) for k in ("algorithm", "task", "shots", "queries", "tasks_per_client",
-                                                        "inner_steps", "inner_lr", "seed", "encoding", "chunk_bytes",
-                                                        "eval_shots", "eval_queries", "eval_steps",
-                                                        "eval_tasks_per_client", "poll_timeout_s")})
-            out["model"] = {"name": value.model.name, "kwargs": value.model.kwargs}
+            out.update({k: v for k, v in asdict(value).items() if k != "run_id"})  # model -> {name, kwargs}
         else:
             out[f.name] = str(value) if isinstance(value, Path) else value
     return out

@@ -28,6 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-vmap", action="store_true", help="loop over tasks instead of batching them with torch.func.vmap")
     parser.add_argument("--give-up-s", type=float, default=300.0,
                         help="seconds to keep retrying an unreachable coordinator before exiting 1 (default: 300)")
+    parser.add_argument("--tls-ca", metavar="PEM", help="CA certificate to verify the coordinator with; enables TLS")
+    parser.add_argument("--tls-cert", metavar="PEM", help="this client's certificate, for mutual TLS (CN/SAN = --client-id)")
+    parser.add_argument("--tls-key", metavar="PEM", help="this client's private key, for mutual TLS")
+    parser.add_argument("--tls-server-name", metavar="NAME",
+                        help="name to expect in the coordinator's certificate when it differs from the --server host")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="log verbosity (default: info)")
     return parser
@@ -61,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
             threads=args.threads,
             vectorize=not args.no_vmap,
             retry=RetryPolicy(give_up_s=args.give_up_s),
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_server_name=args.tls_server_name,
         )
         worker = Worker(config)
     except ValueError as exc:

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import torch
@@ -50,11 +51,38 @@ class ClientConfig:
     threads: int = 0
     vectorize: bool = True
     retry: RetryPolicy = RetryPolicy()
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_server_name: str | None = None
 
     def __post_init__(self) -> None:
         check_client_id(self.client_id)
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"--device: expected cpu or cuda[:N], got {self.device!r}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key: give both or neither")
+        if self.tls_cert is not None and self.tls_ca is None:
+            raise ValueError("--tls-cert: needs --tls-ca, the CA that signed the coordinator's certificate")
+        for name in ("tls_ca", "tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"--{name.replace('_', '-')}: no such file: {path}")
+
+    def channel(self) -> grpc.Channel:
+        """A channel to the coordinator: TLS when --tls-ca is given, mutual TLS with --tls-cert/--tls-key."""
+        options: list[tuple[str, int | str]] = [
+            ("grpc.max_receive_message_length", 4 << 20), ("grpc.max_send_message_length", 4 << 20)]
+        if self.tls_ca is None:
+            return grpc.insecure_channel(self.server, options=options)
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=Path(self.tls_ca).read_bytes(),
+            private_key=Path(self.tls_key).read_bytes() if self.tls_key else None,
+            certificate_chain=Path(self.tls_cert).read_bytes() if self.tls_cert else None,
+        )
+        if self.tls_server_name:
+            options.append(("grpc.ssl_target_name_override", self.tls_server_name))
+        return grpc.secure_channel(self.server, credentials, options=options)
 
 
 class ClientError(RuntimeError):
@@ -75,10 +103,7 @@ class Worker:
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is visible to this process")
-        self.channel = grpc.insecure_channel(
-            config.server,
-            options=[("grpc.max_receive_message_length", 4 << 20), ("grpc.max_send_message_length", 4 << 20)],
-        )
+        self.channel = config.channel()
         self.stub = pb_grpc.CoordinatorStub(self.channel)
         self.run: RunConfig | None = None
         self._cached_version = ""

@@ -62,6 +62,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_workers", int, 64, "gRPC worker threads (each waiting client holds one)", minimum=4),
     Option("run_dir", str, None, "run directory (default: runs/<algorithm>-<task>-<time>); an existing one resumes"),
     Option("local_clients", int, 0, "also start this many client processes on 127.0.0.1", minimum=0),
+    Option("tls_cert", str, None, "server certificate chain (PEM file); with --tls-key, serves TLS"),
+    Option("tls_key", str, None, "server private key (PEM file)"),
+    Option("tls_ca", str, None, "CA certificate (PEM file) that client certificates must chain to"),
+    Option("require_client_cert", bool, False,
+           "mutual TLS: a client must present a certificate whose CN or DNS SAN is its client id"),
+    Option("insecure", bool, False, "allow a non-loopback --host without TLS (plaintext on the network)"),
 )
 _BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -84,6 +90,15 @@ class ServerConfig:
     max_workers: int
     run_dir: Path
     local_clients: int
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    require_client_cert: bool = False
+    insecure: bool = False
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
 
 def check_value(option: Option, value: Any) -> Any:
@@ -95,7 +110,7 @@ def check_value(option: Option, value: Any) -> Any:
     expected = option.type
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if not isinstance(value, expected) or isinstance(value, bool):
+    if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
         raise ValueError(f"{option.flag}: expected {expected.__name__}, got {value!r}")
     if option.choices is not None and value not in option.choices:
         raise ValueError(f"{option.flag}: expected one of {', '.join(option.choices)}; got {value!r}")
@@ -134,6 +149,9 @@ def load_toml(path: Path) -> dict[str, Any]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, metavar="FILE", help="TOML file of settings (keys as below, with _); flags override it")
     for o in OPTIONS:
+        if o.type is bool:
+            parser.add_argument(o.flag, action="store_true", default=None, help=o.help)
+            continue
         default = "" if o.default is None else f" (default: {o.default})"
         parser.add_argument(
             o.flag,
@@ -159,7 +177,9 @@ def resolve(args: argparse.Namespace) -> ServerConfig:
         values.update(load_toml(args.config))
     for o in OPTIONS:
         text = getattr(args, o.name)
-        if text is not None:
+        if text is True:
+            values[o.name] = True
+        elif text is not None:
             values[o.name] = _parse_flag(o, text)
     return build(values)
 
@@ -200,7 +220,13 @@ def build(values: dict[str, Any]) -> ServerConfig:
     outer_lr = algorithm.default_outer_lr if v["outer_lr"] is None else v["outer_lr"]
     if outer_lr <= 0:
         raise ValueError(f"--outer-lr: expected a positive number, got {outer_lr!r}")
+    _check_transport(v)
     return ServerConfig(
+        tls_cert=v["tls_cert"],
+        tls_key=v["tls_key"],
+        tls_ca=v["tls_ca"],
+        require_client_cert=v["require_client_cert"],
+        insecure=v["insecure"],
         run=run,
         rounds=v["rounds"],
         clients_per_round=clients_per_round,
@@ -216,6 +242,34 @@ def build(values: dict[str, Any]) -> ServerConfig:
         run_dir=run_dir,
         local_clients=v["local_clients"],
     )
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK or host.startswith("127.")
+
+
+def _check_transport(v: dict[str, Any]) -> None:
+    """TLS settings must be complete and readable; plaintext beyond loopback must be asked for."""
+    if (v["tls_cert"] is None) != (v["tls_key"] is None):
+        raise ValueError("--tls-cert and --tls-key: give both or neither")
+    for name in ("tls_cert", "tls_key", "tls_ca"):
+        if v[name] is not None and not Path(v[name]).is_file():
+            raise ValueError(f"--{name.replace('_', '-')}: no such file: {v[name]}")
+    if v["tls_ca"] is not None and v["tls_cert"] is None:
+        raise ValueError("--tls-ca: needs --tls-cert and --tls-key (the server must serve TLS to check client certificates)")
+    if v["require_client_cert"] and v["tls_ca"] is None:
+        raise ValueError("--require-client-cert: needs --tls-ca, the CA that client certificates must chain to")
+    if v["require_client_cert"] and v["local_clients"]:
+        raise ValueError("--require-client-cert: --local-clients have no certificates; start clients with "
+                         "fedmeta-client --tls-cert/--tls-key instead")
+    if v["tls_cert"] is not None and v["local_clients"] and v["tls_ca"] is None:
+        raise ValueError("--local-clients with TLS: give --tls-ca too, so the local clients can verify the server")
+    if v["tls_cert"] is None and not v["insecure"] and not is_loopback(v["host"]):
+        raise ValueError(f"--host {v['host']}: serving beyond loopback without TLS exposes every update; "
+                         "pass --tls-cert and --tls-key (see fedmeta-certs), or --insecure to accept plaintext")
 
 
 def describe(config: ServerConfig) -> dict[str, Any]:

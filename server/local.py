@@ -18,7 +18,7 @@ def local_client_id(index: int) -> str:
     return f"local-{index}"
 
 
-def spawn(count: int, port: int, logs_dir: Path) -> list[subprocess.Popen[bytes]]:
+def spawn(count: int, port: int, logs_dir: Path, *, tls_ca: str | None = None) -> list[subprocess.Popen[bytes]]:
     """Start count clients with data seeds 0..count-1; each logs to logs_dir/client-local-<i>.log."""
     logs_dir.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // count)
@@ -27,6 +27,8 @@ def spawn(count: int, port: int, logs_dir: Path) -> list[subprocess.Popen[bytes]
         client_id = local_client_id(i)
         cmd = [sys.executable, "-m", "client", "--server", f"127.0.0.1:{port}", "--client-id", client_id,
                "--data-seed", str(i), "--threads", str(threads)]
+        if tls_ca is not None:
+            cmd += ["--tls-ca", tls_ca]
         with open(logs_dir / f"client-{client_id}.log", "ab") as log:
             procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
     return procs

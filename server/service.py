@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from pathlib import Path
 from collections.abc import Iterator
 from concurrent import futures
 from typing import NoReturn
@@ -29,7 +30,7 @@ from common.codec import (
 from common.config import check_client_id
 from common.proto import pb, pb_grpc, tensor_pb
 from common.wire import run_config_to_proto
-from server.config import ServerConfig
+from server.config import ServerConfig, is_loopback
 from server.coordinator import Action, Coordinator, Rejected, UpdateMeta
 
 log = logging.getLogger("fedmeta.service")
@@ -56,11 +57,11 @@ def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -
     raise AssertionError("unreachable")  # context.abort raises
 
 
-def _client_id(context: grpc.ServicerContext, client_id: str) -> str:
-    try:
-        return check_client_id(client_id)
-    except ValueError as exc:
-        _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"client_id: {exc}")
+def certificate_names(context: grpc.ServicerContext) -> list[str]:
+    """The CN and SANs of the peer's verified client certificate (empty without mutual TLS)."""
+    auth = context.auth_context()
+    raw = auth.get("x509_common_name", []) + auth.get("x509_subject_alternative_name", [])
+    return [n.decode(errors="replace") for n in raw]
 
 
 def check_magnitude(tensors: dict[str, torch.Tensor], weight: float) -> None:
@@ -82,9 +83,24 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     def __init__(self, coordinator: Coordinator) -> None:
         self.coordinator = coordinator
         self.run = coordinator.run
+        self.require_client_cert = coordinator.config.require_client_cert
+
+    def _client_id(self, context: grpc.ServicerContext, client_id: str) -> str:
+        """A well-formed client id that, under mutual TLS, the peer's certificate names."""
+        try:
+            check_client_id(client_id)
+        except ValueError as exc:
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"client_id: {exc}")
+        if self.require_client_cert:
+            names = certificate_names(context)
+            if client_id not in names:
+                _abort(context, grpc.StatusCode.PERMISSION_DENIED,
+                       f"client id {client_id!r} does not match the client certificate (it names {names}); "
+                       "use the id the certificate was issued for")
+        return client_id
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
-        client_id = _client_id(context, request.client_id)
+        client_id = self._client_id(context, request.client_id)
         if request.protocol_version != PROTOCOL_VERSION:
             _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
                    f"protocol version {request.protocol_version} is not supported; this coordinator speaks "
@@ -100,7 +116,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     def WaitForAssignment(
         self, request: pb.WaitForAssignmentRequest, context: grpc.ServicerContext
     ) -> pb.WaitForAssignmentResponse:
-        client_id = _client_id(context, request.client_id)
+        client_id = self._client_id(context, request.client_id)
         timeout = self.run.poll_timeout_s
         remaining = context.time_remaining()
         if remaining is not None:
@@ -124,7 +140,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     def FetchParameters(
         self, request: pb.FetchParametersRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.FetchParametersResponse]:
-        client_id = _client_id(context, request.client_id)
+        client_id = self._client_id(context, request.client_id)
         try:
             self.coordinator.check_run(request.run_id)
             encoded: EncodedTensorSet = self.coordinator.acquire_parameters(client_id, request.parameter_version)
@@ -206,7 +222,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.SubmitUpdateResponse(accepted=True, duplicate=duplicate)
 
     def _meta(self, header: pb.UpdateHeader, context: grpc.ServicerContext) -> UpdateMeta:
-        client_id = _client_id(context, header.client_id)
+        client_id = self._client_id(context, header.client_id)
         if header.kind not in _KINDS:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
                            f"update kind {header.kind} is not one of META_GRADIENT, PARAMETER_DELTA, EVALUATION")
@@ -230,7 +246,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             pass
 
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveResponse:
-        client_id = _client_id(context, request.client_id)
+        client_id = self._client_id(context, request.client_id)
         try:
             self.coordinator.check_run(request.run_id)
             self.coordinator.leave(client_id)
@@ -259,7 +275,18 @@ def create_server(config: ServerConfig, coordinator: Coordinator) -> tuple[grpc.
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
     address = f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"
-    port = server.add_insecure_port(address)
+    if config.tls_cert is not None and config.tls_key is not None:
+        credentials = grpc.ssl_server_credentials(
+            [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())],
+            root_certificates=Path(config.tls_ca).read_bytes() if config.tls_ca else None,
+            require_client_auth=config.require_client_cert,
+        )
+        port = server.add_secure_port(address, credentials)
+    else:
+        if not is_loopback(config.host):
+            log.warning("SERVING PLAINTEXT ON %s (--insecure): anyone on the network can read and forge "
+                        "updates and parameters; use --tls-cert/--tls-key", address)
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind {address}: is the port in use? pass --port 0 to pick a free one")
     return server, port

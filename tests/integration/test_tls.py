@@ -1,0 +1,89 @@
+"""Transport security with real processes: TLS, mutual TLS with client ids bound to certificates."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from common.proto import pb, pb_grpc
+
+pytestmark = pytest.mark.integration
+
+FAST = ["--tasks-per-client", "4", "--eval-tasks-per-client", "5", "--eval-queries", "20"]
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("certs")
+    done = subprocess.run([sys.executable, "-m", "server.certs", "--out", str(out), "--clients", "alice,bob"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert (out / "client-alice.pem").exists() and oct((out / "client-alice-key.pem").stat().st_mode)[-3:] == "600"
+    return out
+
+
+def _mtls_flags(certs: Path) -> list[str]:
+    return ["--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server-key.pem"),
+            "--tls-ca", str(certs / "ca.pem"), "--require-client-cert"]
+
+
+def _client_flags(certs: Path, who: str) -> list[str]:
+    return ["--tls-ca", str(certs / "ca.pem"), "--tls-cert", str(certs / f"client-{who}.pem"),
+            "--tls-key", str(certs / f"client-{who}-key.pem")]
+
+
+def test_mutual_tls_run_completes(processes, tmp_path: Path, certs: Path) -> None:
+    run_dir = tmp_path / "run"
+    server = processes.server(run_dir, "--rounds", "3", "--clients-per-round", "2", *_mtls_flags(certs), *FAST)
+    clients = [processes.client(server.port, who, i, *_client_flags(certs, who)) for i, who in enumerate(["alice", "bob"])]
+    assert server.wait(120) == 0, server.output()
+    for c in clients:
+        assert c.wait(30) == 0, c.output()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds_completed"] == 3 and summary["clients_seen"] == 2
+
+
+def test_identity_must_match_certificate_and_plaintext_is_refused(inprocess_server, certs: Path) -> None:
+    s = inprocess_server(tls_cert=str(certs / "server.pem"), tls_key=str(certs / "server-key.pem"),
+                         tls_ca=str(certs / "ca.pem"), require_client_cert=True)
+
+    def channel(who: str) -> grpc.Channel:
+        creds = grpc.ssl_channel_credentials((certs / "ca.pem").read_bytes(),
+                                             (certs / f"client-{who}-key.pem").read_bytes(),
+                                             (certs / f"client-{who}.pem").read_bytes())
+        return grpc.secure_channel(f"127.0.0.1:{s.port}", creds)
+
+    with channel("bob") as ch:
+        stub = pb_grpc.CoordinatorStub(ch)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Join(pb.JoinRequest(client_id="alice", protocol_version=1), timeout=10)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "does not match the client certificate" in info.value.details()
+        reply = stub.Join(pb.JoinRequest(client_id="bob", protocol_version=1), timeout=10)
+        assert reply.config.run_id == s.coordinator.run.run_id
+    # The in-process fixture's own channel is plaintext: a TLS server never answers it.
+    with pytest.raises(grpc.RpcError) as info:
+        s.stub.Join(pb.JoinRequest(client_id="alice", protocol_version=1), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "alice" not in s.coordinator._clients
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--host", "0.0.0.0"], "--host 0.0.0.0: serving beyond loopback without TLS"),
+        (["--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.pem"], "--tls-cert: no such file"),
+        (["--require-client-cert"], "--require-client-cert: needs --tls-ca"),
+    ],
+)
+def test_unsafe_or_incomplete_transport_settings_are_refused(tmp_path: Path, flags: list[str], message: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "server", "--run-dir", str(tmp_path / "run"), *flags],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+    assert not (tmp_path / "run").exists()

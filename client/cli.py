@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-key", metavar="PEM", help="this client's private key, for mutual TLS")
     parser.add_argument("--tls-server-name", metavar="NAME",
                         help="name to expect in the coordinator's certificate when it differs from the --server host")
+    parser.add_argument("--token-file", metavar="FILE", help="file holding this client's token (from fedmeta-tokens)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="log verbosity (default: info)")
     return parser
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             tls_server_name=args.tls_server_name,
+            token_file=args.token_file,
         )
         worker = Worker(config)
     except ValueError as exc:

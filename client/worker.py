@@ -29,6 +29,7 @@ from common.models import build_model, init_parameters
 from common.proto import pb, pb_grpc, tensor_pb
 from common.tasks import STREAM_EVAL, STREAM_TRAIN, loss_for, sample_batch, task_seed
 from common.wire import run_config_from_proto
+from common import CLIENT_ID_METADATA as CLIENT_ID_KEY
 
 log = logging.getLogger("fedmeta.client")
 _KIND = {UpdateKind.META_GRADIENT: pb.UPDATE_KIND_META_GRADIENT, UpdateKind.PARAMETER_DELTA: pb.UPDATE_KIND_PARAMETER_DELTA}
@@ -55,6 +56,7 @@ class ClientConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_server_name: str | None = None
+    token_file: str | None = None
 
     def __post_init__(self) -> None:
         check_client_id(self.client_id)
@@ -64,7 +66,7 @@ class ClientConfig:
             raise ValueError("--tls-cert and --tls-key: give both or neither")
         if self.tls_cert is not None and self.tls_ca is None:
             raise ValueError("--tls-cert: needs --tls-ca, the CA that signed the coordinator's certificate")
-        for name in ("tls_ca", "tls_cert", "tls_key"):
+        for name in ("tls_ca", "tls_cert", "tls_key", "token_file"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"--{name.replace('_', '-')}: no such file: {path}")
@@ -105,6 +107,12 @@ class Worker:
             raise ValueError("--device cuda: no CUDA device is visible to this process")
         self.channel = config.channel()
         self.stub = pb_grpc.CoordinatorStub(self.channel)
+        self.metadata: tuple[tuple[str, str], ...] = ((CLIENT_ID_KEY, config.client_id),)
+        if config.token_file is not None:
+            token = Path(config.token_file).read_text().strip()
+            if not token:
+                raise ValueError(f"--token-file: {config.token_file} is empty")
+            self.metadata += (("authorization", f"Bearer {token}"),)
         self.run: RunConfig | None = None
         self._cached_version = ""
         self._params: dict[str, torch.Tensor] = {}
@@ -122,7 +130,7 @@ class Worker:
             num_tasks=0,
             encodings=[tensor_pb.ENCODING_FLOAT32, tensor_pb.ENCODING_FLOAT16, tensor_pb.ENCODING_BFLOAT16],
         )
-        response = self._retry(lambda: self.stub.Join(request, timeout=_RPC_TIMEOUT_S), "Join")
+        response = self._retry(lambda: self.stub.Join(request, timeout=_RPC_TIMEOUT_S, metadata=self.metadata), "Join")
         run = run_config_from_proto(response.config)
         if self.run is None or self.run.run_id != run.run_id:
             self.model = build_model(run.model).to(self.device)
@@ -158,7 +166,7 @@ class Worker:
         request = pb.FetchParametersRequest(run_id=self.run.run_id, client_id=self.config.client_id, parameter_version=version)
 
         def fetch() -> dict[str, torch.Tensor]:
-            stream: Iterator[pb.FetchParametersResponse] = self.stub.FetchParameters(request, timeout=_RPC_TIMEOUT_S)
+            stream: Iterator[pb.FetchParametersResponse] = self.stub.FetchParameters(request, timeout=_RPC_TIMEOUT_S, metadata=self.metadata)
             first = next(stream)
             if not first.HasField("header"):
                 raise TensorSetError("FetchParameters did not start with a header")
@@ -186,13 +194,13 @@ class Worker:
                     yield pb.SubmitUpdateRequest(chunk=tensor_pb.TensorChunk(offset=offset, data=data))
             yield pb.SubmitUpdateRequest(end=pb.UpdateEnd())
 
-        return self._retry(lambda: self.stub.SubmitUpdate(messages(), timeout=_RPC_TIMEOUT_S), "SubmitUpdate")
+        return self._retry(lambda: self.stub.SubmitUpdate(messages(), timeout=_RPC_TIMEOUT_S, metadata=self.metadata), "SubmitUpdate")
 
     def leave(self) -> None:
         if self.run is None:
             return
         try:
-            self.stub.Leave(pb.LeaveRequest(run_id=self.run.run_id, client_id=self.config.client_id), timeout=2.0)
+            self.stub.Leave(pb.LeaveRequest(run_id=self.run.run_id, client_id=self.config.client_id), timeout=2.0, metadata=self.metadata)
         except grpc.RpcError:
             pass
 
@@ -254,7 +262,7 @@ class Worker:
             )
             try:
                 a = self._retry(
-                    lambda: self.stub.WaitForAssignment(request, timeout=run.poll_timeout_s + 10.0), "WaitForAssignment"
+                    lambda: self.stub.WaitForAssignment(request, timeout=run.poll_timeout_s + 10.0, metadata=self.metadata), "WaitForAssignment"
                 )
                 if a.action == pb.ACTION_FINISHED:
                     log.info("the run is finished after %d rounds trained here; leaving", self.rounds_trained)

@@ -67,6 +67,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("tls_ca", str, None, "CA certificate (PEM file) that client certificates must chain to"),
     Option("require_client_cert", bool, False,
            "mutual TLS: a client must present a certificate whose CN or DNS SAN is its client id"),
+    Option("tokens_file", str, None, "per-client tokens (salted hashes, see fedmeta-tokens): every call must carry one"),
     Option("insecure", bool, False, "allow a non-loopback --host without TLS (plaintext on the network)"),
 )
 _BY_NAME = {o.name: o for o in OPTIONS}
@@ -93,6 +94,7 @@ class ServerConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
+    tokens_file: str | None = None
     require_client_cert: bool = False
     insecure: bool = False
 
@@ -225,6 +227,7 @@ def build(values: dict[str, Any]) -> ServerConfig:
         tls_cert=v["tls_cert"],
         tls_key=v["tls_key"],
         tls_ca=v["tls_ca"],
+        tokens_file=v["tokens_file"],
         require_client_cert=v["require_client_cert"],
         insecure=v["insecure"],
         run=run,
@@ -265,6 +268,13 @@ def _check_transport(v: dict[str, Any]) -> None:
     if v["require_client_cert"] and v["local_clients"]:
         raise ValueError("--require-client-cert: --local-clients have no certificates; start clients with "
                          "fedmeta-client --tls-cert/--tls-key instead")
+    if v["tokens_file"] is not None:
+        from server.auth import parse_tokens_file
+
+        parse_tokens_file(Path(v["tokens_file"]))
+        if v["local_clients"]:
+            raise ValueError("--tokens-file: --local-clients have no tokens; start clients with "
+                             "fedmeta-client --token-file instead")
     if v["tls_cert"] is not None and v["local_clients"] and v["tls_ca"] is None:
         raise ValueError("--local-clients with TLS: give --tls-ca too, so the local clients can verify the server")
     if v["tls_cert"] is None and not v["insecure"] and not is_loopback(v["host"]):

@@ -30,6 +30,7 @@ from common.codec import (
 from common.config import check_client_id
 from common.proto import pb, pb_grpc, tensor_pb
 from common.wire import run_config_to_proto
+from server.auth import CLIENT_ID_KEY, TokenInterceptor, TokenStore
 from server.config import ServerConfig, is_loopback
 from server.coordinator import Action, Coordinator, Rejected, UpdateMeta
 
@@ -84,6 +85,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.coordinator = coordinator
         self.run = coordinator.run
         self.require_client_cert = coordinator.config.require_client_cert
+        self.tokens = coordinator.config.tokens_file is not None
 
     def _client_id(self, context: grpc.ServicerContext, client_id: str) -> str:
         """A well-formed client id that, under mutual TLS, the peer's certificate names."""
@@ -91,6 +93,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             check_client_id(client_id)
         except ValueError as exc:
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"client_id: {exc}")
+        if self.tokens:
+            authenticated = dict(context.invocation_metadata()).get(CLIENT_ID_KEY)
+            if client_id != authenticated:
+                _abort(context, grpc.StatusCode.PERMISSION_DENIED,
+                       f"client id {client_id!r} is not the id the token was checked for ({authenticated!r})")
         if self.require_client_cert:
             names = certificate_names(context)
             if client_id not in names:
@@ -258,8 +265,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 def create_server(config: ServerConfig, coordinator: Coordinator) -> tuple[grpc.Server, int]:
     """A started-but-not-serving gRPC server bound to config.host:config.port; returns (server, port)."""
     max_message = config.run.chunk_bytes + _MESSAGE_OVERHEAD
+    interceptors = [TokenInterceptor(TokenStore(Path(config.tokens_file)))] if config.tokens_file else []
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="fedmeta-rpc"),
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", max_message),
             ("grpc.max_send_message_length", max_message),

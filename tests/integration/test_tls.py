@@ -87,3 +87,70 @@ def test_unsafe_or_incomplete_transport_settings_are_refused(tmp_path: Path, fla
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture
+def tokens(tmp_path: Path) -> Path:
+    done = subprocess.run([sys.executable, "-m", "server.auth", "--clients", "alice,bob",
+                           "--tokens-file", str(tmp_path / "tokens.txt"), "--out", str(tmp_path / "tokens")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    token = (tmp_path / "tokens" / "token-alice.txt").read_text().strip()
+    assert token not in (tmp_path / "tokens.txt").read_text()  # only salted hashes on the server
+    return tmp_path
+
+
+def test_token_run_completes_and_tokens_never_reach_the_log(processes, tmp_path: Path, tokens: Path) -> None:
+    run_dir = tmp_path / "run"
+    server = processes.server(run_dir, "--rounds", "3", "--clients-per-round", "2",
+                              "--tokens-file", str(tokens / "tokens.txt"), *FAST)
+    clients = [processes.client(server.port, who, i, "--token-file", str(tokens / "tokens" / f"token-{who}.txt"))
+               for i, who in enumerate(["alice", "bob"])]
+    assert server.wait(120) == 0, server.output()
+    for c in clients:
+        assert c.wait(30) == 0, c.output()
+    for who in ("alice", "bob"):
+        token = (tokens / "tokens" / f"token-{who}.txt").read_text().strip()
+        logs = server.output() + "".join(c.output() for c in clients) + (run_dir / "config.json").read_text()
+        assert token not in logs
+
+
+def test_missing_wrong_and_revoked_tokens_are_unauthenticated(inprocess_server, tokens: Path) -> None:
+    tokens_file = tokens / "tokens.txt"
+    s = inprocess_server(tokens_file=str(tokens_file))
+    alice = (tokens / "tokens" / "token-alice.txt").read_text().strip()
+    join = pb.JoinRequest(client_id="alice", protocol_version=1)
+
+    def call(metadata: tuple[tuple[str, str], ...], request: pb.JoinRequest = join) -> pb.JoinResponse:
+        return s.stub.Join(request, timeout=10, metadata=metadata)
+
+    for metadata in [(), (("fedmeta-client-id", "alice"), ("authorization", "Bearer " + "0" * 64)),
+                     (("fedmeta-client-id", "bob"), ("authorization", f"Bearer {alice}")),
+                     (("fedmeta-client-id", "mallory"), ("authorization", f"Bearer {alice}"))]:
+        with pytest.raises(grpc.RpcError) as info:
+            call(metadata)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, metadata
+        assert alice not in info.value.details()
+    good = (("fedmeta-client-id", "alice"), ("authorization", f"Bearer {alice}"))
+    assert call(good).config.run_id == s.coordinator.run.run_id
+    # A valid token for alice cannot act as bob.
+    with pytest.raises(grpc.RpcError) as info:
+        call(good, pb.JoinRequest(client_id="bob", protocol_version=1))
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # Revocation: drop alice's line; her next call is refused.
+    lines = [line for line in tokens_file.read_text().splitlines() if not line.startswith("alice ")]
+    tokens_file.write_text("\n".join(lines) + "\n")
+    import os
+    os.utime(tokens_file, (1, 1))  # a distinct mtime even within the same clock tick
+    with pytest.raises(grpc.RpcError) as info:
+        call(good)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_malformed_tokens_file_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "tokens.txt"
+    bad.write_text("alice nothex 00\n")
+    done = subprocess.run([sys.executable, "-m", "server", "--run-dir", str(tmp_path / "run"), "--tokens-file", str(bad)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "--tokens-file" in done.stderr and "line 1" in done.stderr

@@ -1,0 +1,166 @@
+"""Per-client tokens: a server interceptor checks every Coordinator call.
+
+The server's --tokens-file holds one line per client, `CLIENT_ID SALT_HEX SHA256_HEX`, the
+SHA-256 of salt || token; tokens are 32 random bytes (hex), so a fast salted hash suffices
+and no plaintext token is stored. Clients send `authorization: Bearer TOKEN` and
+`fedmeta-client-id: ID` as call metadata. The file is re-read when it changes, so deleting
+a line revokes that client at its next call. Tokens never appear in logs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from common import CLIENT_ID_METADATA
+from common.cli import OneLineErrorParser
+from common.config import check_client_id
+
+log = logging.getLogger("fedmeta.auth")
+CLIENT_ID_KEY = CLIENT_ID_METADATA
+PROTECTED_PREFIX = "/fedmeta.v1.Coordinator/"
+
+
+def hash_token(token: str, salt: bytes) -> bytes:
+    return hashlib.sha256(salt + token.encode()).digest()
+
+
+def parse_tokens_file(path: Path) -> dict[str, tuple[bytes, bytes]]:
+    """{client_id: (salt, digest)}; ValueError naming the line for anything malformed."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ValueError(f"--tokens-file: cannot read {path}: {exc.strerror}") from None
+    entries: dict[str, tuple[bytes, bytes]] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = line.split()
+        try:
+            if len(parts) != 3:
+                raise ValueError("expected CLIENT_ID SALT_HEX SHA256_HEX")
+            client_id = check_client_id(parts[0])
+            salt, digest = bytes.fromhex(parts[1]), bytes.fromhex(parts[2])
+            if len(digest) != 32 or not salt:
+                raise ValueError("the salt must be non-empty and the digest 32 bytes")
+        except ValueError as exc:
+            raise ValueError(f"--tokens-file: {path} line {number}: {exc}") from None
+        entries[client_id] = (salt, digest)
+    return entries
+
+
+class TokenStore:
+    """The tokens file, re-read when its modification time changes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._mtime = -1.0
+        self._entries: dict[str, tuple[bytes, bytes]] = {}
+        self._reload()
+
+    def _reload(self) -> None:
+        mtime = os.stat(self.path).st_mtime
+        if mtime != self._mtime:
+            self._entries = parse_tokens_file(self.path)
+            self._mtime = mtime
+            log.info("loaded %d client tokens from %s", len(self._entries), self.path)
+
+    def check(self, client_id: str, token: str) -> bool:
+        with self._lock:
+            try:
+                self._reload()
+            except (OSError, ValueError) as exc:  # keep the last good file; say why
+                log.error("tokens file not reloaded: %s", exc)
+            entry = self._entries.get(client_id)
+        if entry is None:
+            hmac.compare_digest(b"\0" * 32, hash_token(token, b"\0"))  # same work for unknown ids
+            return False
+        salt, digest = entry
+        return hmac.compare_digest(digest, hash_token(token, salt))
+
+
+class TokenInterceptor(grpc.ServerInterceptor):
+    """Refuses Coordinator calls without a valid token with UNAUTHENTICATED (health and reflection stay open)."""
+
+    def __init__(self, store: TokenStore) -> None:
+        self.store = store
+
+    def intercept_service(self, continuation: Callable[[Any], Any], handler_call_details: Any) -> Any:
+        if not handler_call_details.method.startswith(PROTECTED_PREFIX):
+            return continuation(handler_call_details)
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        client_id = metadata.get(CLIENT_ID_KEY, "")
+        auth = metadata.get("authorization", "")
+        token = auth[len("Bearer "):] if auth.startswith("Bearer ") else ""
+        if client_id and token and self.store.check(client_id, token):
+            return continuation(handler_call_details)
+        reason = "no token" if not token else "an unknown client or a wrong or revoked token"
+        return _deny(continuation(handler_call_details), f"UNAUTHENTICATED: {reason} for client {client_id!r}; "
+                     "pass --token-file with the token issued for this --client-id")
+
+
+def _deny(handler: Any, message: str) -> Any:
+    def abort(request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    if handler is None:
+        return None
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(abort)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(abort)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(abort)
+    return grpc.unary_unary_rpc_method_handler(abort)
+
+
+def issue_tokens(clients: list[str], tokens_file: Path, out_dir: Path) -> list[Path]:
+    """Append a salted hash per client to tokens_file and write out_dir/token-<id>.txt (mode 600)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines, written = [], []
+    for client_id in clients:
+        check_client_id(client_id)
+        token, salt = secrets.token_hex(32), secrets.token_bytes(16)
+        lines.append(f"{client_id} {salt.hex()} {hash_token(token, salt).hex()}\n")
+        path = out_dir / f"token-{client_id}.txt"
+        path.write_text(token + "\n")
+        os.chmod(path, 0o600)
+        written.append(path)
+    with open(tokens_file, "a") as f:
+        f.writelines(lines)
+    return [tokens_file, *written]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineErrorParser(prog="fedmeta-tokens",
+                                description="Issue per-client tokens: salted hashes for the server, one token file per client.")
+    parser.add_argument("--clients", required=True, help="comma-separated client ids")
+    parser.add_argument("--tokens-file", type=Path, required=True, help="server file of salted hashes (appended to)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the clients' token-<id>.txt files")
+    args = parser.parse_args(argv)
+    clients = [c.strip() for c in args.clients.split(",") if c.strip()]
+    if not clients:
+        parser.error("--clients: expected at least one client id")
+    for c in clients:
+        try:
+            check_client_id(c)
+        except ValueError as exc:
+            parser.error(f"--clients: {c!r}: {exc}")
+    for path in issue_tokens(clients, args.tokens_file, args.out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

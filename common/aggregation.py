@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import torch
 
@@ -83,3 +84,93 @@ def weighted_mean(updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequen
         raise ValueError(f"expected as many weights as updates (>= 1), got {len(updates)} and {len(weights)}")
     total = sum(weights)
     return {k: sum(w * u[k] for u, w in zip(updates, weights)) / total for k in updates[0]}  # type: ignore[misc]
+
+
+class Aggregator(Protocol):
+    """A round's aggregation strategy: updates are added as they arrive, then taken once."""
+
+    count: int
+
+    def add(self, tensors: Mapping[str, torch.Tensor], weight: float) -> None: ...
+
+    def take_mean(self) -> torch.Tensor: ...
+
+
+def update_norm(tensors: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm of a whole update: sqrt(sum over tensors of ||t||^2)."""
+    return math.sqrt(sum(float(torch.linalg.vector_norm(t.float())) ** 2 for t in tensors.values()))
+
+
+def coordinate_median(stacked: torch.Tensor) -> torch.Tensor:
+    """Coordinate-wise median of [clients, d] (Yin et al. 2018); for an even count, the mean of the middle two."""
+    n = stacked.shape[0]
+    ordered = stacked.sort(dim=0).values
+    if n % 2:
+        return ordered[n // 2].clone()
+    return (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
+def trimmed_mean(stacked: torch.Tensor, trim: float) -> torch.Tensor:
+    """Coordinate-wise mean after dropping the floor(trim * n) largest and smallest values (Yin et al. 2018)."""
+    n = stacked.shape[0]
+    k = int(trim * n)
+    if 2 * k >= n:
+        raise ValueError(f"trimmed mean: trimming {k} of {n} updates from each side leaves none")
+    return stacked.sort(dim=0).values[k : n - k].mean(dim=0)
+
+
+class BufferedAggregator:
+    """Median or trimmed mean: keeps every update of the round (memory O(clients x model)); weights are ignored."""
+
+    def __init__(self, layout: FlatLayout, kind: str, *, trim: float = 0.2) -> None:
+        if kind not in ("median", "trimmed-mean"):
+            raise ValueError(f"aggregator: expected median or trimmed-mean, got {kind!r}")
+        self.layout = layout
+        self.kind = kind
+        self.trim = trim
+        self.rows: list[torch.Tensor] = []
+        self.count = 0
+
+    def add(self, tensors: Mapping[str, torch.Tensor], weight: float) -> None:
+        if not (weight > 0 and math.isfinite(weight)):
+            raise ValueError(f"weight: expected a positive finite number, got {weight!r}")
+        self.rows.append(self.layout.flatten(tensors))
+        self.count += 1
+
+    def take_mean(self) -> torch.Tensor:
+        if not self.rows:
+            raise ValueError("no update to aggregate")
+        stacked = torch.stack(self.rows)
+        self.rows = []
+        self.count = 0
+        return coordinate_median(stacked) if self.kind == "median" else trimmed_mean(stacked, self.trim)
+
+
+class ClippedMean(WeightedMean):
+    """Weighted mean of updates each scaled to L2 norm <= max_norm (streaming, O(model))."""
+
+    def __init__(self, layout: FlatLayout, max_norm: float) -> None:
+        super().__init__(layout)
+        if not (max_norm > 0 and math.isfinite(max_norm)):
+            raise ValueError(f"--max-update-norm: expected a positive number for clipped-mean, got {max_norm!r}")
+        self.max_norm = max_norm
+
+    def add(self, tensors: Mapping[str, torch.Tensor], weight: float) -> None:
+        norm = update_norm(tensors)
+        scale = min(1.0, self.max_norm / norm) if norm > 0 else 1.0
+        if scale < 1.0:
+            tensors = {k: v * scale for k, v in tensors.items()}
+        super().add(tensors, weight)
+
+
+AGGREGATORS = ("mean", "median", "trimmed-mean", "clipped-mean")
+
+
+def make_aggregator(kind: str, layout: FlatLayout, *, max_norm: float | None = None, trim: float = 0.2) -> Aggregator:
+    if kind == "mean":
+        return WeightedMean(layout)
+    if kind == "clipped-mean":
+        if max_norm is None:
+            raise ValueError("--aggregator clipped-mean: needs --max-update-norm")
+        return ClippedMean(layout, max_norm)
+    return BufferedAggregator(layout, kind, trim=trim)

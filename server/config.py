@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from common.aggregation import AGGREGATORS
 from common.algorithms import ALGORITHMS, get_algorithm
 from common.codec import DEFAULT_CHUNK_BYTES, ENCODINGS
 from common.config import RunConfig
@@ -54,6 +55,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("encoding", str, "float32", "transport encoding of floating-point tensors", choices=ENCODINGS),
     Option("chunk_bytes", int, DEFAULT_CHUNK_BYTES, "payload bytes per stream chunk", minimum=1024, maximum=3 << 20),
     Option("poll_timeout_s", float, 10.0, "seconds the server holds a WaitForAssignment long-poll", minimum=0.05, maximum=600),
+    Option("aggregator", str, "mean",
+           "how a round's updates combine: mean and clipped-mean stream in O(model) memory; median and "
+           "trimmed-mean keep every update of the round (memory: clients x model) and ignore weights",
+           choices=AGGREGATORS),
+    Option("max_update_norm", float, None,
+           "L2 bound on an update: clipped-mean scales larger ones down to it, the other aggregators refuse them",
+           minimum=0.0),
+    Option("trim_fraction", float, 0.2, "trimmed-mean: fraction of updates dropped at each end, per coordinate",
+           minimum=0.0, maximum=0.49),
     Option("max_update_bytes", int, 1 << 31, "largest update payload accepted, in bytes", minimum=1),
     Option("max_concurrent_uploads", int, 2, "updates buffered at once (peak memory: this many model copies)", minimum=1),
     Option("checkpoint_every", int, 1, "write a checkpoint every this many rounds", minimum=1),
@@ -85,12 +95,15 @@ class ServerConfig:
     outer_lr: float
     max_update_bytes: int
     max_concurrent_uploads: int
+    aggregator: str
     checkpoint_every: int
     host: str
     port: int
     max_workers: int
     run_dir: Path
     local_clients: int
+    max_update_norm: float | None = None
+    trim_fraction: float = 0.2
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
@@ -223,7 +236,12 @@ def build(values: dict[str, Any]) -> ServerConfig:
     if outer_lr <= 0:
         raise ValueError(f"--outer-lr: expected a positive number, got {outer_lr!r}")
     _check_transport(v)
+    if v["aggregator"] == "clipped-mean" and not v["max_update_norm"]:
+        raise ValueError("--aggregator clipped-mean: needs a positive --max-update-norm to clip to")
     return ServerConfig(
+        aggregator=v["aggregator"],
+        max_update_norm=v["max_update_norm"],
+        trim_fraction=v["trim_fraction"],
         tls_cert=v["tls_cert"],
         tls_key=v["tls_key"],
         tls_ca=v["tls_ca"],

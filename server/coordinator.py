@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 import torch
 
-from common.aggregation import FlatLayout, WeightedMean
+from common.aggregation import Aggregator, FlatLayout, make_aggregator
 from common.algorithms import OuterConfig, UpdateKind, get_algorithm
 from common.codec import EncodedTensorSet, TensorSetHeader, TensorSpec, abs_max, check_specs, encode
 from common.config import RunConfig
@@ -86,7 +86,7 @@ class Round:
     started: float
     deadline: float
     version: str
-    accumulator: WeightedMean | None
+    accumulator: Aggregator | None
     answered: set[str] = field(default_factory=set)
     dropped: set[str] = field(default_factory=set)
     metric_sums: dict[str, float] = field(default_factory=dict)
@@ -461,7 +461,8 @@ class Coordinator:
         else:
             rng = random.Random(f"{self.run.seed}:{self.next_round}:0")
             sampled = set(rng.sample(live, min(target, len(live))))
-            accumulator = WeightedMean(self.layout)
+            accumulator = make_aggregator(self.config.aggregator, self.layout,
+                                          max_norm=self.config.max_update_norm, trim=self.config.trim_fraction)
         self._round = Round(self.next_round, evaluation, sampled, now, now + self.config.round_deadline_s,
                             self.version, accumulator)
         if len(sampled) < target and not evaluation:

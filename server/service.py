@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from common import PROTOCOL_VERSION
+from common.aggregation import update_norm
 from common.algorithms import UpdateKind
 from common.codec import (
     EncodedTensorSet,
@@ -205,6 +206,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                        "the update stream ended without its end message; the update is not counted")
                     tensors = decode(assembler.finish())
                     check_magnitude(tensors, meta.weight)
+                    self._check_norm(tensors)
                     duplicate = self.coordinator.accept(meta, tensors)
                 finally:
                     assembler = tensors = None  # free the buffer before another upload may take the slot
@@ -227,6 +229,16 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         finally:
             self.coordinator.count_bytes(received=received)
         return pb.SubmitUpdateResponse(accepted=True, duplicate=duplicate)
+
+    def _check_norm(self, tensors: dict[str, torch.Tensor]) -> None:
+        """--max-update-norm refuses large updates (clipped-mean scales them down instead)."""
+        config = self.coordinator.config
+        if config.max_update_norm is None or config.aggregator == "clipped-mean":
+            return
+        norm = update_norm(tensors)
+        if norm > config.max_update_norm:
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"update norm {norm:.4g} is over --max-update-norm {config.max_update_norm:g}")
 
     def _meta(self, header: pb.UpdateHeader, context: grpc.ServicerContext) -> UpdateMeta:
         client_id = self._client_id(context, header.client_id)

@@ -123,3 +123,26 @@ def test_diverging_run_stops_with_a_clear_error(tmp_path: Path) -> None:
     assert last.startswith("fedmeta-server: error: every local client exited")
     assert "inner loop diverged" in last
     assert not (run_dir / "metrics.jsonl").exists()  # no round was closed with bad updates
+
+
+def test_paused_client_is_dropped_then_carries_on(processes, tmp_path: Path) -> None:
+    """SIGSTOP a client past its lease: rounds close without it; after SIGCONT it takes part again."""
+    run_dir = tmp_path / "run"
+    server = processes.server(run_dir, "--rounds", "600", "--clients-per-round", "3", "--min-clients", "2",
+                              "--round-deadline-s", "1", "--algorithm", "fomaml", *FAST)
+    clients = [processes.client(server.port, f"c{i}", i) for i in range(3)]
+    wait_for(lambda: len(_rounds(run_dir)) >= 3, timeout_s=60, what="three rounds")
+    clients[0].proc.send_signal(signal.SIGSTOP)
+    paused_at = len(_rounds(run_dir))
+    # The lease is 2 x poll timeout (1 s) + 5 s: after it, rounds close with the two live clients.
+    wait_for(lambda: sum(r["clients_answered"] == 2 for r in _rounds(run_dir)[paused_at:]) >= 5,
+             timeout_s=60, what="rounds closed without the paused client")
+    clients[0].proc.send_signal(signal.SIGCONT)
+    resumed_at = len(_rounds(run_dir))
+    wait_for(lambda: any(r["clients_answered"] == 3 for r in _rounds(run_dir)[resumed_at:]),
+             timeout_s=60, what="the resumed client to take part again")
+    assert server.wait(180) == 0, server.output()
+    for c in clients:
+        assert c.wait(30) == 0, c.output()
+    rounds = [r["round"] for r in _rounds(run_dir)]
+    assert rounds == list(range(600))

@@ -23,6 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--client-id", required=True, help="this client's id: 1-64 characters from [A-Za-z0-9._-]")
     parser.add_argument("--data-seed", type=int, default=None,
                         help="seed of this client's local task stream (default: derived from --client-id)")
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="this data holder's local data (needed by --task omniglot on the coordinator)")
+    parser.add_argument("--shard", type=int, default=None,
+                        help="this client's share of a partitioned data set, taken mod the run's --shards "
+                             "(default: the number the client id ends with, else the data seed)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default (default: 0)")
     parser.add_argument("--no-vmap", action="store_true", help="loop over tasks instead of batching them with torch.func.vmap")
@@ -72,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             tls_key=args.tls_key,
             tls_server_name=args.tls_server_name,
             token_file=args.token_file,
+            data_dir=args.data_dir,
+            shard=args.shard,
         )
         worker = Worker(config)
     except ValueError as exc:

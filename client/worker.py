@@ -27,7 +27,7 @@ from common.config import RunConfig, check_client_id
 from common.evaluation import evaluate
 from common.models import build_model, init_parameters
 from common.proto import pb, pb_grpc, tensor_pb
-from common.tasks import STREAM_EVAL, STREAM_TRAIN, loss_for, sample_batch, task_seed
+from common.tasks import STREAM_EVAL, STREAM_TRAIN, default_shard, is_classification, loss_for, make_tasks, task_seed
 from common.wire import run_config_from_proto
 from common import CLIENT_ID_METADATA as CLIENT_ID_KEY
 
@@ -57,9 +57,15 @@ class ClientConfig:
     tls_key: str | None = None
     tls_server_name: str | None = None
     token_file: str | None = None
+    data_dir: str | None = None
+    shard: int | None = None
 
     def __post_init__(self) -> None:
         check_client_id(self.client_id)
+        if self.shard is not None and self.shard < 0:
+            raise ValueError(f"--shard: expected an integer >= 0, got {self.shard}")
+        if self.data_dir is not None and not Path(self.data_dir).is_dir():
+            raise ValueError(f"--data-dir: no such directory: {self.data_dir}")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"--device: expected cpu or cuda[:N], got {self.device!r}")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -137,6 +143,12 @@ class Worker:
             self.specs = specs_of(init_parameters(run.model, 0))
             self.algorithm = get_algorithm(run.algorithm)
             self.loss_fn = loss_for(run.task)
+            shard = self.config.shard if self.config.shard is not None else default_shard(
+                self.config.client_id, self.config.data_seed)
+            try:
+                self.tasks = make_tasks(run, data_seed=self.config.data_seed, shard=shard, data_dir=self.config.data_dir)
+            except ValueError as exc:
+                raise ClientError(str(exc)) from None
             self._cached_version = ""
         self.run = run
         log.info("client %s joined run %s (%s on %s)", self.config.client_id, run.run_id, run.algorithm, run.task)
@@ -210,7 +222,7 @@ class Worker:
         assert run is not None
         params = self._fetch(version)
         seed = task_seed(run.seed, self.config.data_seed, STREAM_TRAIN, round_index)
-        batch = sample_batch(run.task, num_tasks=run.tasks_per_client, shots=run.shots, queries=run.queries, seed=seed)
+        batch = self.tasks.sample("train", num_tasks=run.tasks_per_client, shots=run.shots, queries=run.queries, seed=seed)
         start = time.perf_counter()
         inner = InnerConfig(steps=run.inner_steps, lr=run.inner_lr, vectorize=self.config.vectorize)
         update = self.algorithm.client_step(self.model, params, batch.to(self.device), self.loss_fn, inner)
@@ -237,17 +249,19 @@ class Worker:
         assert run is not None
         params = self._fetch(version)
         seed = task_seed(run.seed, self.config.data_seed, STREAM_EVAL, 0)
-        batch = sample_batch(run.task, num_tasks=run.eval_tasks_per_client, shots=run.eval_shots,
-                             queries=run.eval_queries, seed=seed)
+        batch = self.tasks.sample("eval", num_tasks=run.eval_tasks_per_client, shots=run.eval_shots,
+                                  queries=run.eval_queries, seed=seed)
         metrics = evaluate(self.algorithm, self.model, params, batch.to(self.device), self.loss_fn,
-                           steps=run.eval_steps, lr=run.inner_lr, vectorize=self.config.vectorize)
+                           steps=run.eval_steps, lr=run.inner_lr, vectorize=self.config.vectorize,
+                           classification=is_classification(run.task))
         header = pb.UpdateHeader(
             run_id=run.run_id, round=round_index, client_id=self.config.client_id, base_version=version,
             kind=pb.UPDATE_KIND_EVALUATION, weight=float(batch.num_tasks), metrics=metrics,
         )
         self._submit(header, None)
-        log.info("evaluation on %d held-out tasks: loss %.3f before, %.3f after %d steps",
-                 batch.num_tasks, metrics["loss_pre"], metrics["loss_post"], run.eval_steps)
+        what = "accuracy" if is_classification(run.task) else "loss"
+        log.info("evaluation on %d held-out tasks: %s %.3f before, %.3f after %d steps", batch.num_tasks, what,
+                 metrics[f"{what}_pre"], metrics[f"{what}_post"], run.eval_steps)
 
     def run_forever(self) -> int:
         """The worker loop. Returns the process exit code."""

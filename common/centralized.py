@@ -17,7 +17,7 @@ from common.algorithms import InnerConfig, OuterConfig, get_algorithm
 from common.config import RunConfig
 from common.evaluation import evaluate
 from common.models import build_model, init_parameters
-from common.tasks import STREAM_EVAL, STREAM_TRAIN, loss_for, sample_batch, task_seed
+from common.tasks import STREAM_EVAL, STREAM_TRAIN, is_classification, loss_for, make_tasks, task_seed
 
 
 def train(
@@ -29,8 +29,12 @@ def train(
     theta: dict[str, torch.Tensor] | None = None,
     vectorize: bool = True,
     on_round: Callable[[int, dict[str, float]], None] | None = None,
+    data_dir: str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Run `rounds` (default run.rounds) centralised meta-steps; return the meta-parameters."""
+    """Run `rounds` (default run.rounds) centralised meta-steps; return the meta-parameters.
+
+    Each data seed stands for one client (its shard is the data seed, as for local clients).
+    """
     algorithm = get_algorithm(run.algorithm)
     model = build_model(run.model)
     loss_fn = loss_for(run.task)
@@ -40,12 +44,14 @@ def train(
     total_rounds = run.rounds if rounds is None else rounds
     outer = algorithm.make_outer(OuterConfig(lr=outer_lr, rounds=run.rounds))
     inner = InnerConfig(steps=run.inner_steps, lr=run.inner_lr, vectorize=vectorize)
+    families = {s: make_tasks(run, data_seed=s, shard=s, data_dir=data_dir) for s in data_seeds}
     for r in range(total_rounds):
         acc = WeightedMean(layout)
         losses = []
         for data_seed in data_seeds:
             seed = task_seed(run.seed, data_seed, STREAM_TRAIN, r)
-            batch = sample_batch(run.task, num_tasks=run.tasks_per_client, shots=run.shots, queries=run.queries, seed=seed)
+            batch = families[data_seed].sample("train", num_tasks=run.tasks_per_client, shots=run.shots,
+                                               queries=run.queries, seed=seed)
             update = algorithm.client_step(model, layout.views(flat), batch, loss_fn, inner)
             acc.add(update.tensors, update.weight)
             losses.append(update.metrics["loss_post"])
@@ -56,17 +62,20 @@ def train(
 
 
 def evaluate_held_out(
-    run: RunConfig, params: dict[str, torch.Tensor], *, data_seeds: Sequence[int], vectorize: bool = True
+    run: RunConfig, params: dict[str, torch.Tensor], *, data_seeds: Sequence[int], vectorize: bool = True,
+    data_dir: str | None = None,
 ) -> dict[str, float]:
     """The federation's final evaluation (each data seed's held-out tasks), in one process."""
     algorithm = get_algorithm(run.algorithm)
     model = build_model(run.model)
     loss_fn = loss_for(run.task)
-    totals = {"loss_pre": 0.0, "loss_post": 0.0}
+    totals: dict[str, float] = {}
     for data_seed in data_seeds:
-        batch = sample_batch(run.task, num_tasks=run.eval_tasks_per_client, shots=run.eval_shots,
+        tasks = make_tasks(run, data_seed=data_seed, shard=data_seed, data_dir=data_dir)
+        batch = tasks.sample("eval", num_tasks=run.eval_tasks_per_client, shots=run.eval_shots,
                              queries=run.eval_queries, seed=task_seed(run.seed, data_seed, STREAM_EVAL, 0))
-        m = evaluate(algorithm, model, params, batch, loss_fn, steps=run.eval_steps, lr=run.inner_lr, vectorize=vectorize)
-        for k in totals:
-            totals[k] += m[k] / len(data_seeds)
+        m = evaluate(algorithm, model, params, batch, loss_fn, steps=run.eval_steps, lr=run.inner_lr,
+                     vectorize=vectorize, classification=is_classification(run.task))
+        for k, v in m.items():
+            totals[k] = totals.get(k, 0.0) + v / len(data_seeds)
     return totals

@@ -39,10 +39,15 @@ class RunConfig:
     poll_timeout_s: float = 10.0
     rounds: int = 1500
     eval_queries: int = 100
+    ways: int = 5
+    dim: int = 16
+    partition: str = "alphabet"
+    shards: int = 4
+    rotations: bool = True
 
     def __post_init__(self) -> None:
         from common.algorithms import ALGORITHMS
-        from common.tasks import TASKS
+        from common.tasks import PARTITIONS, TASKS, is_classification
 
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"--algorithm: expected one of {sorted(ALGORITHMS)}, got {self.algorithm!r}")
@@ -50,12 +55,17 @@ class RunConfig:
             raise ValueError(f"--task: expected one of {sorted(TASKS)}, got {self.task!r}")
         if self.encoding not in ENCODINGS:
             raise ValueError(f"--encoding: expected one of {list(ENCODINGS)}, got {self.encoding!r}")
-        for name in ("shots", "queries", "tasks_per_client", "eval_shots", "eval_tasks_per_client", "rounds", "eval_queries"):
+        if self.partition not in PARTITIONS:
+            raise ValueError(f"--partition: expected one of {list(PARTITIONS)}, got {self.partition!r}")
+        for name in ("shots", "queries", "tasks_per_client", "eval_shots", "eval_tasks_per_client", "rounds",
+                     "eval_queries", "dim", "shards"):
             _positive_int(name, getattr(self, name))
         for name in ("inner_steps", "eval_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 0, got {value!r}")
+        if is_classification(self.task) and not (isinstance(self.ways, int) and 2 <= self.ways <= 1000):
+            raise ValueError(f"--ways: expected an integer from 2 to 1000, got {self.ways!r}")
         if not (self.inner_lr > 0 and self.inner_lr < float("inf")):
             raise ValueError(f"--inner-lr: expected a positive finite number, got {self.inner_lr!r}")
         if not (1024 <= self.chunk_bytes <= 3 << 20):

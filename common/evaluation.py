@@ -1,13 +1,39 @@
-"""Few-shot evaluation: adapt on each held-out task's support set, measure on its query set."""
+"""Few-shot evaluation: adapt on each held-out task's support set, measure on its query set.
+
+Metrics are means over the batch's tasks, plus means of squares (`*_sq`) so that a
+coordinator summing many clients' weighted means can still form a confidence interval
+over every task, and the adaptation curve (`curve_<step>`: the query metric after
+0, 1, ..., steps adaptation steps).
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from common.algorithms import Algorithm
-from common.algorithms.inner import Params, loss_at, map_tasks
+from common.algorithms.inner import Params, map_tasks
 from common.tasks import LossFn, TaskBatch
+
+Z95 = 1.959963984540054
+
+
+def adaptation_path(
+    algorithm: Algorithm, model: nn.Module, params: Params, xs: torch.Tensor, ys: torch.Tensor,
+    loss_fn: LossFn, *, steps: int, lr: float,
+) -> list[Params]:
+    """Parameters after 0, 1, ..., steps adaptation steps (one step at a time)."""
+    path_fn = getattr(algorithm, "adapt_path", None)
+    if path_fn is not None:
+        return list(path_fn(model, params, xs, ys, loss_fn, steps=steps, lr=lr))
+    path = [params]
+    for _ in range(steps):
+        path.append(algorithm.adapt(model, path[-1], xs, ys, loss_fn, steps=1, lr=lr))
+    return path
 
 
 def evaluate(
@@ -20,12 +46,65 @@ def evaluate(
     steps: int,
     lr: float,
     vectorize: bool = True,
+    classification: bool = False,
 ) -> dict[str, float]:
-    """Mean query loss before (theta) and after (algorithm.adapt(theta, support)) adaptation."""
+    """Query loss (and accuracy) before and after adaptation, their squares, and the curve.
+
+    "pre" is theta itself; "post" is theta after `steps` adaptation steps on the support set.
+    The curve follows the accuracy for classification and the loss for regression.
+    """
 
     def per_task(p: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor):
-        adapted = algorithm.adapt(model, p, xs, ys, loss_fn, steps=steps, lr=lr)
-        return loss_at(model, p, xq, yq, loss_fn), loss_at(model, adapted, xq, yq, loss_fn)
+        out = []
+        for q in adaptation_path(algorithm, model, p, xs, ys, loss_fn, steps=steps, lr=lr):
+            pred = functional_call(model, q, (xq,))
+            loss = loss_fn(pred, yq)
+            acc = (pred.argmax(-1) == yq).float().mean() if classification else torch.zeros(())
+            out.append(torch.stack([loss.detach(), acc]))
+        return torch.stack(out)  # [steps + 1, 2]
 
-    loss_pre, loss_post = map_tasks(per_task, params, batch, vectorize=vectorize)
-    return {"loss_pre": float(loss_pre.mean()), "loss_post": float(loss_post.mean())}
+    values = map_tasks(per_task, params, batch, vectorize=vectorize).detach().double()  # [tasks, steps + 1, 2]
+    loss, acc = values[..., 0], values[..., 1]
+    metrics = {
+        "loss_pre": float(loss[:, 0].mean()),
+        "loss_post": float(loss[:, -1].mean()),
+        "loss_pre_sq": float((loss[:, 0] ** 2).mean()),
+        "loss_post_sq": float((loss[:, -1] ** 2).mean()),
+    }
+    if classification:
+        metrics |= {
+            "accuracy_pre": float(acc[:, 0].mean()),
+            "accuracy_post": float(acc[:, -1].mean()),
+            "accuracy_pre_sq": float((acc[:, 0] ** 2).mean()),
+            "accuracy_post_sq": float((acc[:, -1] ** 2).mean()),
+        }
+    curve = acc if classification else loss
+    metrics |= {f"curve_{k}": float(curve[:, k].mean()) for k in range(curve.shape[1])}
+    return metrics
+
+
+def ci95(mean: float, mean_sq: float, n: float) -> float:
+    """Half-width of the normal 95% confidence interval of a mean over n tasks, from E[x] and E[x^2]."""
+    if n < 2:
+        return float("nan")
+    var = max(0.0, mean_sq - mean * mean) * n / (n - 1)
+    return Z95 * math.sqrt(var / n)
+
+
+def summarize(metrics: Mapping[str, float], tasks: float, *, classification: bool) -> dict[str, object]:
+    """The summary.json "eval" fields from task-weighted mean metrics over `tasks` held-out tasks."""
+    out: dict[str, object] = {
+        "loss_pre": metrics.get("loss_pre"),
+        "loss_post": metrics.get("loss_post"),
+    }
+    primary = "accuracy" if classification else "loss"
+    if f"{primary}_post" in metrics:
+        out["ci95"] = ci95(metrics[f"{primary}_post"], metrics.get(f"{primary}_post_sq", float("nan")), tasks)
+        out["ci95_pre"] = ci95(metrics[f"{primary}_pre"], metrics.get(f"{primary}_pre_sq", float("nan")), tasks)
+    if classification:
+        out["accuracy_pre"] = metrics.get("accuracy_pre")
+        out["accuracy_post"] = metrics.get("accuracy_post")
+    steps = sorted(int(k.split("_")[1]) for k in metrics if k.startswith("curve_") and k.split("_")[1].isdigit())
+    out["curve_metric"] = primary
+    out["curve"] = [metrics[f"curve_{k}"] for k in steps]
+    return out

@@ -42,10 +42,76 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.net(x.flatten(1) if x.dim() > 2 else x)
 
 
-ZOO: dict[str, type[nn.Module]] = {"mlp": MLP}
+class Conv4(nn.Module):
+    """The few-shot vision backbone of Vinyals et al. 2016 / Finn et al. 2017 with a linear head.
+
+    4 x [conv 3x3 (`hidden` filters, padding 1), batch norm, ReLU, max-pool 2x2], flatten,
+    linear to `ways` logits. Batch norm has learned scale and shift but no running
+    statistics: it always normalises with the statistics of the batch it sees
+    (transductive, as in MAML's reference code), so one task's support or query set is
+    normalised together. The head is `head.weight` and `head.bias` (ANIL adapts only it).
+    """
+
+    head_parameters = ("head.weight", "head.bias")
+    transductive_batch_norm = True
+
+    def __init__(self, in_channels: int = 1, ways: int = 5, hidden: int = 64, image_size: int = 28) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        channels, size = in_channels, image_size
+        for _ in range(4):
+            blocks += [
+                nn.Conv2d(channels, hidden, kernel_size=3, padding=1),
+                nn.BatchNorm2d(hidden, track_running_stats=False),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
+            channels, size = hidden, size // 2
+        if size < 1:
+            raise ValueError(f"image_size {image_size} is too small for 4 poolings")
+        self.features = nn.Sequential(*blocks)
+        self.head = nn.Linear(hidden * size * size, ways)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+ZOO: dict[str, type[nn.Module]] = {"conv4": Conv4, "mlp": MLP}
+
+
+def head_parameters(model: nn.Module) -> tuple[str, ...]:
+    """Names of the parameters that form the model's head: declared, else the last layer's."""
+    declared = getattr(model, "head_parameters", None)
+    if declared is not None:
+        return tuple(declared)
+    names = [name for name, _ in model.named_parameters()]
+    if not names:
+        return ()
+    prefix = names[-1].rpartition(".")[0]
+    return tuple(n for n in names if n.rpartition(".")[0] == prefix)
+
+
+def uses_batch_statistics(model: nn.Module) -> bool:
+    """Whether the model normalises with the statistics of each batch (transductive evaluation)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats for m in model.modules())
+
+
+def default_model(task: str, *, ways: int = 5, dim: int = 16, name: str | None = None) -> ModelSpec:
+    """The model a task family uses unless the user names another."""
+    name = name or {"sinusoid": "mlp", "gaussian": "mlp", "omniglot": "conv4"}.get(task, "mlp")
+    if name == "conv4":
+        return ModelSpec("conv4", {"in_channels": 1, "ways": ways, "hidden": 64, "image_size": 28})
+    if name == "mlp":
+        if task == "sinusoid":
+            return ModelSpec("mlp", {"in_features": 1, "hidden": [40, 40], "out_features": 1})
+        if task == "gaussian":
+            return ModelSpec("mlp", {"in_features": dim, "hidden": [64, 64], "out_features": ways})
+        if task == "omniglot":
+            return ModelSpec("mlp", {"in_features": 28 * 28, "hidden": [256, 128, 64], "out_features": ways})
+    raise ValueError(f"--model: expected one of {sorted(ZOO)}, got {name!r}")
 
 
 def build_model(spec: ModelSpec) -> nn.Module:

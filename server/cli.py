@@ -79,17 +79,27 @@ class Progress:
 def print_summary(summary: dict[str, Any], run_dir: str) -> None:
     ev = summary["eval"]
     mb = 1e6
+    ci = ev.get("ci95")
+    pm = f" ± {ci:.3f}" if isinstance(ci, float) and ci == ci else ""
+    setting = f"{ev['ways']}-way {ev['shots']}-shot" if "ways" in ev else f"{ev['shots']}-shot"
     lines = [
         "",
         f"fedmeta run {summary['run_id']} finished: {summary['algorithm']} on {summary['task']}, "
         f"{summary['rounds_completed']} rounds, {summary['clients_seen']} clients, {summary['wall_s']:.1f} s, "
         f"{summary['bytes_sent'] / mb:.1f} MB sent, {summary['bytes_received'] / mb:.1f} MB received",
-        f"Few-shot adaptation on {ev['tasks']} held-out tasks ({ev['shots']}-shot, {ev['steps']} steps, "
-        f"{ev['queries']} query points each):",
+        f"Few-shot adaptation on {ev['tasks']} held-out tasks ({setting}, {ev['steps']} steps, "
+        f"{ev['queries']} queries{' per class' if 'ways' in ev else ''}):",
         f"  {'metric':<12}{'before':>10}{'after':>10}",
-        f"  {'MSE' if summary['task'] == 'sinusoid' else 'loss':<12}{ev['loss_pre']:>10.3f}{ev['loss_post']:>10.3f}",
-        f"Run directory: {run_dir}  (summary.json, metrics.jsonl, model/, checkpoint/, logs/)",
     ]
+    if ev.get("accuracy_post") is not None:
+        lines.append(f"  {'accuracy':<12}{ev['accuracy_pre']:>10.3f}{ev['accuracy_post']:>10.3f}{pm}  (95% CI)")
+        lines.append(f"  {'loss':<12}{ev['loss_pre']:>10.3f}{ev['loss_post']:>10.3f}")
+    else:
+        name = "MSE" if summary["task"] == "sinusoid" else "loss"
+        lines.append(f"  {name:<12}{ev['loss_pre']:>10.3f}{ev['loss_post']:>10.3f}{pm}  (95% CI)")
+    if ev.get("transductive_bn"):
+        lines.append("  (batch norm uses each task's batch statistics: transductive evaluation)")
+    lines.append(f"Run directory: {run_dir}  (summary.json, metrics.jsonl, model/, checkpoint/, logs/)")
     print("\n".join(lines), flush=True)
 
 
@@ -114,7 +124,8 @@ def serve(config: ServerConfig, *, progress_bar: bool) -> int:
         with logging_redirect_tqdm():
             coordinator.start()
             if config.local_clients:
-                procs = local.spawn(config.local_clients, port, config.run_dir / "logs", tls_ca=config.tls_ca)
+                procs = local.spawn(config.local_clients, port, config.run_dir / "logs", tls_ca=config.tls_ca,
+                                    data_dir=config.data_dir)
                 log.info("started %d local client processes (logs in %s)", len(procs), config.run_dir / "logs")
             while not coordinator.finished.wait(0.5):
                 if procs and all(p.poll() is not None for p in procs):

@@ -14,7 +14,8 @@ from common.aggregation import AGGREGATORS
 from common.algorithms import ALGORITHMS, get_algorithm
 from common.codec import DEFAULT_CHUNK_BYTES, ENCODINGS
 from common.config import RunConfig
-from common.tasks import TASKS
+from common.models import ZOO, default_model
+from common.tasks import PARTITIONS, TASK_DEFAULTS, TASKS
 
 
 @dataclass(frozen=True)
@@ -36,19 +37,32 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("algorithm", str, "maml", "meta-learning algorithm", choices=tuple(sorted(ALGORITHMS))),
-    Option("task", str, "sinusoid", "task family", choices=tuple(sorted(TASKS))),
+    Option("task", str, "sinusoid", "task family: sinusoid regression, gaussian or omniglot classification",
+           choices=tuple(sorted(TASKS))),
+    Option("model", str, None, "model (default: mlp for sinusoid and gaussian, conv4 for omniglot)",
+           choices=tuple(sorted(ZOO))),
+    Option("ways", int, 5, "classes per classification task (N in N-way)", minimum=2, maximum=1000),
+    Option("dim", int, 16, "gaussian: input dimension", minimum=1, maximum=100000),
+    Option("partition", str, "alphabet",
+           "omniglot: how classes are split among clients (alphabet: whole alphabets, non-IID)", choices=PARTITIONS),
+    Option("shards", int, None, "shares the data set is split into (default: --local-clients, else 4)", minimum=1),
+    Option("no_rotations", bool, False, "omniglot: do not add 90/180/270-degree rotations as extra classes"),
+    Option("data_dir", str, None, "omniglot: data folder for --local-clients (clients take their own --data-dir)"),
     Option("rounds", int, 1500, "training rounds (outer steps)", minimum=1),
     Option("clients_per_round", int, None, "clients sampled per round (default: --local-clients, else 4)", minimum=1),
     Option("min_clients", int, 1, "answers needed to close a round at its deadline", minimum=1),
     Option("round_deadline_s", float, 30.0, "seconds a round waits for its sampled clients", minimum=0.05),
     Option("tasks_per_client", int, 10, "tasks each sampled client trains on per round (its meta-batch)", minimum=1),
     Option("shots", int, 5, "support examples per task (K in K-shot)", minimum=1),
-    Option("queries", int, 10, "query examples per task", minimum=1),
+    Option("queries", int, None, "query examples per task, per class for classification "
+           "(default: 10; 15 for omniglot)", minimum=1),
     Option("inner_steps", int, 1, "inner-loop SGD steps in training", minimum=0),
-    Option("inner_lr", float, 0.01, "inner-loop learning rate", minimum=0.0),
+    Option("inner_lr", float, None, "inner-loop learning rate (default: 0.01 for sinusoid, 0.4 for classification)",
+           minimum=0.0),
     Option("outer_lr", float, None, "outer learning rate (default: 3e-3 Adam for maml/fomaml, 1.0 annealed for reptile)", minimum=0.0),
     Option("eval_shots", int, 5, "support examples per held-out task in the final evaluation", minimum=1),
-    Option("eval_queries", int, 100, "query examples per held-out task in the final evaluation", minimum=1),
+    Option("eval_queries", int, None, "query examples per held-out task (per class) in the final evaluation "
+           "(default: 100 for sinusoid, 20 for gaussian, 15 for omniglot)", minimum=1),
     Option("eval_steps", int, 10, "adaptation steps in the final evaluation", minimum=0),
     Option("eval_tasks_per_client", int, 50, "held-out tasks each client adapts on in the final evaluation", minimum=1),
     Option("seed", int, 0, "run seed: model init, client sampling, task streams", minimum=0),
@@ -102,6 +116,7 @@ class ServerConfig:
     max_workers: int
     run_dir: Path
     local_clients: int
+    data_dir: str | None = None
     max_update_norm: float | None = None
     trim_fraction: float = 0.2
     tls_cert: str | None = None
@@ -207,6 +222,9 @@ def build(values: dict[str, Any]) -> ServerConfig:
             raise ValueError(f"unknown setting {name!r}")
         check_value(_BY_NAME[name], value)
     algorithm = get_algorithm(v["algorithm"])
+    for name, value in TASK_DEFAULTS[v["task"]].items():
+        if v[name] is None:
+            v[name] = value
     clients_per_round = v["clients_per_round"] or v["local_clients"] or 4
     if v["min_clients"] > clients_per_round:
         raise ValueError(f"--min-clients: expected at most --clients-per-round ({clients_per_round}), got {v['min_clients']}")
@@ -229,7 +247,18 @@ def build(values: dict[str, Any]) -> ServerConfig:
         eval_queries=v["eval_queries"],
         poll_timeout_s=v["poll_timeout_s"],
         rounds=v["rounds"],
+        model=default_model(v["task"], ways=v["ways"], dim=v["dim"], name=v["model"]),
+        ways=v["ways"],
+        dim=v["dim"],
+        partition=v["partition"],
+        shards=v["shards"] or v["local_clients"] or 4,
+        rotations=not v["no_rotations"],
     )
+    if v["data_dir"] is not None and not Path(v["data_dir"]).is_dir():
+        raise ValueError(f"--data-dir: no such directory: {v['data_dir']}")
+    if v["task"] == "omniglot" and v["local_clients"] and v["data_dir"] is None:
+        raise ValueError("--task omniglot: --local-clients need --data-dir, the folder holding the Omniglot "
+                         "archives (images_background*.zip, images_evaluation.zip) or their extracted trees")
     if v["inner_lr"] <= 0:
         raise ValueError(f"--inner-lr: expected a positive number, got {v['inner_lr']!r}")
     outer_lr = algorithm.default_outer_lr if v["outer_lr"] is None else v["outer_lr"]
@@ -262,6 +291,7 @@ def build(values: dict[str, Any]) -> ServerConfig:
         max_workers=v["max_workers"],
         run_dir=run_dir,
         local_clients=v["local_clients"],
+        data_dir=v["data_dir"],
     )
 
 

@@ -30,7 +30,9 @@ from common.aggregation import Aggregator, FlatLayout, make_aggregator
 from common.algorithms import OuterConfig, UpdateKind, get_algorithm
 from common.codec import EncodedTensorSet, TensorSetHeader, TensorSpec, abs_max, check_specs, encode
 from common.config import RunConfig
-from common.models import init_parameters
+from common.evaluation import summarize
+from common.models import build_model, init_parameters, uses_batch_statistics
+from common.tasks import is_classification
 from server import checkpoint
 from server.config import ServerConfig, describe
 from server.rundir import RunDir
@@ -41,6 +43,8 @@ log = logging.getLogger("fedmeta.coordinator")
 MAX_WEIGHT = 1e9
 # ...and a metric is at most this large in magnitude.
 MAX_METRIC = 1e30
+# ...and an update carries at most this many metrics (an evaluation's curve has eval_steps + 1).
+MAX_METRICS = 1024
 
 
 class Rejected(Exception):
@@ -92,6 +96,7 @@ class Round:
     metric_sums: dict[str, float] = field(default_factory=dict)
     metric_weight: float = 0.0
     attempts: int = 0
+    client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # evaluation rounds only
 
 
 @dataclass(frozen=True)
@@ -157,7 +162,7 @@ class Coordinator:
         stored = state.meta.get("config", {})
         current = describe(self.config)
         keys = ("algorithm", "task", "model", "seed", "rounds", "shots", "queries", "tasks_per_client",
-                "inner_steps", "inner_lr", "outer_lr")
+                "inner_steps", "inner_lr", "outer_lr", "ways", "dim", "partition", "shards", "rotations")
         differ = [k for k in keys if stored.get(k) != current.get(k)]
         if differ:
             pairs = ", ".join(f"{k}: checkpoint {stored.get(k)!r}, now {current.get(k)!r}" for k in differ)
@@ -341,6 +346,9 @@ class Coordinator:
         if not (0 < meta.weight <= MAX_WEIGHT):
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
                            f"weight: expected a number in (0, {MAX_WEIGHT:.0e}], got {meta.weight!r}")
+        if len(meta.metrics) > MAX_METRICS:
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"metrics: expected at most {MAX_METRICS} entries, got {len(meta.metrics)}")
         for name, value in meta.metrics.items():
             if not abs(value) <= MAX_METRIC:
                 raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
@@ -404,6 +412,8 @@ class Coordinator:
             for name, value in meta.metrics.items():
                 rnd.metric_sums[name] = rnd.metric_sums.get(name, 0.0) + meta.weight * value
             rnd.metric_weight += meta.weight
+            if rnd.evaluation:
+                rnd.client_metrics[meta.client_id] = {"tasks": meta.weight, **meta.metrics}
             rnd.answered.add(meta.client_id)
             self._accepted.setdefault(meta.round, set()).add(meta.client_id)
             self._cond.notify_all()
@@ -551,15 +561,7 @@ class Coordinator:
             "bytes_received": self.bytes_received,
             "parameter_version": self.version,
             "model": str(export),
-            "eval": {
-                "shots": self.run.eval_shots,
-                "steps": self.run.eval_steps,
-                "queries": self.run.eval_queries,
-                "tasks": int(round(rnd.metric_weight)),
-                "clients": len(rnd.answered),
-                "loss_pre": metrics.get("loss_pre"),
-                "loss_post": metrics.get("loss_post"),
-            },
+            "eval": self._eval_summary(rnd, metrics),
             "config": describe(self.config),
         }
         self.rundir.write_summary(self.summary)
@@ -570,8 +572,51 @@ class Coordinator:
         log.info("run finished: %d rounds, evaluation on %d held-out tasks", self.next_round,
                  self.summary["eval"]["tasks"])
 
+    def _eval_summary(self, rnd: Round, metrics: dict[str, float]) -> dict[str, Any]:
+        """summary.json's "eval": pooled metrics over every held-out task, and a report per client."""
+        classification = is_classification(self.run.task)
+        tasks = rnd.metric_weight
+        out: dict[str, Any] = {
+            "shots": self.run.eval_shots,
+            "steps": self.run.eval_steps,
+            "queries": self.run.eval_queries,
+            "tasks": int(round(tasks)),
+            "clients": len(rnd.answered),
+            "transductive_bn": uses_batch_statistics(build_model(self.run.model)),
+        }
+        if classification:
+            out["ways"] = self.run.ways
+        out |= summarize(metrics, tasks, classification=classification)
+        out["per_client"] = {cid: _client_report(m, classification=classification)
+                             for cid, m in sorted(rnd.client_metrics.items())}
+        return out
+
     def clients_pending_finish(self) -> int:
         """Live clients that have not yet been told the run is finished."""
         with self._cond:
             now = time.monotonic()
             return sum(1 for cid in self._live(now) if not self._clients[cid].told_finished)
+
+
+def _client_report(m: dict[str, float], *, classification: bool) -> dict[str, Any]:
+    """One held-out client's onboarding report: its metric before/after and how many steps it needed."""
+    tasks = m.get("tasks", 0.0)
+    report = {"tasks": int(round(tasks))} | summarize(m, tasks, classification=classification)
+    curve = report.get("curve")
+    curve = curve if isinstance(curve, list) else []
+    report["steps_to_90pct"] = steps_to_fraction(curve, 0.9, higher_is_better=classification)
+    return report
+
+
+def steps_to_fraction(curve: list[float], fraction: float, *, higher_is_better: bool) -> int | None:
+    """The first step whose gain over step 0 reaches `fraction` of the final gain (None without a gain)."""
+    if len(curve) < 2:
+        return None
+    sign = 1.0 if higher_is_better else -1.0
+    total = sign * (curve[-1] - curve[0])
+    if not total > 0:
+        return None
+    for step, value in enumerate(curve):
+        if sign * (value - curve[0]) >= fraction * total:
+            return step
+    return len(curve) - 1

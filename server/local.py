@@ -18,8 +18,10 @@ def local_client_id(index: int) -> str:
     return f"local-{index}"
 
 
-def spawn(count: int, port: int, logs_dir: Path, *, tls_ca: str | None = None) -> list[subprocess.Popen[bytes]]:
-    """Start count clients with data seeds 0..count-1; each logs to logs_dir/client-local-<i>.log."""
+def spawn(
+    count: int, port: int, logs_dir: Path, *, tls_ca: str | None = None, data_dir: str | None = None
+) -> list[subprocess.Popen[bytes]]:
+    """Start count clients with data seeds and shards 0..count-1; each logs to logs_dir/client-local-<i>.log."""
     logs_dir.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // count)
     procs = []
@@ -29,6 +31,8 @@ def spawn(count: int, port: int, logs_dir: Path, *, tls_ca: str | None = None) -
                "--data-seed", str(i), "--threads", str(threads)]
         if tls_ca is not None:
             cmd += ["--tls-ca", tls_ca]
+        if data_dir is not None:
+            cmd += ["--data-dir", str(Path(data_dir).resolve())]
         with open(logs_dir / f"client-{client_id}.log", "ab") as log:
             procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
     return procs

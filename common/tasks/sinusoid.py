@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import math
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from common.tasks import TaskBatch
 
 AMPLITUDE = (0.1, 5.0)
 PHASE = (0.0, math.pi)
@@ -16,17 +21,23 @@ X_RANGE = (-5.0, 5.0)
 
 
 class SinusoidTasks:
-    """Samples sinusoid tasks as stacked tensors of shape [tasks, examples, 1]."""
+    """Samples sinusoid tasks as stacked tensors of shape [tasks, examples, 1].
 
-    @staticmethod
-    def sample(
-        *, num_tasks: int, shots: int, queries: int, generator: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    Every task is new, so "train" and "eval" draw from the same distribution; the
+    seeds (STREAM_TRAIN vs STREAM_EVAL) keep them apart.
+    """
+
+    classification = False
+
+    def sample(self, split: str, *, num_tasks: int, shots: int, queries: int, seed: int) -> TaskBatch:
+        from common.tasks import TaskBatch
+
+        generator = torch.Generator().manual_seed(seed)
         amp = torch.empty(num_tasks, 1, 1).uniform_(*AMPLITUDE, generator=generator)
         phase = torch.empty(num_tasks, 1, 1).uniform_(*PHASE, generator=generator)
         x = torch.empty(num_tasks, shots + queries, 1).uniform_(*X_RANGE, generator=generator)
         y = amp * torch.sin(x - phase)
-        return x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:]
+        return TaskBatch(x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:])
 
     @staticmethod
     def curve(amp: float, phase: float, x: torch.Tensor) -> torch.Tensor:

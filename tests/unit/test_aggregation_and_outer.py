@@ -264,11 +264,12 @@ def test_evaluate_held_out_averages_each_clients_held_out_tasks() -> None:
     data_seeds = [2, 9]
     got = centralized.evaluate_held_out(run, params, data_seeds=data_seeds)
     model = build_model(run.model)
-    expected = {"loss_pre": 0.0, "loss_post": 0.0}
+    expected: dict[str, float] = {}
     for data_seed in data_seeds:
         batch = sample_batch("sinusoid", num_tasks=3, shots=4, queries=8, seed=task_seed(11, data_seed, STREAM_EVAL, 0))
         m = evaluate(get_algorithm("maml"), model, params, batch, loss_for("sinusoid"), steps=2, lr=run.inner_lr)
-        for k in expected:
-            expected[k] += m[k] / len(data_seeds)
+        for k in m:
+            expected[k] = expected.get(k, 0.0) + m[k] / len(data_seeds)
+    assert set(got) == {"loss_pre", "loss_post", "loss_pre_sq", "loss_post_sq", "curve_0", "curve_1", "curve_2"}
     assert got == pytest.approx(expected, rel=1e-6)
     assert got["loss_post"] != got["loss_pre"]  # adaptation ran (from a random init it may overfit 4 shots)

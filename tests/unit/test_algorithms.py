@@ -348,14 +348,20 @@ def test_evaluate_measures_query_loss_before_and_after_adapt(name: str, vectoriz
     metrics = evaluate(algorithm, model, params, batch, LOSS, steps=4, lr=0.05, vectorize=vectorize)
     ref = ReferenceMLP(params)
     pre, post = [], []
+    curve = [[] for _ in range(5)]
     for t in range(batch.num_tasks):
         with torch.no_grad():  # the nn.Module itself, holding theta
             pre.append(float(F.mse_loss(ref.module(batch.x_query[t]), batch.y_query[t])))
-        adapted = ref.sgd(ref.theta(), batch.x_support[t], batch.y_support[t], steps=4, lr=0.05, create_graph=False)
-        post.append(float(ref.loss(adapted, batch.x_query[t], batch.y_query[t]).detach()))
-    assert set(metrics) == {"loss_pre", "loss_post"}
+        for k in range(5):
+            adapted = ref.sgd(ref.theta(), batch.x_support[t], batch.y_support[t], steps=k, lr=0.05, create_graph=False)
+            curve[k].append(float(ref.loss(adapted, batch.x_query[t], batch.y_query[t]).detach()))
+        post.append(curve[4][-1])
+    assert set(metrics) == {"loss_pre", "loss_post", "loss_pre_sq", "loss_post_sq", *(f"curve_{k}" for k in range(5))}
     assert metrics["loss_pre"] == pytest.approx(sum(pre) / len(pre), rel=1e-9)
     assert metrics["loss_post"] == pytest.approx(sum(post) / len(post), rel=1e-9)
+    assert metrics["loss_post_sq"] == pytest.approx(sum(v * v for v in post) / len(post), rel=1e-9)
+    for k in range(5):
+        assert metrics[f"curve_{k}"] == pytest.approx(sum(curve[k]) / len(curve[k]), rel=1e-9)
     assert metrics["loss_post"] < metrics["loss_pre"]
 
 

@@ -59,7 +59,7 @@ def test_build_derived_defaults() -> None:
         ({"min_clients": 3, "clients_per_round": 2}, "--min-clients"),
         ({"clients_per_round": 0}, "--clients-per-round"),
         ({"algorithm": "sgd"}, "--algorithm"),
-        ({"task": "omniglot"}, "--task"),
+        ({"task": "imagenet"}, "--task"),
         ({"encoding": "int8"}, "--encoding"),
         ({"chunk_bytes": 1023}, "--chunk-bytes"),
         ({"chunk_bytes": (3 << 20) + 1}, "--chunk-bytes"),
@@ -275,7 +275,7 @@ def test_run_config_defaults_are_valid() -> None:
     ("field", "value", "flag"),
     [
         ("algorithm", "sgd", "--algorithm"),
-        ("task", "omniglot", "--task"),
+        ("task", "imagenet", "--task"),
         ("encoding", "int8", "--encoding"),
         ("shots", 0, "--shots"),
         ("queries", -1, "--queries"),
@@ -294,6 +294,9 @@ def test_run_config_defaults_are_valid() -> None:
         ("poll_timeout_s", 0.01, "--poll-timeout-s"),
         ("seed", -1, "--seed"),
         ("seed", 2**63, "--seed"),
+        ("partition", "random", "--partition"),
+        ("shards", 0, "--shards"),
+        ("dim", 0, "--dim"),
     ],
 )
 def test_run_config_validation(field: str, value: object, flag: str) -> None:
@@ -314,10 +317,11 @@ def test_check_client_id_rejects(client_id: str) -> None:
 
 
 NON_DEFAULT = dict(
-    run_id="run-42", algorithm="reptile", task="sinusoid",
+    run_id="run-42", algorithm="reptile", task="gaussian",
     model=ModelSpec("mlp", {"in_features": 1, "hidden": [8, 4], "out_features": 1}),
     shots=3, queries=11, tasks_per_client=6, inner_steps=0, inner_lr=0.125, seed=2**63 - 1, encoding="bfloat16",
     chunk_bytes=4096, eval_shots=2, eval_steps=0, eval_tasks_per_client=9, poll_timeout_s=0.75, rounds=33, eval_queries=17,
+    ways=7, dim=3, partition="characters", shards=9, rotations=False,
 )
 
 
@@ -325,7 +329,7 @@ def test_non_default_fixture_covers_every_field() -> None:
     defaults = RunConfig(run_id="r")
     assert {f.name for f in dataclasses.fields(RunConfig)} == set(NON_DEFAULT)
     same_as_default = [k for k, v in NON_DEFAULT.items() if getattr(defaults, k) == v]
-    assert same_as_default == ["task"]  # every field but task (one family so far) differs from its default
+    assert same_as_default == []
 
 
 @pytest.mark.parametrize("config", [RunConfig(run_id="r"), RunConfig(**NON_DEFAULT)], ids=["defaults", "non-default"])  # type: ignore[arg-type]

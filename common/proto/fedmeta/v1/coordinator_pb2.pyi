@@ -41,7 +41,7 @@ class ModelSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kwargs_json: _Optional[str] = ...) -> None: ...
 
 class RunConfig(_message.Message):
-    __slots__ = ("run_id", "algorithm", "task", "model", "shots", "queries", "tasks_per_client", "inner_steps", "inner_lr", "seed", "encoding", "chunk_bytes", "eval_shots", "eval_steps", "eval_tasks_per_client", "poll_timeout_s", "rounds", "eval_queries")
+    __slots__ = ("run_id", "algorithm", "task", "model", "shots", "queries", "tasks_per_client", "inner_steps", "inner_lr", "seed", "encoding", "chunk_bytes", "eval_shots", "eval_steps", "eval_tasks_per_client", "poll_timeout_s", "rounds", "eval_queries", "ways", "dim", "partition", "shards", "rotations")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,11 @@ class RunConfig(_message.Message):
     POLL_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     EVAL_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    WAYS_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    ROTATIONS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     algorithm: str
     task: str
@@ -78,7 +83,12 @@ class RunConfig(_message.Message):
     poll_timeout_s: float
     rounds: int
     eval_queries: int
-    def __init__(self, run_id: _Optional[str] = ..., algorithm: _Optional[str] = ..., task: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., shots: _Optional[int] = ..., queries: _Optional[int] = ..., tasks_per_client: _Optional[int] = ..., inner_steps: _Optional[int] = ..., inner_lr: _Optional[float] = ..., seed: _Optional[int] = ..., encoding: _Optional[_Union[_tensor_pb2.Encoding, str]] = ..., chunk_bytes: _Optional[int] = ..., eval_shots: _Optional[int] = ..., eval_steps: _Optional[int] = ..., eval_tasks_per_client: _Optional[int] = ..., poll_timeout_s: _Optional[float] = ..., rounds: _Optional[int] = ..., eval_queries: _Optional[int] = ...) -> None: ...
+    ways: int
+    dim: int
+    partition: str
+    shards: int
+    rotations: bool
+    def __init__(self, run_id: _Optional[str] = ..., algorithm: _Optional[str] = ..., task: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., shots: _Optional[int] = ..., queries: _Optional[int] = ..., tasks_per_client: _Optional[int] = ..., inner_steps: _Optional[int] = ..., inner_lr: _Optional[float] = ..., seed: _Optional[int] = ..., encoding: _Optional[_Union[_tensor_pb2.Encoding, str]] = ..., chunk_bytes: _Optional[int] = ..., eval_shots: _Optional[int] = ..., eval_steps: _Optional[int] = ..., eval_tasks_per_client: _Optional[int] = ..., poll_timeout_s: _Optional[float] = ..., rounds: _Optional[int] = ..., eval_queries: _Optional[int] = ..., ways: _Optional[int] = ..., dim: _Optional[int] = ..., partition: _Optional[str] = ..., shards: _Optional[int] = ..., rotations: _Optional[bool] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("client_id", "protocol_version", "device", "num_tasks", "encodings")

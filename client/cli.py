@@ -30,7 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: the number the client id ends with, else the data seed)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default (default: 0)")
-    parser.add_argument("--no-vmap", action="store_true", help="loop over tasks instead of batching them with torch.func.vmap")
+    vmap = parser.add_mutually_exclusive_group()
+    vmap.add_argument("--vmap", dest="vmap", action="store_true", default=None,
+                      help="batch a meta-batch's tasks with torch.func.vmap (default: when the model benefits: "
+                           "MLPs yes, conv4 no)")
+    vmap.add_argument("--no-vmap", dest="vmap", action="store_false", help="loop over tasks one at a time")
     parser.add_argument("--give-up-s", type=float, default=300.0,
                         help="seconds to keep retrying an unreachable coordinator before exiting 1 (default: 300)")
     parser.add_argument("--tls-ca", metavar="PEM", help="CA certificate to verify the coordinator with; enables TLS")
@@ -70,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             data_seed=default_data_seed(args.client_id) if args.data_seed is None else args.data_seed,
             device=args.device,
             threads=args.threads,
-            vectorize=not args.no_vmap,
+            vectorize=args.vmap,
             retry=RetryPolicy(give_up_s=args.give_up_s),
             tls_ca=args.tls_ca,
             tls_cert=args.tls_cert,

@@ -25,7 +25,7 @@ from common.algorithms import InnerConfig, UpdateKind, get_algorithm
 from common.codec import Reassembler, abs_max, TensorSetError, decode, encode, header_from_proto, header_to_proto, iter_chunks, specs_of
 from common.config import RunConfig, check_client_id
 from common.evaluation import evaluate
-from common.models import build_model, init_parameters
+from common.models import build_model, init_parameters, prefers_vmap
 from common.proto import pb, pb_grpc, tensor_pb
 from common.tasks import STREAM_EVAL, STREAM_TRAIN, default_shard, is_classification, loss_for, make_tasks, task_seed
 from common.wire import run_config_from_proto
@@ -50,7 +50,7 @@ class ClientConfig:
     data_seed: int
     device: str = "cpu"
     threads: int = 0
-    vectorize: bool = True
+    vectorize: bool | None = None  # None: the model's preference (vmap_default), else vmap on or off
     retry: RetryPolicy = RetryPolicy()
     tls_ca: str | None = None
     tls_cert: str | None = None
@@ -143,6 +143,7 @@ class Worker:
             self.specs = specs_of(init_parameters(run.model, 0))
             self.algorithm = get_algorithm(run.algorithm)
             self.loss_fn = loss_for(run.task)
+            self.vectorize = prefers_vmap(self.model) if self.config.vectorize is None else self.config.vectorize
             shard = self.config.shard if self.config.shard is not None else default_shard(
                 self.config.client_id, self.config.data_seed)
             try:
@@ -224,7 +225,7 @@ class Worker:
         seed = task_seed(run.seed, self.config.data_seed, STREAM_TRAIN, round_index)
         batch = self.tasks.sample("train", num_tasks=run.tasks_per_client, shots=run.shots, queries=run.queries, seed=seed)
         start = time.perf_counter()
-        inner = InnerConfig(steps=run.inner_steps, lr=run.inner_lr, vectorize=self.config.vectorize)
+        inner = InnerConfig(steps=run.inner_steps, lr=run.inner_lr, vectorize=self.vectorize)
         update = self.algorithm.client_step(self.model, params, batch.to(self.device), self.loss_fn, inner)
         compute_s = time.perf_counter() - start
         finite = all(math.isfinite(abs_max(t)) for t in update.tensors.values())
@@ -252,7 +253,7 @@ class Worker:
         batch = self.tasks.sample("eval", num_tasks=run.eval_tasks_per_client, shots=run.eval_shots,
                                   queries=run.eval_queries, seed=seed)
         metrics = evaluate(self.algorithm, self.model, params, batch.to(self.device), self.loss_fn,
-                           steps=run.eval_steps, lr=run.inner_lr, vectorize=self.config.vectorize,
+                           steps=run.eval_steps, lr=run.inner_lr, vectorize=self.vectorize,
                            classification=is_classification(run.task))
         header = pb.UpdateHeader(
             run_id=run.run_id, round=round_index, client_id=self.config.client_id, base_version=version,

@@ -35,7 +35,7 @@ class RunConfig:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     eval_shots: int = 5
     eval_steps: int = 10
-    eval_tasks_per_client: int = 50
+    eval_tasks_per_client: int = 150
     poll_timeout_s: float = 10.0
     rounds: int = 1500
     eval_queries: int = 100

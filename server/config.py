@@ -64,7 +64,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("eval_queries", int, None, "query examples per held-out task (per class) in the final evaluation "
            "(default: 100 for sinusoid, 20 for gaussian, 15 for omniglot)", minimum=1),
     Option("eval_steps", int, 10, "adaptation steps in the final evaluation", minimum=0),
-    Option("eval_tasks_per_client", int, 50, "held-out tasks each client adapts on in the final evaluation", minimum=1),
+    Option("eval_tasks_per_client", int, 150, "held-out tasks each client adapts on in the final evaluation (4 clients: 600)", minimum=1),
     Option("seed", int, 0, "run seed: model init, client sampling, task streams", minimum=0),
     Option("encoding", str, "float32", "transport encoding of floating-point tensors", choices=ENCODINGS),
     Option("chunk_bytes", int, DEFAULT_CHUNK_BYTES, "payload bytes per stream chunk", minimum=1024, maximum=3 << 20),

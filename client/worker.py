@@ -21,11 +21,11 @@ import torch
 
 from client.retry import RetryPolicy, with_retry
 from common import PROTOCOL_VERSION
-from common.algorithms import InnerConfig, UpdateKind, get_algorithm
+from common.algorithms import InnerConfig, UpdateKind, get_algorithm, meta_parameters
 from common.codec import Reassembler, abs_max, TensorSetError, decode, encode, header_from_proto, header_to_proto, iter_chunks, specs_of
 from common.config import RunConfig, check_client_id
 from common.evaluation import evaluate
-from common.models import build_model, init_parameters, prefers_vmap
+from common.models import build_model, prefers_vmap
 from common.proto import pb, pb_grpc, tensor_pb
 from common.tasks import STREAM_EVAL, STREAM_TRAIN, default_shard, is_classification, loss_for, make_tasks, task_seed
 from common.wire import run_config_from_proto
@@ -140,7 +140,7 @@ class Worker:
         run = run_config_from_proto(response.config)
         if self.run is None or self.run.run_id != run.run_id:
             self.model = build_model(run.model).to(self.device)
-            self.specs = specs_of(init_parameters(run.model, 0))
+            self.specs = specs_of(meta_parameters(run, 0))
             self.algorithm = get_algorithm(run.algorithm)
             self.loss_fn = loss_for(run.task)
             self.vectorize = prefers_vmap(self.model) if self.config.vectorize is None else self.config.vectorize
@@ -225,7 +225,7 @@ class Worker:
         seed = task_seed(run.seed, self.config.data_seed, STREAM_TRAIN, round_index)
         batch = self.tasks.sample("train", num_tasks=run.tasks_per_client, shots=run.shots, queries=run.queries, seed=seed)
         start = time.perf_counter()
-        inner = InnerConfig(steps=run.inner_steps, lr=run.inner_lr, vectorize=self.vectorize)
+        inner = InnerConfig.from_run(run, round_index=round_index, vectorize=self.vectorize)
         update = self.algorithm.client_step(self.model, params, batch.to(self.device), self.loss_fn, inner)
         compute_s = time.perf_counter() - start
         finite = all(math.isfinite(abs_max(t)) for t in update.tensors.values())

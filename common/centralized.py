@@ -13,10 +13,10 @@ from collections.abc import Callable, Sequence
 import torch
 
 from common.aggregation import FlatLayout, WeightedMean
-from common.algorithms import InnerConfig, OuterConfig, get_algorithm
+from common.algorithms import InnerConfig, OuterConfig, get_algorithm, meta_parameters
 from common.config import RunConfig
 from common.evaluation import evaluate
-from common.models import build_model, init_parameters
+from common.models import build_model
 from common.tasks import STREAM_EVAL, STREAM_TRAIN, is_classification, loss_for, make_tasks, task_seed
 
 
@@ -38,12 +38,11 @@ def train(
     algorithm = get_algorithm(run.algorithm)
     model = build_model(run.model)
     loss_fn = loss_for(run.task)
-    params = theta if theta is not None else init_parameters(run.model, run.seed)
+    params = theta if theta is not None else meta_parameters(run, run.seed)
     layout = FlatLayout.of(params)
     flat = layout.flatten(params)
     total_rounds = run.rounds if rounds is None else rounds
-    outer = algorithm.make_outer(OuterConfig(lr=outer_lr, rounds=run.rounds))
-    inner = InnerConfig(steps=run.inner_steps, lr=run.inner_lr, vectorize=vectorize)
+    outer = algorithm.make_outer(OuterConfig(lr=outer_lr, rounds=run.rounds, cosine=run.cosine_outer))
     families = {s: make_tasks(run, data_seed=s, shard=s, data_dir=data_dir) for s in data_seeds}
     for r in range(total_rounds):
         acc = WeightedMean(layout)
@@ -52,6 +51,7 @@ def train(
             seed = task_seed(run.seed, data_seed, STREAM_TRAIN, r)
             batch = families[data_seed].sample("train", num_tasks=run.tasks_per_client, shots=run.shots,
                                                queries=run.queries, seed=seed)
+            inner = InnerConfig.from_run(run, round_index=r, vectorize=vectorize)
             update = algorithm.client_step(model, layout.views(flat), batch, loss_fn, inner)
             acc.add(update.tensors, update.weight)
             losses.append(update.metrics["loss_post"])

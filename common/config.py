@@ -44,6 +44,13 @@ class RunConfig:
     partition: str = "alphabet"
     shards: int = 4
     rotations: bool = True
+    first_order_rounds: int = 0
+    msl: bool = True
+    lslr: bool = True
+    cosine_outer: bool = True
+    local_steps: int = 5
+    local_lr: float = 0.01
+    perfedavg_variant: str = "fo"
 
     def __post_init__(self) -> None:
         from common.algorithms import ALGORITHMS
@@ -51,6 +58,9 @@ class RunConfig:
 
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"--algorithm: expected one of {sorted(ALGORITHMS)}, got {self.algorithm!r}")
+        check = ALGORITHMS[self.algorithm].check
+        if check is not None:
+            check(self)
         if self.task not in TASKS:
             raise ValueError(f"--task: expected one of {sorted(TASKS)}, got {self.task!r}")
         if self.encoding not in ENCODINGS:
@@ -58,12 +68,18 @@ class RunConfig:
         if self.partition not in PARTITIONS:
             raise ValueError(f"--partition: expected one of {list(PARTITIONS)}, got {self.partition!r}")
         for name in ("shots", "queries", "tasks_per_client", "eval_shots", "eval_tasks_per_client", "rounds",
-                     "eval_queries", "dim", "shards"):
+                     "eval_queries", "dim", "shards", "local_steps"):
             _positive_int(name, getattr(self, name))
         for name in ("inner_steps", "eval_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 0, got {value!r}")
+        if self.perfedavg_variant not in ("fo", "hf"):
+            raise ValueError(f"--perfedavg-variant: expected fo or hf, got {self.perfedavg_variant!r}")
+        if not (isinstance(self.first_order_rounds, int) and self.first_order_rounds >= 0):
+            raise ValueError(f"--first-order-rounds: expected an integer >= 0, got {self.first_order_rounds!r}")
+        if not (self.local_lr > 0 and self.local_lr < float("inf")):
+            raise ValueError(f"--local-lr: expected a positive finite number, got {self.local_lr!r}")
         if is_classification(self.task) and not (isinstance(self.ways, int) and 2 <= self.ways <= 1000):
             raise ValueError(f"--ways: expected an integer from 2 to 1000, got {self.ways!r}")
         if not (self.inner_lr > 0 and self.inner_lr < float("inf")):

@@ -13,10 +13,9 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from common.algorithms import Algorithm
-from common.algorithms.inner import Params, map_tasks
+from common.algorithms.inner import Params, forward, map_tasks
 from common.tasks import LossFn, TaskBatch
 
 Z95 = 1.959963984540054
@@ -27,9 +26,8 @@ def adaptation_path(
     loss_fn: LossFn, *, steps: int, lr: float,
 ) -> list[Params]:
     """Parameters after 0, 1, ..., steps adaptation steps (one step at a time)."""
-    path_fn = getattr(algorithm, "adapt_path", None)
-    if path_fn is not None:
-        return list(path_fn(model, params, xs, ys, loss_fn, steps=steps, lr=lr))
+    if algorithm.adapt_path is not None:
+        return list(algorithm.adapt_path(model, params, xs, ys, loss_fn, steps=steps, lr=lr))
     path = [params]
     for _ in range(steps):
         path.append(algorithm.adapt(model, path[-1], xs, ys, loss_fn, steps=1, lr=lr))
@@ -57,7 +55,10 @@ def evaluate(
     def per_task(p: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor):
         out = []
         for q in adaptation_path(algorithm, model, p, xs, ys, loss_fn, steps=steps, lr=lr):
-            pred = functional_call(model, q, (xq,))
+            if algorithm.predict is not None:
+                pred = algorithm.predict(model, q, xs, ys, xq)
+            else:
+                pred = forward(model, q, xq)
             loss = loss_fn(pred, yq)
             acc = (pred.argmax(-1) == yq).float().mean() if classification else torch.zeros(())
             out.append(torch.stack([loss.detach(), acc]))

@@ -105,8 +105,14 @@ def uses_batch_statistics(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats for m in model.modules())
 
 
-def default_model(task: str, *, ways: int = 5, dim: int = 16, name: str | None = None) -> ModelSpec:
-    """The model a task family uses unless the user names another."""
+EMBEDDING = 64  # output size of an encoder trained by ProtoNets (it has no classification head)
+
+
+def default_model(task: str, *, ways: int = 5, dim: int = 16, name: str | None = None,
+                  algorithm: str = "maml") -> ModelSpec:
+    """The model a task family uses unless the user names another (ProtoNets: a 64-d encoder)."""
+    if algorithm == "protonet":
+        ways = EMBEDDING
     name = name or {"sinusoid": "mlp", "gaussian": "mlp", "omniglot": "conv4"}.get(task, "mlp")
     if name == "conv4":
         return ModelSpec("conv4", {"in_channels": 1, "ways": ways, "hidden": 64, "image_size": 28})

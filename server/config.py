@@ -47,6 +47,15 @@ OPTIONS: tuple[Option, ...] = (
            "omniglot: how classes are split among clients (alphabet: whole alphabets, non-IID)", choices=PARTITIONS),
     Option("shards", int, None, "shares the data set is split into (default: --local-clients, else 4)", minimum=1),
     Option("no_rotations", bool, False, "omniglot: do not add 90/180/270-degree rotations as extra classes"),
+    Option("first_order_rounds", int, 0, "mamlpp: rounds trained first order before second order", minimum=0),
+    Option("no_msl", bool, False, "mamlpp: no multi-step loss (only the last inner step's query loss)"),
+    Option("no_lslr", bool, False, "mamlpp: no learned per-layer per-step inner learning rates"),
+    Option("no_cosine_outer", bool, False, "mamlpp: constant outer learning rate instead of cosine annealing"),
+    Option("local_steps", int, 5, "perfedavg and fedavg: local steps (passes over the meta-batch for fedavg)",
+           minimum=1),
+    Option("local_lr", float, 0.01, "perfedavg and fedavg: local learning rate (Per-FedAvg's beta)", minimum=0.0),
+    Option("perfedavg_variant", str, "fo", "perfedavg: fo (first order) or hf (Hessian-vector product)",
+           choices=("fo", "hf")),
     Option("data_dir", str, None, "omniglot: data folder for --local-clients (clients take their own --data-dir)"),
     Option("rounds", int, 1500, "training rounds (outer steps)", minimum=1),
     Option("clients_per_round", int, None, "clients sampled per round (default: --local-clients, else 4)", minimum=1),
@@ -59,11 +68,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("inner_steps", int, 1, "inner-loop SGD steps in training", minimum=0),
     Option("inner_lr", float, None, "inner-loop learning rate (default: 0.01 for sinusoid, 0.4 for classification)",
            minimum=0.0),
-    Option("outer_lr", float, None, "outer learning rate (default: 3e-3 Adam for maml/fomaml, 1.0 annealed for reptile)", minimum=0.0),
+    Option("outer_lr", float, None, "outer learning rate (default: Adam 3e-3 for maml, fomaml, metasgd, anil, mamlpp; 1e-3 for "
+           "protonet; 1.0 for reptile (annealed), perfedavg and fedavg (averaging))", minimum=0.0),
     Option("eval_shots", int, 5, "support examples per held-out task in the final evaluation", minimum=1),
     Option("eval_queries", int, None, "query examples per held-out task (per class) in the final evaluation "
            "(default: 100 for sinusoid, 20 for gaussian, 15 for omniglot)", minimum=1),
-    Option("eval_steps", int, 10, "adaptation steps in the final evaluation", minimum=0),
+    Option("eval_steps", int, None, "adaptation steps in the final evaluation (default: 10; --inner-steps for "
+           "metasgd and mamlpp, whose step sizes are learned for that many)", minimum=0),
     Option("eval_tasks_per_client", int, 150, "held-out tasks each client adapts on in the final evaluation (4 clients: 600)", minimum=1),
     Option("seed", int, 0, "run seed: model init, client sampling, task streams", minimum=0),
     Option("encoding", str, "float32", "transport encoding of floating-point tensors", choices=ENCODINGS),
@@ -225,6 +236,8 @@ def build(values: dict[str, Any]) -> ServerConfig:
     for name, value in TASK_DEFAULTS[v["task"]].items():
         if v[name] is None:
             v[name] = value
+    if v["eval_steps"] is None:
+        v["eval_steps"] = v["inner_steps"] if algorithm.learned_steps else 10
     clients_per_round = v["clients_per_round"] or v["local_clients"] or 4
     if v["min_clients"] > clients_per_round:
         raise ValueError(f"--min-clients: expected at most --clients-per-round ({clients_per_round}), got {v['min_clients']}")
@@ -247,12 +260,19 @@ def build(values: dict[str, Any]) -> ServerConfig:
         eval_queries=v["eval_queries"],
         poll_timeout_s=v["poll_timeout_s"],
         rounds=v["rounds"],
-        model=default_model(v["task"], ways=v["ways"], dim=v["dim"], name=v["model"]),
+        model=default_model(v["task"], ways=v["ways"], dim=v["dim"], name=v["model"], algorithm=v["algorithm"]),
         ways=v["ways"],
         dim=v["dim"],
         partition=v["partition"],
         shards=v["shards"] or v["local_clients"] or 4,
         rotations=not v["no_rotations"],
+        first_order_rounds=v["first_order_rounds"],
+        msl=not v["no_msl"],
+        lslr=not v["no_lslr"],
+        cosine_outer=not v["no_cosine_outer"],
+        local_steps=v["local_steps"],
+        local_lr=v["local_lr"],
+        perfedavg_variant=v["perfedavg_variant"],
     )
     if v["data_dir"] is not None and not Path(v["data_dir"]).is_dir():
         raise ValueError(f"--data-dir: no such directory: {v['data_dir']}")

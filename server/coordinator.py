@@ -27,11 +27,11 @@ import grpc
 import torch
 
 from common.aggregation import Aggregator, FlatLayout, make_aggregator
-from common.algorithms import OuterConfig, UpdateKind, get_algorithm
+from common.algorithms import OuterConfig, UpdateKind, get_algorithm, meta_parameters
 from common.codec import EncodedTensorSet, TensorSetHeader, TensorSpec, abs_max, check_specs, encode
 from common.config import RunConfig
 from common.evaluation import summarize
-from common.models import build_model, init_parameters, uses_batch_statistics
+from common.models import build_model, uses_batch_statistics
 from common.tasks import is_classification
 from server import checkpoint
 from server.config import ServerConfig, describe
@@ -137,10 +137,11 @@ class Coordinator:
         self.summary: dict[str, Any] | None = None
         self.error: str | None = None
 
-        params = init_parameters(self.run.model, self.run.seed)
+        params = meta_parameters(self.run, self.run.seed)
         self.layout = FlatLayout.of(params)
         self.specs: tuple[TensorSpec, ...] = self.layout.specs
-        self.outer = self.algorithm.make_outer(OuterConfig(lr=config.outer_lr, rounds=config.rounds))
+        self.outer = self.algorithm.make_outer(OuterConfig(lr=config.outer_lr, rounds=config.rounds,
+                                                                 cosine=self.run.cosine_outer))
         self.next_round = 0
         self.evaluation_done = False
         self._wall_before = 0.0
@@ -162,7 +163,8 @@ class Coordinator:
         stored = state.meta.get("config", {})
         current = describe(self.config)
         keys = ("algorithm", "task", "model", "seed", "rounds", "shots", "queries", "tasks_per_client",
-                "inner_steps", "inner_lr", "outer_lr", "ways", "dim", "partition", "shards", "rotations")
+                "inner_steps", "inner_lr", "outer_lr", "ways", "dim", "partition", "shards", "rotations",
+                "first_order_rounds", "msl", "lslr", "cosine_outer", "local_steps", "local_lr", "perfedavg_variant")
         differ = [k for k in keys if stored.get(k) != current.get(k)]
         if differ:
             pairs = ", ".join(f"{k}: checkpoint {stored.get(k)!r}, now {current.get(k)!r}" for k in differ)

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
-from common.algorithms import fomaml, maml, reptile
+from typing import TYPE_CHECKING
+
+import torch
+
+from common.algorithms import anil, fedavg, fomaml, maml, mamlpp, metasgd, perfedavg, protonet, reptile
 from common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, OuterConfig, UpdateKind
 
-ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (maml.ALGORITHM, fomaml.ALGORITHM, reptile.ALGORITHM)}
+if TYPE_CHECKING:
+    from common.config import RunConfig
+
+ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
+    maml.ALGORITHM, fomaml.ALGORITHM, reptile.ALGORITHM, metasgd.ALGORITHM, anil.ALGORITHM, mamlpp.ALGORITHM,
+    perfedavg.ALGORITHM, protonet.ALGORITHM, fedavg.ALGORITHM,
+)}
 
 
 def get_algorithm(name: str) -> Algorithm:
@@ -14,4 +24,14 @@ def get_algorithm(name: str) -> Algorithm:
     return ALGORITHMS[name]
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "ClientUpdate", "InnerConfig", "OuterConfig", "UpdateKind", "get_algorithm"]
+def meta_parameters(run: RunConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Everything the server meta-learns: the model's parameters, then the algorithm's extras."""
+    from common.models import init_parameters
+
+    params = init_parameters(run.model, seed)
+    extra = get_algorithm(run.algorithm).extra_parameters
+    return params | (extra(params, run) if extra is not None else {})
+
+
+__all__ = ["ALGORITHMS", "Algorithm", "ClientUpdate", "InnerConfig", "OuterConfig", "UpdateKind", "get_algorithm",
+           "meta_parameters"]

@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
 
 from common.tasks import LossFn, TaskBatch
+
+if TYPE_CHECKING:
+    from common.config import RunConfig
 
 Params = dict[str, torch.Tensor]
 
@@ -22,11 +25,29 @@ class UpdateKind(Enum):
 
 @dataclass(frozen=True)
 class InnerConfig:
-    """Inner-loop hyperparameters: SGD steps and learning rate."""
+    """What a client step needs besides the parameters and the batch.
+
+    steps/lr: the inner loop. round_index/rounds: where the run is (MAML++ switches to second
+    order, Per-FedAvg and FedAvg ignore them). The rest are algorithm-specific settings,
+    copied from the RunConfig by `from_run`.
+    """
 
     steps: int
     lr: float
     vectorize: bool = True
+    round_index: int = 0
+    rounds: int = 1
+    first_order_rounds: int = 0
+    msl: bool = True
+    local_steps: int = 1
+    local_lr: float = 0.01
+    variant: str = "fo"
+
+    @classmethod
+    def from_run(cls, run: RunConfig, *, round_index: int = 0, vectorize: bool = True) -> InnerConfig:
+        return cls(steps=run.inner_steps, lr=run.inner_lr, vectorize=vectorize, round_index=round_index,
+                   rounds=run.rounds, first_order_rounds=run.first_order_rounds, msl=run.msl,
+                   local_steps=run.local_steps, local_lr=run.local_lr, variant=run.perfedavg_variant)
 
 
 @dataclass(frozen=True)
@@ -56,10 +77,11 @@ Adapt = Callable[..., Params]
 
 @dataclass(frozen=True)
 class OuterConfig:
-    """Server-step hyperparameters."""
+    """Server-step hyperparameters; cosine anneals Adam's learning rate to 0 over the run (MAML++)."""
 
     lr: float
     rounds: int
+    cosine: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,3 +94,17 @@ class Algorithm:
     make_outer: Callable[[OuterConfig], OuterStep]
     default_outer_lr: float
     adapt: Adapt
+    # Meta-parameters beyond the model's, named "meta.<...>" (Meta-SGD's step sizes), from
+    # the model's initial parameters and the run; broadcast, updated and exported with them.
+    extra_parameters: Callable[[Params, RunConfig], Params] | None = None
+    # A prediction rule other than the adapted model's forward pass (ProtoNets' prototypes).
+    predict: Callable[[nn.Module, Params, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # Raises ValueError naming the flag when the run's settings do not suit the algorithm.
+    check: Callable[[RunConfig], None] | None = None
+    # Parameters after 0..steps adaptation steps, when adapt(steps=1) repeated is not the same.
+    adapt_path: Callable[..., list[Params]] | None = None
+    # The inner loop runs on the model's head only (ANIL): evaluation and compute reports say so.
+    head_only: bool = False
+    # The step sizes are meta-learned for --inner-steps steps (Meta-SGD, MAML++): evaluation
+    # adapts that many steps unless --eval-steps says otherwise; more can diverge.
+    learned_steps: bool = False

@@ -12,11 +12,22 @@ from torch.func import functional_call, grad, vmap
 from common.tasks import LossFn, TaskBatch
 
 Params = dict[str, torch.Tensor]
+EXTRA = "meta."  # prefix of meta-parameters that are not the model's (e.g. Meta-SGD's step sizes)
+
+
+def model_part(params: Params) -> Params:
+    """The model's own parameters, without the algorithm's extra meta-parameters."""
+    return {k: v for k, v in params.items() if not k.startswith(EXTRA)}
+
+
+def forward(model: nn.Module, params: Params, x: torch.Tensor) -> torch.Tensor:
+    """f_params(x), the model evaluated functionally on its own parameters."""
+    return functional_call(model, model_part(params), (x,))
 
 
 def loss_at(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
     """L(f_params(x), y) with the model evaluated functionally."""
-    return loss_fn(functional_call(model, params, (x,)), y)
+    return loss_fn(forward(model, params, x), y)
 
 
 def sgd_adapt(
@@ -36,8 +47,8 @@ def sgd_adapt(
     """
     p = params
     for _ in range(steps):
-        g = grad(loss_at, argnums=1)(model, p, x, y, loss_fn)
-        p = {k: p[k] - lr * g[k] for k in p}
+        g = grad(loss_at, argnums=1)(model, model_part(p), x, y, loss_fn)
+        p = {**p, **{k: p[k] - lr * g[k] for k in g}}
     return p
 
 

@@ -8,30 +8,36 @@ Server: Adam on the weighted mean meta-gradient.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 from torch.func import grad
 
-from common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, OuterConfig, Params, UpdateKind
+from common.algorithms.base import Adapt, Algorithm, ClientUpdate, InnerConfig, OuterConfig, Params, UpdateKind
 from common.algorithms.inner import loss_at, map_tasks, sgd_adapt
 from common.algorithms.outer import AdamOuter
 from common.tasks import LossFn, TaskBatch
 
 
 def meta_gradient(
-    model: nn.Module, params: Params, batch: TaskBatch, loss_fn: LossFn, inner: InnerConfig, *, first_order: bool
+    model: nn.Module, params: Params, batch: TaskBatch, loss_fn: LossFn, inner: InnerConfig, *, first_order: bool,
+    adapt_fn: Adapt = sgd_adapt,
 ) -> ClientUpdate:
-    """Mean over tasks of the MAML meta-gradient; first_order drops the inner loop's graph."""
+    """Mean over tasks of the MAML meta-gradient; first_order drops the inner loop's graph.
+
+    adapt_fn is the inner loop (plain SGD for MAML; Meta-SGD and ANIL pass their own).
+    """
 
     def query_loss_after(p: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor):
-        adapted = sgd_adapt(model, p, xs, ys, loss_fn, steps=inner.steps, lr=inner.lr)
+        adapted = adapt_fn(model, p, xs, ys, loss_fn, steps=inner.steps, lr=inner.lr)
         loss = loss_at(model, adapted, xq, yq, loss_fn)
         return loss, loss
 
     def per_task(p: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor):
         loss_pre = loss_at(model, p, xq, yq, loss_fn)
         if first_order:
-            adapted = sgd_adapt(model, p, xs, ys, loss_fn, steps=inner.steps, lr=inner.lr)
+            adapted = adapt_fn(model, p, xs, ys, loss_fn, steps=inner.steps, lr=inner.lr)
             g, loss_post = grad(lambda a: (lambda l: (l, l))(loss_at(model, a, xq, yq, loss_fn)), has_aux=True)(
                 adapted
             )
@@ -59,7 +65,7 @@ def adapt(
 
 
 def make_outer(config: OuterConfig) -> AdamOuter:
-    return AdamOuter(config)
+    return AdamOuter(dataclasses.replace(config, cosine=False))  # a constant lr; MAML++ anneals
 
 
 ALGORITHM = Algorithm(

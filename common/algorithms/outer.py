@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from common.algorithms.base import OuterConfig
 
 
 class AdamOuter:
-    """theta <- Adam(theta, g) with g the weighted mean meta-gradient (Kingma & Ba 2015)."""
+    """theta <- Adam(theta, g) with g the weighted mean meta-gradient (Kingma & Ba 2015).
+
+    With config.cosine the learning rate follows lr * (1 + cos(pi * r / R)) / 2 (MAML++).
+    """
 
     def __init__(self, config: OuterConfig, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
         self.lr = config.lr
+        self.cosine = config.cosine
+        self.rounds = max(1, config.rounds)
         self.betas = betas
         self.eps = eps
         self.step_count = 0
@@ -29,8 +36,11 @@ class AdamOuter:
         bias1 = 1 - b1**self.step_count
         bias2 = 1 - b2**self.step_count
         denom = (self.exp_avg_sq / bias2).sqrt_().add_(self.eps)
-        theta.addcdiv_(self.exp_avg, denom, value=-self.lr / bias1)
-        return self.lr
+        lr = self.lr
+        if self.cosine:
+            lr = self.lr * 0.5 * (1.0 + math.cos(math.pi * min(round_index, self.rounds) / self.rounds))
+        theta.addcdiv_(self.exp_avg, denom, value=-lr / bias1)
+        return lr
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {"step": torch.tensor(self.step_count, dtype=torch.int64)}
@@ -56,6 +66,23 @@ class ReptileOuter:
         eps = self.lr * (1.0 - round_index / self.rounds)
         theta.add_(update, alpha=eps)
         return eps
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+
+class AverageOuter:
+    """theta <- theta + lr * mean(delta), lr constant (FedAvg, Per-FedAvg: lr 1 is plain averaging)."""
+
+    def __init__(self, config: OuterConfig) -> None:
+        self.lr = config.lr
+
+    def step(self, theta: torch.Tensor, update: torch.Tensor, round_index: int) -> float:
+        theta.add_(update, alpha=self.lr)
+        return self.lr
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}

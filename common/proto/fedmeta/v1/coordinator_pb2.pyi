@@ -41,7 +41,7 @@ class ModelSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kwargs_json: _Optional[str] = ...) -> None: ...
 
 class RunConfig(_message.Message):
-    __slots__ = ("run_id", "algorithm", "task", "model", "shots", "queries", "tasks_per_client", "inner_steps", "inner_lr", "seed", "encoding", "chunk_bytes", "eval_shots", "eval_steps", "eval_tasks_per_client", "poll_timeout_s", "rounds", "eval_queries", "ways", "dim", "partition", "shards", "rotations")
+    __slots__ = ("run_id", "algorithm", "task", "model", "shots", "queries", "tasks_per_client", "inner_steps", "inner_lr", "seed", "encoding", "chunk_bytes", "eval_shots", "eval_steps", "eval_tasks_per_client", "poll_timeout_s", "rounds", "eval_queries", "ways", "dim", "partition", "shards", "rotations", "first_order_rounds", "msl", "lslr", "cosine_outer", "local_steps", "local_lr", "perfedavg_variant")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +65,13 @@ class RunConfig(_message.Message):
     PARTITION_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     ROTATIONS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_ORDER_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    MSL_FIELD_NUMBER: _ClassVar[int]
+    LSLR_FIELD_NUMBER: _ClassVar[int]
+    COSINE_OUTER_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_LR_FIELD_NUMBER: _ClassVar[int]
+    PERFEDAVG_VARIANT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     algorithm: str
     task: str
@@ -88,7 +95,14 @@ class RunConfig(_message.Message):
     partition: str
     shards: int
     rotations: bool
-    def __init__(self, run_id: _Optional[str] = ..., algorithm: _Optional[str] = ..., task: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., shots: _Optional[int] = ..., queries: _Optional[int] = ..., tasks_per_client: _Optional[int] = ..., inner_steps: _Optional[int] = ..., inner_lr: _Optional[float] = ..., seed: _Optional[int] = ..., encoding: _Optional[_Union[_tensor_pb2.Encoding, str]] = ..., chunk_bytes: _Optional[int] = ..., eval_shots: _Optional[int] = ..., eval_steps: _Optional[int] = ..., eval_tasks_per_client: _Optional[int] = ..., poll_timeout_s: _Optional[float] = ..., rounds: _Optional[int] = ..., eval_queries: _Optional[int] = ..., ways: _Optional[int] = ..., dim: _Optional[int] = ..., partition: _Optional[str] = ..., shards: _Optional[int] = ..., rotations: _Optional[bool] = ...) -> None: ...
+    first_order_rounds: int
+    msl: bool
+    lslr: bool
+    cosine_outer: bool
+    local_steps: int
+    local_lr: float
+    perfedavg_variant: str
+    def __init__(self, run_id: _Optional[str] = ..., algorithm: _Optional[str] = ..., task: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., shots: _Optional[int] = ..., queries: _Optional[int] = ..., tasks_per_client: _Optional[int] = ..., inner_steps: _Optional[int] = ..., inner_lr: _Optional[float] = ..., seed: _Optional[int] = ..., encoding: _Optional[_Union[_tensor_pb2.Encoding, str]] = ..., chunk_bytes: _Optional[int] = ..., eval_shots: _Optional[int] = ..., eval_steps: _Optional[int] = ..., eval_tasks_per_client: _Optional[int] = ..., poll_timeout_s: _Optional[float] = ..., rounds: _Optional[int] = ..., eval_queries: _Optional[int] = ..., ways: _Optional[int] = ..., dim: _Optional[int] = ..., partition: _Optional[str] = ..., shards: _Optional[int] = ..., rotations: _Optional[bool] = ..., first_order_rounds: _Optional[int] = ..., msl: _Optional[bool] = ..., lslr: _Optional[bool] = ..., cosine_outer: _Optional[bool] = ..., local_steps: _Optional[int] = ..., local_lr: _Optional[float] = ..., perfedavg_variant: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("client_id", "protocol_version", "device", "num_tasks", "encodings")

@@ -1,0 +1,54 @@
+"""FedAvg (McMahan et al. 2017), the baseline without meta-learning.
+
+Each client runs plain SGD on all its local data for --local-steps passes: one step per
+task of its meta-batch, on the task's support and query examples together, with
+--local-lr. It sends theta_local - theta; the server averages the deltas
+(theta <- theta + outer_lr * mean delta, outer_lr 1 by default). Evaluation fine-tunes
+the averaged model k SGD steps on each held-out support set, so users see what
+meta-learning buys over plain federated averaging.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import grad
+
+from common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, OuterConfig, Params, UpdateKind
+from common.algorithms.inner import loss_at
+from common.algorithms.maml import adapt
+from common.algorithms.outer import AverageOuter
+from common.tasks import LossFn, TaskBatch
+
+
+def client_step(model: nn.Module, params: Params, batch: TaskBatch, loss_fn: LossFn, inner: InnerConfig) -> ClientUpdate:
+    x = torch.cat([batch.x_support, batch.x_query], 1)
+    y = torch.cat([batch.y_support, batch.y_query], 1)
+    loss_pre = torch.stack([loss_at(model, params, batch.x_query[t], batch.y_query[t], loss_fn)
+                            for t in range(batch.num_tasks)]).mean()
+    p = {k: v.detach() for k, v in params.items()}
+    for _ in range(inner.local_steps):
+        for t in range(batch.num_tasks):
+            g = grad(loss_at, argnums=1)(model, p, x[t], y[t], loss_fn)
+            p = {k: p[k] - inner.local_lr * g[k] for k in p}
+    loss_post = torch.stack([loss_at(model, p, batch.x_query[t], batch.y_query[t], loss_fn)
+                             for t in range(batch.num_tasks)]).mean()
+    return ClientUpdate(
+        tensors={k: (p[k] - params[k]).detach() for k in params},
+        weight=float(batch.num_tasks),
+        metrics={"loss_pre": float(loss_pre), "loss_post": float(loss_post)},
+    )
+
+
+def make_outer(config: OuterConfig) -> AverageOuter:
+    return AverageOuter(config)
+
+
+ALGORITHM = Algorithm(
+    name="fedavg",
+    update_kind=UpdateKind.PARAMETER_DELTA,
+    client_step=client_step,
+    make_outer=make_outer,
+    default_outer_lr=1.0,
+    adapt=adapt,
+)

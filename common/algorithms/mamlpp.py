@@ -1,0 +1,118 @@
+"""MAML++ (Antoniou et al. 2019, "How to train your MAML"), the pieces that change the protocol.
+
+- Multi-step loss (MSL, --no-msl turns it off): the client's objective is sum_j w_j L_query(theta_j)
+  over the inner steps j = 1..S, with w_j uniform at first and annealed towards the last step
+  over the first tenth of the run (non-final weights floor at 0.03 / S).
+- Learned per-layer, per-step inner learning rates (LSLR, --no-lslr): one scalar per parameter
+  tensor and step, named "meta.lslr.<step>.<name>", initialised to --inner-lr; meta-parameters
+  that are broadcast, updated with theta and exported (adapt uses them; steps beyond the
+  trained ones reuse the last step's rates).
+- Derivative-order annealing: first order for the first --first-order-rounds rounds, then second.
+- Cosine-annealed outer learning rate (--no-cosine-outer turns it off).
+Per-step batch-norm statistics (BNRS/BNWB) are not included: Conv4 here normalises with
+batch statistics and keeps no running statistics to specialise per step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.func import grad
+
+from common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, OuterConfig, Params, UpdateKind
+from common.algorithms.inner import EXTRA, loss_at, map_tasks, model_part
+from common.algorithms.outer import AdamOuter
+from common.tasks import LossFn, TaskBatch
+
+LSLR = EXTRA + "lslr."
+
+
+def extra_parameters(params: Params, run) -> Params:  # type: ignore[no-untyped-def]
+    if not run.lslr:
+        return {}
+    steps = max(1, run.inner_steps)
+    return {f"{LSLR}{j}.{k}": torch.tensor(float(run.inner_lr)) for j in range(steps) for k in params}
+
+
+def _step_lr(p: Params, name: str, step: int, lr: float) -> torch.Tensor | float:
+    if f"{LSLR}0.{name}" not in p:
+        return lr
+    j = step
+    while j > 0 and f"{LSLR}{j}.{name}" not in p:
+        j -= 1
+    return p[f"{LSLR}{j}.{name}"]
+
+
+def inner_path(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, *,
+               steps: int, lr: float) -> list[Params]:
+    """theta_0 = theta, theta_{j+1} = theta_j - lr_{j, layer} grad L_support(theta_j)."""
+    path = [params]
+    for j in range(steps):
+        p = path[-1]
+        g = grad(loss_at, argnums=1)(model, model_part(p), x, y, loss_fn)
+        path.append({**p, **{k: p[k] - _step_lr(p, k, j, lr) * g[k] for k in g}})
+    return path
+
+
+def adapt(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, *,
+          steps: int, lr: float) -> Params:
+    return inner_path(model, params, x, y, loss_fn, steps=steps, lr=lr)[-1]
+
+
+def msl_weights(steps: int, round_index: int, rounds: int, *, enabled: bool) -> list[float]:
+    """Per-step loss weights: uniform at round 0, all on the last step after a tenth of the run."""
+    if steps <= 1 or not enabled:
+        return [0.0] * (steps - 1) + [1.0] if steps else []
+    horizon = max(1, math.ceil(rounds / 10))
+    progress = min(1.0, round_index / horizon)
+    floor = 0.03 / steps
+    other = max(floor, (1.0 / steps) * (1.0 - progress))
+    return [other] * (steps - 1) + [1.0 - other * (steps - 1)]
+
+
+def client_step(model: nn.Module, params: Params, batch: TaskBatch, loss_fn: LossFn, inner: InnerConfig) -> ClientUpdate:
+    steps = max(1, inner.steps)
+    weights = msl_weights(steps, inner.round_index, inner.rounds, enabled=inner.msl)
+    first_order = inner.round_index < inner.first_order_rounds
+
+    def objective(p: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor):
+        path = [p]
+        for j in range(steps):
+            q = path[-1]
+            g = grad(loss_at, argnums=1)(model, model_part(q), xs, ys, loss_fn)
+            if first_order:
+                g = {k: v.detach() for k, v in g.items()}
+            path.append({**q, **{k: q[k] - _step_lr(q, k, j, inner.lr) * g[k] for k in g}})
+        losses = [loss_at(model, path[j + 1], xq, yq, loss_fn) for j in range(steps)]
+        total = sum(w * loss for w, loss in zip(weights, losses))
+        return total, losses[-1]
+
+    def per_task(p: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor):
+        g, loss_post = grad(objective, has_aux=True)(p, xs, ys, xq, yq)
+        return g, loss_at(model, p, xq, yq, loss_fn), loss_post
+
+    grads, loss_pre, loss_post = map_tasks(per_task, params, batch, vectorize=inner.vectorize)
+    return ClientUpdate(
+        tensors={k: v.mean(0).detach() for k, v in grads.items()},
+        weight=float(batch.num_tasks),
+        metrics={"loss_pre": float(loss_pre.mean()), "loss_post": float(loss_post.mean())},
+    )
+
+
+def make_outer(config: OuterConfig) -> AdamOuter:
+    return AdamOuter(config)
+
+
+ALGORITHM = Algorithm(
+    name="mamlpp",
+    update_kind=UpdateKind.META_GRADIENT,
+    client_step=client_step,
+    make_outer=make_outer,
+    default_outer_lr=3e-3,
+    adapt=adapt,
+    extra_parameters=extra_parameters,
+    adapt_path=inner_path,
+    learned_steps=True,
+)

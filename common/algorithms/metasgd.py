@@ -1,0 +1,51 @@
+"""Meta-SGD (Li et al. 2017): MAML with a learned per-parameter inner step size.
+
+Meta-parameters are (theta, alpha), alpha of theta's shape, named "meta.lr.<name>" and
+initialised to --inner-lr. Inner loop: theta' = theta - alpha * grad L_support(theta)
+(elementwise). The client sends the second-order meta-gradient for both theta and alpha;
+the server steps both with Adam; alpha is exported with theta and used by `adapt`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import grad
+
+from common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, Params, UpdateKind
+from common.algorithms.inner import EXTRA, loss_at, model_part
+from common.algorithms.maml import make_outer, meta_gradient
+from common.tasks import LossFn, TaskBatch
+
+ALPHA = EXTRA + "lr."
+
+
+def extra_parameters(params: Params, run) -> Params:  # type: ignore[no-untyped-def]
+    return {ALPHA + k: torch.full_like(v, run.inner_lr) for k, v in params.items()}
+
+
+def adapt(
+    model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, *, steps: int, lr: float
+) -> Params:
+    """theta' = theta - alpha * grad, `steps` times; `lr` is unused (alpha is learned)."""
+    p = params
+    for _ in range(steps):
+        g = grad(loss_at, argnums=1)(model, model_part(p), x, y, loss_fn)
+        p = {**p, **{k: p[k] - p[ALPHA + k] * g[k] for k in g}}
+    return p
+
+
+def client_step(model: nn.Module, params: Params, batch: TaskBatch, loss_fn: LossFn, inner: InnerConfig) -> ClientUpdate:
+    return meta_gradient(model, params, batch, loss_fn, inner, first_order=False, adapt_fn=adapt)
+
+
+ALGORITHM = Algorithm(
+    name="metasgd",
+    update_kind=UpdateKind.META_GRADIENT,
+    client_step=client_step,
+    make_outer=make_outer,
+    default_outer_lr=3e-3,
+    adapt=adapt,
+    extra_parameters=extra_parameters,
+    learned_steps=True,
+)

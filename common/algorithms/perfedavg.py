@@ -1,0 +1,69 @@
+"""Per-FedAvg (Fallah et al. 2020): FedAvg on the one-step MAML objective.
+
+Each client takes --local-steps (tau) steps on F(w) = L(w - alpha grad L(w, D), D') over its
+tasks in turn (task t: D its support set, D' its query set), with alpha = --inner-lr and
+beta = --local-lr:
+  fo: w <- w - beta grad L(w~, D')                               (w~ = w - alpha grad L(w, D))
+  hf: w <- w - beta (I - alpha H(w, D'')) grad L(w~, D')          (H v by a Hessian-vector product)
+D'' is the task's support set again (the paper draws a third independent batch; a few-shot
+task has no third set). The client sends w - theta; the server averages the deltas.
+`adapt` is SGD with alpha, as MAML.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import grad, jvp
+
+from common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, Params, UpdateKind
+from common.algorithms.fedavg import make_outer
+from common.algorithms.inner import loss_at
+from common.algorithms.maml import adapt
+from common.tasks import LossFn, TaskBatch
+
+
+def local_step(model: nn.Module, w: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor,
+               loss_fn: LossFn, *, alpha: float, beta: float, variant: str) -> Params:
+    """One Per-FedAvg step on one task."""
+    g_support = grad(loss_at, argnums=1)(model, w, xs, ys, loss_fn)
+    w_tilde = {k: w[k] - alpha * g_support[k] for k in w}
+    g = grad(loss_at, argnums=1)(model, w_tilde, xq, yq, loss_fn)
+    if variant == "hf":
+        def support_grad(p: Params) -> Params:
+            return grad(loss_at, argnums=1)(model, p, xs, ys, loss_fn)
+
+        hv = jvp(support_grad, (w,), (g,))[1]  # H(w, D'') g
+        g = {k: g[k] - alpha * hv[k] for k in g}
+    return {k: w[k] - beta * g[k] for k in w}
+
+
+def client_step(model: nn.Module, params: Params, batch: TaskBatch, loss_fn: LossFn, inner: InnerConfig) -> ClientUpdate:
+    def query_losses(p: Params) -> torch.Tensor:
+        return torch.stack([loss_at(model, adapt(model, p, batch.x_support[t], batch.y_support[t], loss_fn,
+                                                 steps=1, lr=inner.lr), batch.x_query[t], batch.y_query[t], loss_fn)
+                            for t in range(batch.num_tasks)])
+
+    w = {k: v.detach() for k, v in params.items()}
+    loss_pre = torch.stack([loss_at(model, w, batch.x_query[t], batch.y_query[t], loss_fn)
+                            for t in range(batch.num_tasks)]).mean()
+    loss_post = query_losses(w).mean()  # F(theta): the query loss after one adaptation step
+    for step in range(inner.local_steps):
+        t = step % batch.num_tasks
+        w = local_step(model, w, batch.x_support[t], batch.y_support[t], batch.x_query[t], batch.y_query[t],
+                       loss_fn, alpha=inner.lr, beta=inner.local_lr, variant=inner.variant)
+    return ClientUpdate(
+        tensors={k: (w[k] - params[k]).detach() for k in params},
+        weight=float(batch.num_tasks),
+        metrics={"loss_pre": float(loss_pre.detach()), "loss_post": float(loss_post.detach())},
+    )
+
+
+ALGORITHM = Algorithm(
+    name="perfedavg",
+    update_kind=UpdateKind.PARAMETER_DELTA,
+    client_step=client_step,
+    make_outer=make_outer,
+    default_outer_lr=1.0,
+    adapt=adapt,
+)

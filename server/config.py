@@ -57,6 +57,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("perfedavg_variant", str, "fo", "perfedavg: fo (first order) or hf (Hessian-vector product)",
            choices=("fo", "hf")),
     Option("data_dir", str, None, "omniglot: data folder for --local-clients (clients take their own --data-dir)"),
+    Option("mode", str, "federated",
+           "federated: serve clients over gRPC; centralized: the same algorithm and tasks in this process, "
+           "the task samplers of --local-clients (else --clients-per-round) clients pooled",
+           choices=("federated", "centralized")),
     Option("rounds", int, 1500, "training rounds (outer steps)", minimum=1),
     Option("clients_per_round", int, None, "clients sampled per round (default: --local-clients, else 4)", minimum=1),
     Option("min_clients", int, 1, "answers needed to close a round at its deadline", minimum=1),
@@ -128,6 +132,7 @@ class ServerConfig:
     run_dir: Path
     local_clients: int
     data_dir: str | None = None
+    mode: str = "federated"
     max_update_norm: float | None = None
     trim_fraction: float = 0.2
     tls_cert: str | None = None
@@ -312,6 +317,7 @@ def build(values: dict[str, Any]) -> ServerConfig:
         run_dir=run_dir,
         local_clients=v["local_clients"],
         data_dir=v["data_dir"],
+        mode=v["mode"],
     )
 
 

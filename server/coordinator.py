@@ -563,7 +563,8 @@ class Coordinator:
             "bytes_received": self.bytes_received,
             "parameter_version": self.version,
             "model": str(export),
-            "eval": self._eval_summary(rnd, metrics),
+            "mode": "federated",
+            "eval": eval_summary(self.run, metrics, rnd.metric_weight, rnd.client_metrics),
             "config": describe(self.config),
         }
         self.rundir.write_summary(self.summary)
@@ -574,30 +575,31 @@ class Coordinator:
         log.info("run finished: %d rounds, evaluation on %d held-out tasks", self.next_round,
                  self.summary["eval"]["tasks"])
 
-    def _eval_summary(self, rnd: Round, metrics: dict[str, float]) -> dict[str, Any]:
-        """summary.json's "eval": pooled metrics over every held-out task, and a report per client."""
-        classification = is_classification(self.run.task)
-        tasks = rnd.metric_weight
-        out: dict[str, Any] = {
-            "shots": self.run.eval_shots,
-            "steps": self.run.eval_steps,
-            "queries": self.run.eval_queries,
-            "tasks": int(round(tasks)),
-            "clients": len(rnd.answered),
-            "transductive_bn": uses_batch_statistics(build_model(self.run.model)),
-        }
-        if classification:
-            out["ways"] = self.run.ways
-        out |= summarize(metrics, tasks, classification=classification)
-        out["per_client"] = {cid: _client_report(m, classification=classification)
-                             for cid, m in sorted(rnd.client_metrics.items())}
-        return out
-
     def clients_pending_finish(self) -> int:
         """Live clients that have not yet been told the run is finished."""
         with self._cond:
             now = time.monotonic()
             return sum(1 for cid in self._live(now) if not self._clients[cid].told_finished)
+
+
+def eval_summary(run: RunConfig, metrics: Mapping[str, float], tasks: float,
+                 client_metrics: Mapping[str, dict[str, float]]) -> dict[str, Any]:
+    """summary.json's "eval": pooled metrics over every held-out task, and a report per client."""
+    classification = is_classification(run.task)
+    out: dict[str, Any] = {
+        "shots": run.eval_shots,
+        "steps": run.eval_steps,
+        "queries": run.eval_queries,
+        "tasks": int(round(tasks)),
+        "clients": len(client_metrics),
+        "transductive_bn": uses_batch_statistics(build_model(run.model)),
+    }
+    if classification:
+        out["ways"] = run.ways
+    out |= summarize(metrics, tasks, classification=classification)
+    out["per_client"] = {cid: _client_report(m, classification=classification)
+                         for cid, m in sorted(client_metrics.items())}
+    return out
 
 
 def _client_report(m: dict[str, float], *, classification: bool) -> dict[str, Any]:

@@ -63,3 +63,33 @@ def test_meta_trained_initialisation_adapts_better_than_a_random_one(processes, 
         runs[name] = json.loads((run_dir / "summary.json").read_text())["eval"]
     gain = runs["trained"]["accuracy_post"] - runs["untrained"]["accuracy_post"]
     assert gain > runs["trained"]["ci95"] + runs["untrained"]["ci95"], runs
+
+
+def test_centralized_mode_reproduces_the_federation_with_full_participation(tmp_path: Path) -> None:
+    """`--mode centralized` pools the same clients' task samplers: same model, same evaluation."""
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    flags = ["--task", "gaussian", "--algorithm", "fomaml", "--rounds", "6", "--local-clients", "2",
+             "--tasks-per-client", "4", "--eval-tasks-per-client", "20", "--inner-lr", "0.1", "--no-progress"]
+    summaries = {}
+    for mode in ("federated", "centralized"):
+        run_dir = tmp_path / mode
+        done = subprocess.run([sys.executable, "-m", "server", "--mode", mode, "--run-dir", str(run_dir), *flags],
+                              capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stdout + done.stderr
+        summaries[mode] = json.loads((run_dir / "summary.json").read_text())
+    fed = load_file(str(tmp_path / "federated" / "model" / "model.safetensors"))
+    central = load_file(str(tmp_path / "centralized" / "model" / "model.safetensors"))
+    assert fed.keys() == central.keys()
+    for name in fed:
+        torch.testing.assert_close(fed[name], central[name], rtol=0, atol=1e-6)
+    f, c = summaries["federated"], summaries["centralized"]
+    assert (f["mode"], c["mode"]) == ("federated", "centralized")
+    assert c["eval"]["tasks"] == f["eval"]["tasks"] == 40
+    assert c["eval"]["accuracy_post"] == pytest.approx(f["eval"]["accuracy_post"], abs=1e-6)
+    assert sorted(c["eval"]["per_client"]) == sorted(f["eval"]["per_client"]) == ["local-0", "local-1"]
+    assert c["bytes_sent"] == 0 and f["bytes_sent"] > 0

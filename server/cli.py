@@ -103,6 +103,20 @@ def print_summary(summary: dict[str, Any], run_dir: str) -> None:
     print("\n".join(lines), flush=True)
 
 
+def run_centralized(config: ServerConfig, *, progress_bar: bool) -> int:
+    from server import centralized_run
+
+    progress = Progress(config, 0, bar=progress_bar)
+    with logging_redirect_tqdm():
+        summary = centralized_run.run(config, on_round=progress)
+    progress.close()
+    print_summary(summary, str(config.run_dir))
+    from server.plots import plots_after_run
+
+    plots_after_run(config.run_dir)
+    return 0
+
+
 def serve(config: ServerConfig, *, progress_bar: bool) -> int:
     progress: Progress | None = None
 
@@ -145,6 +159,9 @@ def serve(config: ServerConfig, *, progress_bar: bool) -> int:
     if coordinator.summary is None:
         raise RuntimeError(f"the run stopped without finishing: {coordinator.error or 'see the log above'}")
     print_summary(coordinator.summary, str(config.run_dir))
+    from server.plots import plots_after_run  # draws only when matplotlib is installed
+
+    plots_after_run(config.run_dir)
     return 0
 
 
@@ -159,7 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     try:
-        return serve(config, progress_bar=not args.no_progress and sys.stderr.isatty())
+        bar = not args.no_progress and sys.stderr.isatty()
+        if config.mode == "centralized":
+            return run_centralized(config, progress_bar=bar)
+        return serve(config, progress_bar=bar)
     except Shutdown as exc:
         log.warning("%s received: stopped; the last checkpoint in %s resumes the run", exc, config.run_dir)
         return 130 if str(exc) == "SIGINT" else 0

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.func import grad, jvp
+from torch.func import grad
 
 from common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, Params, UpdateKind
 from common.algorithms.fedavg import make_outer
@@ -30,10 +30,13 @@ def local_step(model: nn.Module, w: Params, xs: torch.Tensor, ys: torch.Tensor, 
     w_tilde = {k: w[k] - alpha * g_support[k] for k in w}
     g = grad(loss_at, argnums=1)(model, w_tilde, xq, yq, loss_fn)
     if variant == "hf":
-        def support_grad(p: Params) -> Params:
-            return grad(loss_at, argnums=1)(model, p, xs, ys, loss_fn)
+        v = {k: t.detach() for k, t in g.items()}
 
-        hv = jvp(support_grad, (w,), (g,))[1]  # H(w, D'') g
+        def grad_dot_v(p: Params) -> torch.Tensor:
+            gp = grad(loss_at, argnums=1)(model, p, xs, ys, loss_fn)
+            return sum((gp[k] * v[k]).sum() for k in gp)  # type: ignore[return-value]
+
+        hv = grad(grad_dot_v)(w)  # H(w, D'') g by reverse-over-reverse (forward-over-reverse hits ZeroTensors)
         g = {k: g[k] - alpha * hv[k] for k in g}
     return {k: w[k] - beta * g[k] for k in w}
 

@@ -24,10 +24,10 @@ from common import PROTOCOL_VERSION
 from common.algorithms import InnerConfig, UpdateKind, get_algorithm, meta_parameters
 from common.codec import Reassembler, abs_max, TensorSetError, decode, encode, header_from_proto, header_to_proto, iter_chunks, specs_of
 from common.config import RunConfig, check_client_id
-from common.evaluation import evaluate
+from common.evaluation import evaluate_holder
 from common.models import build_model, prefers_vmap
 from common.proto import pb, pb_grpc, tensor_pb
-from common.tasks import STREAM_EVAL, STREAM_TRAIN, default_shard, is_classification, loss_for, make_tasks, task_seed
+from common.tasks import STREAM_TRAIN, default_shard, is_classification, loss_for, make_tasks, task_seed
 from common.wire import run_config_from_proto
 from common import CLIENT_ID_METADATA as CLIENT_ID_KEY
 
@@ -249,19 +249,15 @@ class Worker:
         run = self.run
         assert run is not None
         params = self._fetch(version)
-        seed = task_seed(run.seed, self.config.data_seed, STREAM_EVAL, 0)
-        batch = self.tasks.sample("eval", num_tasks=run.eval_tasks_per_client, shots=run.eval_shots,
-                                  queries=run.eval_queries, seed=seed)
-        metrics = evaluate(self.algorithm, self.model, params, batch.to(self.device), self.loss_fn,
-                           steps=run.eval_steps, lr=run.inner_lr, vectorize=self.vectorize,
-                           classification=is_classification(run.task))
+        metrics = evaluate_holder(self.algorithm, self.model, params, self.tasks, run, data_seed=self.config.data_seed,
+                                  device=self.device, vectorize=self.vectorize)
         header = pb.UpdateHeader(
             run_id=run.run_id, round=round_index, client_id=self.config.client_id, base_version=version,
-            kind=pb.UPDATE_KIND_EVALUATION, weight=float(batch.num_tasks), metrics=metrics,
+            kind=pb.UPDATE_KIND_EVALUATION, weight=float(run.eval_tasks_per_client), metrics=metrics,
         )
         self._submit(header, None)
         what = "accuracy" if is_classification(run.task) else "loss"
-        log.info("evaluation on %d held-out tasks: %s %.3f before, %.3f after %d steps", batch.num_tasks, what,
+        log.info("evaluation on %d held-out tasks: %s %.3f before, %.3f after %d steps", run.eval_tasks_per_client, what,
                  metrics[f"{what}_pre"], metrics[f"{what}_post"], run.eval_steps)
 
     def run_forever(self) -> int:

@@ -15,9 +15,9 @@ import torch
 from common.aggregation import FlatLayout, WeightedMean
 from common.algorithms import InnerConfig, OuterConfig, get_algorithm, meta_parameters
 from common.config import RunConfig
-from common.evaluation import evaluate
+from common.evaluation import evaluate_holder
 from common.models import build_model
-from common.tasks import STREAM_EVAL, STREAM_TRAIN, is_classification, loss_for, make_tasks, task_seed
+from common.tasks import STREAM_TRAIN, loss_for, make_tasks, task_seed
 
 
 def train(
@@ -68,14 +68,10 @@ def evaluate_held_out(
     """The federation's final evaluation (each data seed's held-out tasks), in one process."""
     algorithm = get_algorithm(run.algorithm)
     model = build_model(run.model)
-    loss_fn = loss_for(run.task)
     totals: dict[str, float] = {}
     for data_seed in data_seeds:
         tasks = make_tasks(run, data_seed=data_seed, shard=data_seed, data_dir=data_dir)
-        batch = tasks.sample("eval", num_tasks=run.eval_tasks_per_client, shots=run.eval_shots,
-                             queries=run.eval_queries, seed=task_seed(run.seed, data_seed, STREAM_EVAL, 0))
-        m = evaluate(algorithm, model, params, batch, loss_fn, steps=run.eval_steps, lr=run.inner_lr,
-                     vectorize=vectorize, classification=is_classification(run.task))
+        m = evaluate_holder(algorithm, model, params, tasks, run, data_seed=data_seed, vectorize=vectorize)
         for k, v in m.items():
             totals[k] = totals.get(k, 0.0) + v / len(data_seeds)
     return totals

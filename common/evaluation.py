@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from common.algorithms import Algorithm
 from common.algorithms.inner import Params, forward, map_tasks
-from common.tasks import LossFn, TaskBatch
+from common.tasks import STREAM_EVAL, LossFn, TaskBatch, TaskFamily, is_classification, loss_for, task_seed
+
+if TYPE_CHECKING:
+    from common.config import RunConfig
 
 Z95 = 1.959963984540054
 
@@ -84,6 +88,39 @@ def evaluate(
     return metrics
 
 
+def evaluate_holder(
+    algorithm: Algorithm,
+    model: nn.Module,
+    params: Params,
+    tasks: TaskFamily,
+    run: RunConfig,
+    *,
+    data_seed: int,
+    device: torch.device | str = "cpu",
+    vectorize: bool = True,
+) -> dict[str, float]:
+    """One data holder's part of the final evaluation: held-out tasks, the curve, and onboarding.
+
+    Besides `evaluate` at --eval-shots, a second batch of held-out tasks with one shot per
+    class gives `shots_1` next to `shots_<eval_shots>`: what a new data holder gains from
+    labelling more examples.
+    """
+    classification = is_classification(run.task)
+    primary = "accuracy" if classification else "loss"
+    batch = tasks.sample("eval", num_tasks=run.eval_tasks_per_client, shots=run.eval_shots,
+                         queries=run.eval_queries, seed=task_seed(run.seed, data_seed, STREAM_EVAL, 0))
+    metrics = evaluate(algorithm, model, params, batch.to(device), loss_for(run.task), steps=run.eval_steps,
+                       lr=run.inner_lr, vectorize=vectorize, classification=classification)
+    if run.eval_shots > 1:
+        one = tasks.sample("eval", num_tasks=run.eval_tasks_per_client, shots=1, queries=run.eval_queries,
+                           seed=task_seed(run.seed, data_seed, STREAM_EVAL, 1))
+        m1 = evaluate(algorithm, model, params, one.to(device), loss_for(run.task), steps=run.eval_steps,
+                      lr=run.inner_lr, vectorize=vectorize, classification=classification)
+        metrics["shots_1"] = m1[f"{primary}_post"]
+        metrics[f"shots_{run.eval_shots}"] = metrics[f"{primary}_post"]
+    return metrics
+
+
 def ci95(mean: float, mean_sq: float, n: float) -> float:
     """Half-width of the normal 95% confidence interval of a mean over n tasks, from E[x] and E[x^2]."""
     if n < 2:
@@ -108,4 +145,7 @@ def summarize(metrics: Mapping[str, float], tasks: float, *, classification: boo
     steps = sorted(int(k.split("_")[1]) for k in metrics if k.startswith("curve_") and k.split("_")[1].isdigit())
     out["curve_metric"] = primary
     out["curve"] = [metrics[f"curve_{k}"] for k in steps]
+    shots = sorted(int(k.split("_")[1]) for k in metrics if k.startswith("shots_") and k.split("_")[1].isdigit())
+    if shots:
+        out["by_shots"] = {str(k): metrics[f"shots_{k}"] for k in shots}
     return out

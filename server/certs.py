@@ -7,7 +7,6 @@ the coordinator matches against the id a client claims under --require-client-ce
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import ipaddress
 import os

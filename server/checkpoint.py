@@ -2,12 +2,18 @@
 
 Written to a temporary file, fsynced, then renamed over the previous one, so a
 coordinator killed at any moment leaves either the old or the new checkpoint.
+
+Test-only hook: FEDMETA_TEST_CHECKPOINT_PAUSE_S=SECONDS makes save() sleep that long
+after the temporary file is written and fsynced and before the rename, whenever a
+previous checkpoint exists, so an integration test can kill the coordinator while the
+temporary file is on disk (tests/integration/test_failures.py). Never set it in a run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 FILENAME = "state.safetensors"
 _META_KEY = "fedmeta"
+_TEST_PAUSE_ENV = "FEDMETA_TEST_CHECKPOINT_PAUSE_S"
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,7 @@ def save(directory: Path, checkpoint: Checkpoint) -> Path:
     save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(checkpoint.meta)})
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+    _test_pause(path)
     os.replace(tmp, path)
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
@@ -45,6 +53,13 @@ def save(directory: Path, checkpoint: Checkpoint) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+def _test_pause(path: Path) -> None:
+    """Test-only: sleep before replacing an existing checkpoint if FEDMETA_TEST_CHECKPOINT_PAUSE_S is set."""
+    pause = os.environ.get(_TEST_PAUSE_ENV)
+    if pause and path.exists():
+        time.sleep(float(pause))
 
 
 def load(directory: Path) -> Checkpoint | None:

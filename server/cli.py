@@ -97,6 +97,10 @@ def print_summary(summary: dict[str, Any], run_dir: str) -> None:
     else:
         name = "MSE" if summary["task"] == "sinusoid" else "loss"
         lines.append(f"  {name:<12}{ev['loss_pre']:>10.3f}{ev['loss_post']:>10.3f}{pm}  (95% CI)")
+    by_shots = ev.get("by_shots") or {}
+    if len(by_shots) > 1:
+        lines.append("  after adaptation with " + ", ".join(f"{k}-shot {v:.3f}" for k, v in by_shots.items())
+                     + ": what a new data holder gains from labelling more examples")
     if ev.get("transductive_bn"):
         lines.append("  (batch norm uses each task's batch statistics: transductive evaluation)")
     lines.append(f"Run directory: {run_dir}  (summary.json, metrics.jsonl, model/, checkpoint/, logs/)")

@@ -41,6 +41,7 @@ def test_meta_learning_beats_pre_adaptation_accuracy_on_gaussian_tasks(
     assert ev["curve"][0] == pytest.approx(ev["accuracy_pre"]) and ev["curve"][-1] == pytest.approx(ev["accuracy_post"])
     assert ev["curve"][-1] > ev["curve"][1] > ev["curve"][0]
     assert ev["transductive_bn"] is False
+    assert ev["by_shots"]["5"] == pytest.approx(ev["accuracy_post"]) and ev["by_shots"]["1"] < ev["by_shots"]["5"]
     assert sorted(ev["per_client"]) == ["site-0", "site-1", "site-2"]
     for report in ev["per_client"].values():
         assert report["tasks"] == 200 and report["accuracy_post"] > report["accuracy_pre"]

@@ -1,16 +1,22 @@
-"""Failures with real processes: a client killed mid-run, a coordinator killed and restarted."""
+"""Failures with real processes: clients killed or paused, a coordinator killed (also mid-checkpoint) and restarted."""
 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
+from safetensors import safe_open
 
+from server import checkpoint
 from tests.integration.conftest import wait_for
 
 pytestmark = pytest.mark.integration
@@ -146,3 +152,105 @@ def test_paused_client_is_dropped_then_carries_on(processes, tmp_path: Path) -> 
         assert c.wait(30) == 0, c.output()
     rounds = [r["round"] for r in _rounds(run_dir)]
     assert rounds == list(range(600))
+
+
+def test_coordinator_killed_while_writing_a_checkpoint_keeps_the_previous_one(processes, tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGKILL while the new checkpoint is a temporary file: the previous one loads, and the run resumes from it."""
+    run_dir = tmp_path / "run"
+    ckpt_dir = run_dir / "checkpoint"
+    tmp_file = ckpt_dir / f".{checkpoint.FILENAME}.tmp"
+    flags = ["--port", str(_free_port()), "--rounds", "8", "--clients-per-round", "2", "--min-clients", "2", *FAST]
+    # Test-only hook (server/checkpoint.py): the coordinator sleeps between writing the temporary
+    # file and renaming it whenever a previous checkpoint exists, i.e. from the second checkpoint on.
+    monkeypatch.setenv("FEDMETA_TEST_CHECKPOINT_PAUSE_S", "300")
+    server = processes.server(run_dir, *flags)
+    monkeypatch.delenv("FEDMETA_TEST_CHECKPOINT_PAUSE_S")
+    clients = [processes.client(server.port, f"c{i}", i) for i in range(2)]
+    # Round 0's record follows the first checkpoint (not paused), so a temporary file seen after it is the second's.
+    wait_for(lambda: _rounds(run_dir) and tmp_file.exists(), timeout_s=90,
+             what="the second checkpoint's temporary file")
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait(timeout=30)
+
+    # The kill left the new state unrenamed next to the previous checkpoint (written after round 0).
+    assert [r["round"] for r in _rounds(run_dir)] == [0]  # round 1's record follows its checkpoint
+    with safe_open(str(tmp_file), framework="pt") as f:
+        assert json.loads((f.metadata() or {})["fedmeta"])["next_round"] == 2
+    previous = checkpoint.load(ckpt_dir)
+    assert previous is not None
+    assert previous.meta["next_round"] == 1
+    assert previous.meta["version"] == _rounds(run_dir)[0]["version"]
+    assert previous.theta.isfinite().all() and previous.theta.numel() == 1761  # the sinusoid MLP 1-40-40-1
+    # As if the kill had come in the middle of the write: only half of the temporary file is on disk.
+    with open(tmp_file, "r+b") as f:
+        f.truncate(tmp_file.stat().st_size // 2)
+    assert checkpoint.load(ckpt_dir).meta["next_round"] == 1  # type: ignore[union-attr]
+
+    restarted = processes.server(run_dir, *flags)
+    assert restarted.wait(180) == 0, restarted.output()
+    assert "from its checkpoint: next round 1 of 8" in restarted.output()
+    for c in clients:
+        assert c.wait(60) == 0, c.output()
+    rounds = [r["round"] for r in _rounds(run_dir)]
+    assert rounds == list(range(8)), f"rounds in metrics.jsonl after the resume: {rounds}"
+    assert not tmp_file.exists()
+    final = checkpoint.load(ckpt_dir)
+    assert final is not None and final.meta["next_round"] == 8
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds_completed"] == 8
+
+
+def _blocked(proc: subprocess.Popen[str], quiet_s: float = 0.5) -> Callable[[], bool]:
+    """A condition: proc has used no CPU for quiet_s (a client blocked in its WaitForAssignment long-poll)."""
+    p = psutil.Process(proc.pid)
+    last: list[float] = [-1.0, 0.0]  # cpu seconds, when they last changed
+
+    def check() -> bool:
+        cpu, now = sum(p.cpu_times()[:2]), time.monotonic()
+        if cpu != last[0]:
+            last[:] = [cpu, now]
+            return False
+        return now - last[1] >= quiet_s
+
+    return check
+
+
+def test_client_paused_holding_an_assignment_has_its_late_update_refused(processes, tmp_path: Path) -> None:
+    """SIGSTOP a client while its long-poll is pending; the coordinator assigns it round 0 while it is stopped.
+
+    Round 0 (and the next) close at their deadline with the two others. After SIGCONT the client computes
+    round 0 from the stale assignment, its update is refused with FAILED_PRECONDITION and not counted, and
+    it then trains in a later round.
+    """
+    run_dir = tmp_path / "run"
+    # A 60 s long-poll (the client's call deadline is 70 s) so the stopped client's pending poll is what
+    # receives round 0's assignment; its lease (2 x 60 + 5 s) keeps it sampled, so rounds wait for the deadline.
+    server = processes.server(run_dir, "--rounds", "12", "--clients-per-round", "3", "--min-clients", "2",
+                              "--round-deadline-s", "2", "--poll-timeout-s", "60", "--algorithm", "fomaml", *FAST)
+    paused = processes.client(server.port, "c0", 0)
+    try:
+        # No round opens with one client: once joined and idle, c0 is blocked in its first WaitForAssignment.
+        wait_for(lambda: "joined run" in paused.output(), timeout_s=60, what="c0 to join")
+        wait_for(_blocked(paused.proc), timeout_s=30, what="c0 to block in its long-poll")
+        paused.proc.send_signal(signal.SIGSTOP)
+        others = [processes.client(server.port, f"c{i}", i) for i in (1, 2)]
+        wait_for(lambda: len(_rounds(run_dir)) >= 2, timeout_s=60, what="two rounds closed while c0 is stopped")
+    finally:
+        paused.proc.send_signal(signal.SIGCONT)
+    wait_for(lambda: "work refused" in paused.output(), timeout_s=30, what="c0's late update to be refused")
+    assert server.wait(180) == 0, server.output()
+    for c in (paused, *others):
+        assert c.wait(30) == 0, c.output()
+
+    refusal = re.search(r"work refused \(update for round (\d+) refused: (the current round is \d+|none is open)\)",
+                        paused.output())
+    assert refusal is not None and int(refusal[1]) == 0, paused.output()
+    assert "update from 'c0' refused (FAILED_PRECONDITION): update for round 0 refused" in server.output()
+    records = _rounds(run_dir)
+    assert [r["round"] for r in records] == list(range(12))
+    assert records[0]["clients_sampled"] == 3  # c0 was assigned round 0 ...
+    assert records[0]["clients_answered"] == records[1]["clients_answered"] == 2  # ... and its late update not counted
+    assert any(r["clients_answered"] == 3 for r in records[2:]), "c0 did not train after the refusal"
+    trained = re.search(r"the run is finished after (\d+) rounds trained here", paused.output())
+    assert trained is not None and int(trained[1]) >= 1

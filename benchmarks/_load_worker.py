@@ -1,0 +1,271 @@
+"""A load-generator process for load_clients.py: many lightweight clients in threads, on the real protocol.
+
+Each client is a thread with its own channel (its own TCP connection: a local subchannel pool)
+and runs the client's side of the contract with the generated stubs and common.codec:
+Join -> WaitForAssignment long-polls -> the parameters from the assignment when they are
+inlined, else FetchParameters (digest verified by Reassembler) -> SubmitUpdate (header,
+chunks, UpdateEnd) ... until FINISHED, then Leave. UNAVAILABLE and DEADLINE_EXCEEDED are
+retried with backoff and jitter; FAILED_PRECONDITION is recorded and the client asks for new work.
+With --resend-every N, some accepted updates are sent a second time (as after a lost reply); the
+coordinator must acknowledge them as duplicates without counting them.
+
+No inner loop: a TRAIN update is s * P, P a fixed pattern over the model's flat parameters
+with values k/16 (k in -8..8) and s = update_scale(index, round) in 1..16, so every partial
+sum the coordinator forms in float32 is exact and load_clients.py can recompute theta bit
+for bit. An EVALUATE assignment is answered with metrics only. The last stdout line is JSON:
+every submission's outcome and timings (time.monotonic, one clock for every process).
+
+    python benchmarks/_load_worker.py --server 127.0.0.1:PORT --first-index 0 --clients 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import CLIENT_ID_METADATA, PROTOCOL_VERSION  # noqa: E402
+from common.algorithms import UpdateKind, get_algorithm  # noqa: E402
+from common.codec import (  # noqa: E402
+    EncodedTensorSet,
+    Reassembler,
+    TensorSetHeader,
+    TensorSpec,
+    encode,
+    header_from_proto,
+    header_to_proto,
+    iter_chunks,
+)
+from common.proto import pb, pb_grpc, tensor_pb  # noqa: E402
+from common.wire import run_config_from_proto  # noqa: E402
+
+T = TypeVar("T")
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_KIND = {UpdateKind.META_GRADIENT: pb.UPDATE_KIND_META_GRADIENT, UpdateKind.PARAMETER_DELTA: pb.UPDATE_KIND_PARAMETER_DELTA}
+_RPC_TIMEOUT_S = 120.0
+SCALES = 16
+
+
+def client_id(index: int) -> str:
+    return f"load-{index:04d}"
+
+
+def update_scale(index: int, round_index: int) -> int:
+    """s in 1..16: the multiple of the pattern that client `index` submits in round `round_index`."""
+    return 1 + (index * 7 + round_index * 3) % SCALES
+
+
+def pattern(numel: int) -> torch.Tensor:
+    """P: float32 [numel], P[i] = ((7 i) mod 17 - 8) / 16 (exact in float32, as are s * P and their sums)."""
+    return ((torch.arange(numel, dtype=torch.int64) * 7) % 17 - 8).to(torch.float32) / 16.0
+
+
+class Updates:
+    """Encoded s * P for each scale s, built once per process for the model's specs (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._specs: tuple[TensorSpec, ...] | None = None
+        self._cache: dict[int, EncodedTensorSet] = {}
+
+    def get(self, specs: tuple[TensorSpec, ...], scale: int) -> EncodedTensorSet:
+        with self._lock:
+            if specs != self._specs:
+                self._specs, self._cache = specs, {}
+            if scale not in self._cache:
+                flat = pattern(sum(s.numel for s in specs)) * float(scale)
+                views, offset = {}, 0
+                for s in specs:
+                    views[s.name] = flat[offset : offset + s.numel].view(s.shape)
+                    offset += s.numel
+                self._cache[scale] = encode(views)  # one flat buffer: the payload is a view, no copy
+            return self._cache[scale]
+
+
+class LoadClient:
+    """One lightweight client; records every submission it makes."""
+
+    def __init__(self, index: int, server: str, updates: Updates, give_up_s: float, resend_every: int) -> None:
+        self.index = index
+        self.resend_every = resend_every
+        self.client_id = client_id(index)
+        self.updates = updates
+        self.give_up_s = give_up_s
+        self.rng = random.Random(index)
+        self.channel = grpc.insecure_channel(server, options=[
+            ("grpc.max_receive_message_length", 4 << 20), ("grpc.max_send_message_length", 4 << 20),
+            ("grpc.use_local_subchannel_pool", 1)])  # a connection of its own, like a separate client process
+        self.stub = pb_grpc.CoordinatorStub(self.channel)
+        self.metadata = ((CLIENT_ID_METADATA, self.client_id),)
+        self.records: list[dict[str, Any]] = []
+        self.errors: list[str] = []
+        self.retries = 0
+        self.inlined = 0
+        self.fetched = 0
+        self.joined_at = 0.0
+        self.finished = False
+        self.leave_failed = ""
+
+    def _retry(self, call: Callable[[], T]) -> T:
+        start = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                return call()
+            except grpc.RpcError as exc:
+                code = exc.code() if isinstance(exc, grpc.Call) else None
+                if code not in RETRYABLE or time.monotonic() - start > self.give_up_s:
+                    raise
+                self.retries += 1
+                time.sleep(self.rng.uniform(0, min(5.0, 0.1 * 2**attempt)))
+                attempt += 1
+
+    def join(self) -> None:
+        request = pb.JoinRequest(client_id=self.client_id, protocol_version=PROTOCOL_VERSION, device="cpu",
+                                 num_tasks=0, encodings=[tensor_pb.ENCODING_FLOAT32])
+        response = self._retry(lambda: self.stub.Join(request, timeout=_RPC_TIMEOUT_S, metadata=self.metadata))
+        self.run = run_config_from_proto(response.config)
+        self.kind = _KIND[get_algorithm(self.run.algorithm).update_kind]
+        self.joined_at = time.monotonic()
+
+    def _fetch(self, version: str) -> TensorSetHeader:
+        request = pb.FetchParametersRequest(run_id=self.run.run_id, client_id=self.client_id, parameter_version=version)
+
+        def fetch() -> TensorSetHeader:
+            stream: Iterator[pb.FetchParametersResponse] = self.stub.FetchParameters(
+                request, timeout=_RPC_TIMEOUT_S, metadata=self.metadata)
+            first = next(stream)
+            header = header_from_proto(first.header.tensors)
+            assembler = Reassembler(header, max_bytes=header.total_bytes)
+            for msg in stream:
+                assembler.add(msg.chunk.offset, msg.chunk.data)
+            assembler.finish()  # checks the size and the SHA-256 digest
+            return header
+
+        return self._retry(fetch)
+
+    def _submit(self, header: pb.UpdateHeader, encoded: EncodedTensorSet | None) -> pb.SubmitUpdateResponse:
+        if encoded is not None:
+            header.tensors.CopyFrom(header_to_proto(encoded.header))
+
+        def messages() -> Iterator[pb.SubmitUpdateRequest]:
+            yield pb.SubmitUpdateRequest(header=header)
+            if encoded is not None:
+                for offset, data in iter_chunks(encoded.payload, self.run.chunk_bytes):
+                    yield pb.SubmitUpdateRequest(chunk=tensor_pb.TensorChunk(offset=offset, data=data))
+            yield pb.SubmitUpdateRequest(end=pb.UpdateEnd())
+
+        return self._retry(lambda: self.stub.SubmitUpdate(messages(), timeout=_RPC_TIMEOUT_S, metadata=self.metadata))
+
+    def loop(self) -> None:
+        held_version, specs = "", None
+        while True:
+            request = pb.WaitForAssignmentRequest(run_id=self.run.run_id, client_id=self.client_id,
+                                                  held_version=held_version)
+            a = self._retry(lambda request=request: self.stub.WaitForAssignment(  # type: ignore[misc]
+                request, timeout=self.run.poll_timeout_s + 10.0, metadata=self.metadata))
+            assigned = time.monotonic()
+            if a.action == pb.ACTION_FINISHED:
+                self.finished = True
+                try:  # best effort, as in client.worker: a finished coordinator may already be shutting down
+                    self.stub.Leave(pb.LeaveRequest(run_id=self.run.run_id, client_id=self.client_id), timeout=10.0,
+                                    metadata=self.metadata)
+                except grpc.RpcError as exc:
+                    self.leave_failed = exc.code().name if isinstance(exc, grpc.Call) else "error"
+                return
+            if a.action not in (pb.ACTION_TRAIN, pb.ACTION_EVALUATE):
+                continue
+            train = a.action == pb.ACTION_TRAIN
+            record: dict[str, Any] = {"round": a.round, "action": "train" if train else "evaluate", "assigned": assigned}
+            fetched = assigned
+            try:
+                if a.HasField("parameters"):
+                    header = header_from_proto(a.parameters.tensors)
+                    assembler = Reassembler(header, max_bytes=header.total_bytes)
+                    assembler.add(0, a.parameters.payload)
+                    assembler.finish()  # checks the size and the SHA-256 digest
+                    held_version, specs = a.parameter_version, header.specs
+                    self.inlined += 1
+                elif a.parameter_version != held_version or specs is None:
+                    specs = self._fetch(a.parameter_version).specs
+                    held_version = a.parameter_version
+                    self.fetched += 1
+                fetched = time.monotonic()
+                record["scale"] = scale = update_scale(self.index, a.round) if train else 0
+                header_msg = pb.UpdateHeader(
+                    run_id=self.run.run_id, round=a.round, client_id=self.client_id,
+                    base_version=a.parameter_version, kind=self.kind if train else pb.UPDATE_KIND_EVALUATION,
+                    weight=1.0, metrics={"loss_pre": 1.0, "loss_post": 0.5} if train else
+                    {"loss_pre": 1.0, "loss_post": 0.5, "curve_0": 1.0, "curve_1": 0.5},
+                )
+                update = self.updates.get(specs, scale) if train else None
+                reply = self._submit(header_msg, update)
+                record["status"] = "duplicate" if reply.duplicate else "ok"
+                if train and self.resend_every and (self.index + a.round) % self.resend_every == 0:
+                    # As a client does whose reply was lost: the same update again, to be acknowledged only.
+                    record["resend"] = "duplicate" if self._submit(header_msg, update).duplicate else "counted"
+            except grpc.RpcError as exc:
+                code = exc.code() if isinstance(exc, grpc.Call) else None
+                record["status"] = code.name if code is not None else "error"
+                if code != grpc.StatusCode.FAILED_PRECONDITION:
+                    self.errors.append(f"round {a.round}: {record['status']}: "
+                                       f"{exc.details() if isinstance(exc, grpc.Call) else exc}")
+            done = time.monotonic()
+            record |= {"fetch_s": fetched - assigned, "submit_s": done - fetched, "done": done}
+            self.records.append(record)
+
+    def run_forever(self, start: threading.Barrier) -> None:
+        try:
+            start.wait()
+            self.join()
+            self.loop()
+        except Exception as exc:  # recorded for load_clients.py, which fails the run on any error
+            self.errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            self.channel.close()
+
+
+def run(server: str, indices: Sequence[int], give_up_s: float, resend_every: int) -> dict[str, Any]:
+    updates = Updates()
+    clients = [LoadClient(i, server, updates, give_up_s, resend_every) for i in indices]
+    start = threading.Barrier(len(clients))
+    threads = [threading.Thread(target=c.run_forever, args=(start,), name=c.client_id, daemon=True) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"clients": [{"client_id": c.client_id, "index": c.index, "joined_at": c.joined_at, "finished": c.finished,
+                         "leave_failed": c.leave_failed,
+                         "inlined": c.inlined, "fetched": c.fetched, "retries": c.retries, "errors": c.errors,
+                         "records": c.records} for c in clients]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--server", required=True, help="HOST:PORT of the coordinator")
+    parser.add_argument("--first-index", type=int, required=True, help="index of this process's first client")
+    parser.add_argument("--clients", type=int, required=True, help="clients (threads) in this process")
+    parser.add_argument("--give-up-s", type=float, default=300.0, help="retry transient errors this long")
+    parser.add_argument("--resend-every", type=int, default=0,
+                        help="client i resends its accepted update of round r when (i + r) %% N == 0 (0: never)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    out = run(args.server, range(args.first_index, args.first_index + args.clients), args.give_up_s,
+              args.resend_every)
+    print(json.dumps(out), flush=True)
+    return 0 if all(c["finished"] and not c["errors"] for c in out["clients"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

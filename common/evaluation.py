@@ -101,9 +101,10 @@ def evaluate_holder(
 ) -> dict[str, float]:
     """One data holder's part of the final evaluation: held-out tasks, the curve, and onboarding.
 
-    Besides `evaluate` at --eval-shots, a second batch of held-out tasks with one shot per
-    class gives `shots_1` next to `shots_<eval_shots>`: what a new data holder gains from
-    labelling more examples.
+    Besides `evaluate` at --eval-shots, a second batch of held-out tasks gives the metric with
+    another number of examples: one shot per class for classification (`shots_1`), twice
+    --eval-shots for regression (where a single point makes a poor, often divergent, fit),
+    next to `shots_<eval_shots>`: what a new data holder gains from labelling more examples.
     """
     classification = is_classification(run.task)
     primary = "accuracy" if classification else "loss"
@@ -111,12 +112,13 @@ def evaluate_holder(
                          queries=run.eval_queries, seed=task_seed(run.seed, data_seed, STREAM_EVAL, 0))
     metrics = evaluate(algorithm, model, params, batch.to(device), loss_for(run.task), steps=run.eval_steps,
                        lr=run.inner_lr, vectorize=vectorize, classification=classification)
-    if run.eval_shots > 1:
-        one = tasks.sample("eval", num_tasks=run.eval_tasks_per_client, shots=1, queries=run.eval_queries,
-                           seed=task_seed(run.seed, data_seed, STREAM_EVAL, 1))
-        m1 = evaluate(algorithm, model, params, one.to(device), loss_for(run.task), steps=run.eval_steps,
+    other = 1 if classification else 2 * run.eval_shots
+    if other != run.eval_shots:
+        more = tasks.sample("eval", num_tasks=run.eval_tasks_per_client, shots=other, queries=run.eval_queries,
+                            seed=task_seed(run.seed, data_seed, STREAM_EVAL, 1))
+        m1 = evaluate(algorithm, model, params, more.to(device), loss_for(run.task), steps=run.eval_steps,
                       lr=run.inner_lr, vectorize=vectorize, classification=classification)
-        metrics["shots_1"] = m1[f"{primary}_post"]
+        metrics[f"shots_{other}"] = m1[f"{primary}_post"]
         metrics[f"shots_{run.eval_shots}"] = metrics[f"{primary}_post"]
     return metrics
 

@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seed of this client's local task stream (default: derived from --client-id)")
     parser.add_argument("--data-dir", metavar="DIR",
                         help="this data holder's local data (needed by --task omniglot on the coordinator)")
+    parser.add_argument("--download", action="store_true",
+                        help="fetch the official Omniglot archives into --data-dir when they are missing "
+                             "(nothing is downloaded without this flag)")
     parser.add_argument("--shard", type=int, default=None,
                         help="this client's share of a partitioned data set, taken mod the run's --shards "
                              "(default: the number the client id ends with, else the data seed)")
@@ -67,6 +70,18 @@ def main(argv: list[str] | None = None) -> int:
         check_client_id(args.client_id)
     except ValueError as exc:
         parser.error(f"--client-id: {exc}")
+    if args.download:
+        if args.data_dir is None:
+            parser.error("--download: needs --data-dir, the folder to put the Omniglot archives in")
+        from pathlib import Path
+
+        from common.tasks.omniglot_download import download
+
+        try:
+            download(Path(args.data_dir))
+        except ValueError as exc:
+            print(f"fedmeta-client: error: {exc}", file=sys.stderr)
+            return 1
     try:
         config = ClientConfig(
             server=args.server,

@@ -39,7 +39,7 @@ CACHE_VERSION = 1
 _HOLDOUT_STREAM, _PARTITION_STREAM = 0x0A11, 0x5A4D  # fixed: they keep splits stable across versions
 _NO_DATA = ("expected images_background*.zip / images_evaluation.zip or extracted alphabet/character/drawing.png "
             "trees; the official archives are published at https://github.com/brendenlake/omniglot "
-            "(python/images_background.zip, python/images_evaluation.zip)")
+            "(python/images_background.zip, python/images_evaluation.zip); fedmeta-client --download fetches them")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Plots of a run directory (fedmeta-plot): meta-loss per round, the adaptation curve, sinusoid fits.
 
-matplotlib is optional (`pip install 'fedmeta[plots]'`): it is imported inside
+matplotlib is optional (`pip install -e '.[plots]'`): it is imported inside
 make_plots only, and figures are drawn with the Agg canvas, never pyplot, so nothing
 global (the backend, open figures) changes in the calling process.
 """
@@ -20,7 +20,7 @@ from common.cli import OneLineErrorParser
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-INSTALL_HINT = "pip install 'fedmeta[plots]'"
+INSTALL_HINT = "pip install -e '.[plots]' (matplotlib)"
 FITS_SEED = 20170318  # fixed: the same held-out sinusoids for every run, so plots compare
 FITS_TASKS = 4
 DPI = 130

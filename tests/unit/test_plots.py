@@ -96,7 +96,7 @@ def test_fedmeta_plot_without_matplotlib_says_how_to_install(tmp_path: Path, cap
     with pytest.raises(SystemExit) as exc:
         main([str(fake_run(tmp_path / "run", task="sinusoid", rounds=2))])
     assert exc.value.code == 2
-    assert "pip install 'fedmeta[plots]'" in capsys.readouterr().err
+    assert "pip install -e '.[plots]'" in capsys.readouterr().err
     assert not (tmp_path / "run" / "plots").exists()
 
 
@@ -106,7 +106,7 @@ def test_coordinator_hook_without_matplotlib_logs_the_hint(tmp_path: Path, monke
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
     with caplog.at_level(logging.INFO, logger="fedmeta.server"):
         assert plots.plots_after_run(fake_run(tmp_path / "run", task="sinusoid", rounds=2)) == []
-    assert "pip install 'fedmeta[plots]'" in caplog.text
+    assert "pip install -e '.[plots]'" in caplog.text
 
 
 def test_coordinator_hook_logs_a_failed_plot_instead_of_raising(tmp_path: Path,

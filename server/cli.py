@@ -180,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     try:
+        if config.download and config.data_dir is not None:
+            from pathlib import Path
+
+            from common.tasks.omniglot_download import download
+
+            download(Path(config.data_dir))
         bar = not args.no_progress and sys.stderr.isatty()
         if config.mode == "centralized":
             return run_centralized(config, progress_bar=bar)

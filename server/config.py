@@ -57,6 +57,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("perfedavg_variant", str, "fo", "perfedavg: fo (first order) or hf (Hessian-vector product)",
            choices=("fo", "hf")),
     Option("data_dir", str, None, "omniglot: data folder for --local-clients (clients take their own --data-dir)"),
+    Option("download", bool, False,
+           "omniglot: first fetch the official archives into --data-dir when missing (nothing is downloaded "
+           "without it)"),
     Option("mode", str, "federated",
            "federated: serve clients over gRPC; centralized: the same algorithm and tasks in this process, "
            "the task samplers of --local-clients (else --clients-per-round) clients pooled",
@@ -132,6 +135,7 @@ class ServerConfig:
     run_dir: Path
     local_clients: int
     data_dir: str | None = None
+    download: bool = False
     mode: str = "federated"
     max_update_norm: float | None = None
     trim_fraction: float = 0.2
@@ -279,7 +283,9 @@ def build(values: dict[str, Any]) -> ServerConfig:
         local_lr=v["local_lr"],
         perfedavg_variant=v["perfedavg_variant"],
     )
-    if v["data_dir"] is not None and not Path(v["data_dir"]).is_dir():
+    if v["download"] and v["data_dir"] is None:
+        raise ValueError("--download: needs --data-dir, the folder to put the Omniglot archives in")
+    if v["data_dir"] is not None and not v["download"] and not Path(v["data_dir"]).is_dir():
         raise ValueError(f"--data-dir: no such directory: {v['data_dir']}")
     if v["task"] == "omniglot" and v["local_clients"] and v["data_dir"] is None:
         raise ValueError("--task omniglot: --local-clients need --data-dir, the folder holding the Omniglot "
@@ -317,6 +323,7 @@ def build(values: dict[str, Any]) -> ServerConfig:
         run_dir=run_dir,
         local_clients=v["local_clients"],
         data_dir=v["data_dir"],
+        download=v["download"],
         mode=v["mode"],
     )
 

@@ -1,0 +1,64 @@
+"""Every algorithm on Conv4 (batch norm with batch statistics, a named head), looped and vmapped."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from common.algorithms import ALGORITHMS, InnerConfig, get_algorithm, meta_parameters
+from common.algorithms.anil import split
+from common.config import RunConfig
+from common.evaluation import evaluate
+from common.models import Conv4, ModelSpec, build_model, head_parameters, uses_batch_statistics
+from common.tasks import TaskBatch, loss_for
+
+WAYS, SHOTS, QUERIES, TASKS = 3, 1, 2, 2
+
+
+def conv_run(algorithm: str) -> RunConfig:
+    out = 8 if algorithm == "protonet" else WAYS  # ProtoNets: an embedding, not logits
+    spec = ModelSpec("conv4", {"in_channels": 1, "ways": out, "hidden": 4, "image_size": 28})
+    return RunConfig(run_id="c", algorithm=algorithm, task="omniglot", model=spec, ways=WAYS, shots=SHOTS,
+                     queries=QUERIES, inner_steps=2, inner_lr=0.1, rounds=4, local_steps=2, local_lr=0.05)
+
+
+def batch() -> TaskBatch:
+    gen = torch.Generator().manual_seed(0)
+    ys = torch.arange(WAYS).repeat_interleave(SHOTS).expand(TASKS, -1).contiguous()
+    yq = torch.arange(WAYS).repeat_interleave(QUERIES).expand(TASKS, -1).contiguous()
+    return TaskBatch(torch.rand(TASKS, WAYS * SHOTS, 1, 28, 28, generator=gen), ys,
+                     torch.rand(TASKS, WAYS * QUERIES, 1, 28, 28, generator=gen), yq)
+
+
+def test_conv4_declares_its_head_and_transductive_batch_norm() -> None:
+    model = build_model(conv_run("maml").model)
+    assert isinstance(model, Conv4) and head_parameters(model) == ("head.weight", "head.bias")
+    assert uses_batch_statistics(model) and split(model) is not None
+
+
+@pytest.mark.parametrize("vectorize", [False, True], ids=["loop", "vmap"])
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_every_algorithm_steps_adapts_and_evaluates_on_conv4(name: str, vectorize: bool) -> None:
+    torch.manual_seed(0)
+    run = conv_run(name)
+    model = build_model(run.model)
+    params = meta_parameters(run, 0)
+    algorithm = get_algorithm(name)
+    b = batch()
+    update = algorithm.client_step(model, params, b, loss_for("omniglot"), InnerConfig.from_run(run, vectorize=vectorize))
+    assert update.tensors.keys() == params.keys()
+    assert all(update.tensors[k].shape == params[k].shape for k in params)
+    assert all(torch.isfinite(t).all() for t in update.tensors.values())
+    assert any(t.abs().sum() > 0 for t in update.tensors.values())
+    assert update.weight == TASKS and all(math.isfinite(v) for v in update.metrics.values())
+    adapted = algorithm.adapt(model, params, b.x_support[0], b.y_support[0], loss_for("omniglot"), steps=2, lr=0.1)
+    if algorithm.head_only:  # ANIL: the body stays where it was
+        head = set(head_parameters(model))
+        assert all(torch.equal(adapted[k], params[k]) for k in params if k not in head)
+        assert any(not torch.equal(adapted[k], params[k]) for k in head)
+    metrics = evaluate(algorithm, model, params, b, loss_for("omniglot"), steps=2, lr=0.1, vectorize=vectorize,
+                       classification=True)
+    assert 0.0 <= metrics["accuracy_pre"] <= 1.0 and 0.0 <= metrics["accuracy_post"] <= 1.0
+    assert all(math.isfinite(v) for v in metrics.values())

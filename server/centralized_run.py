@@ -16,7 +16,7 @@ from typing import Any
 from common import centralized
 from common.codec import version_of
 from server.config import ServerConfig, describe
-from server.coordinator import eval_summary
+from server.report import eval_summary
 from server.local import local_client_id
 from server.rundir import RunDir
 

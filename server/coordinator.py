@@ -30,10 +30,7 @@ from common.aggregation import Aggregator, FlatLayout, make_aggregator
 from common.algorithms import OuterConfig, UpdateKind, get_algorithm, meta_parameters
 from common.codec import EncodedTensorSet, TensorSetHeader, TensorSpec, abs_max, check_specs, encode
 from common.config import RunConfig
-from common.evaluation import summarize
-from common.models import build_model, uses_batch_statistics
-from common.tasks import is_classification
-from server import checkpoint
+from server import checkpoint, report
 from server.config import ServerConfig, describe
 from server.rundir import RunDir
 
@@ -568,7 +565,7 @@ class Coordinator:
             "parameter_version": self.version,
             "model": str(export),
             "mode": "federated",
-            "eval": eval_summary(self.run, metrics, rnd.metric_weight, rnd.client_metrics),
+            "eval": report.eval_summary(self.run, metrics, rnd.metric_weight, rnd.client_metrics),
             "config": describe(self.config),
         }
         self.rundir.write_summary(self.summary)
@@ -585,46 +582,3 @@ class Coordinator:
             now = time.monotonic()
             return sum(1 for cid in self._live(now) if not self._clients[cid].told_finished)
 
-
-def eval_summary(run: RunConfig, metrics: Mapping[str, float], tasks: float,
-                 client_metrics: Mapping[str, dict[str, float]]) -> dict[str, Any]:
-    """summary.json's "eval": pooled metrics over every held-out task, and a report per client."""
-    classification = is_classification(run.task)
-    out: dict[str, Any] = {
-        "shots": run.eval_shots,
-        "steps": run.eval_steps,
-        "queries": run.eval_queries,
-        "tasks": int(round(tasks)),
-        "clients": len(client_metrics),
-        "transductive_bn": uses_batch_statistics(build_model(run.model)),
-    }
-    if classification:
-        out["ways"] = run.ways
-    out |= summarize(metrics, tasks, classification=classification)
-    out["per_client"] = {cid: _client_report(m, classification=classification)
-                         for cid, m in sorted(client_metrics.items())}
-    return out
-
-
-def _client_report(m: dict[str, float], *, classification: bool) -> dict[str, Any]:
-    """One held-out client's onboarding report: its metric before/after and how many steps it needed."""
-    tasks = m.get("tasks", 0.0)
-    report = {"tasks": int(round(tasks))} | summarize(m, tasks, classification=classification)
-    curve = report.get("curve")
-    curve = curve if isinstance(curve, list) else []
-    report["steps_to_90pct"] = steps_to_fraction(curve, 0.9, higher_is_better=classification)
-    return report
-
-
-def steps_to_fraction(curve: list[float], fraction: float, *, higher_is_better: bool) -> int | None:
-    """The first step whose gain over step 0 reaches `fraction` of the final gain (None without a gain)."""
-    if len(curve) < 2:
-        return None
-    sign = 1.0 if higher_is_better else -1.0
-    total = sign * (curve[-1] - curve[0])
-    if not total > 0:
-        return None
-    for step, value in enumerate(curve):
-        if sign * (value - curve[0]) >= fraction * total:
-            return step
-    return len(curve) - 1

@@ -12,7 +12,7 @@ import torch
 from common.config import RunConfig
 from common.models import Conv4, default_model
 from common.tasks import make_tasks
-from common.tasks import omniglot
+from common.tasks import omniglot, omniglot_data
 from common.tasks.omniglot import OmniglotTasks, load_omniglot, partition_classes, partition_drawings
 from tests.omniglot_fixtures import write_fake_omniglot
 
@@ -40,7 +40,7 @@ def _forbid_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(data: bytes, name: str) -> np.ndarray:
         raise AssertionError(f"decoded {name}: the cache was not used")
 
-    monkeypatch.setattr(omniglot, "_decode_png", boom)
+    monkeypatch.setattr(omniglot_data, "_decode_png", boom)
 
 
 # ---------------------------------------------------------------------------- loading and cache

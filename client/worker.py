@@ -6,7 +6,9 @@ The loop is the same in every deployment: a local child of `fedmeta-server
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import logging
 import math
 import random
@@ -34,6 +36,14 @@ from common import CLIENT_ID_METADATA as CLIENT_ID_KEY
 log = logging.getLogger("fedmeta.client")
 _KIND = {UpdateKind.META_GRADIENT: pb.UPDATE_KIND_META_GRADIENT, UpdateKind.PARAMETER_DELTA: pb.UPDATE_KIND_PARAMETER_DELTA}
 _RPC_TIMEOUT_S = 60.0
+
+
+def _test_pause() -> None:
+    """Test-only: FEDMETA_TEST_COMPUTE_PAUSE_S=SECONDS makes every client step that much slower
+    (tests/integration/test_failures.py uses it for a slow-but-alive client). Never set it in a run."""
+    pause = os.environ.get("FEDMETA_TEST_COMPUTE_PAUSE_S")
+    if pause:
+        time.sleep(float(pause))
 
 
 def default_data_seed(client_id: str) -> int:
@@ -217,14 +227,48 @@ class Worker:
         except grpc.RpcError:
             pass
 
+    @contextlib.contextmanager
+    def _heartbeats(self, round_index: int) -> Iterator[None]:
+        """While the body runs, tell the coordinator every poll_timeout_s / 2 that this client is alive.
+
+        A long client step (Conv4, a big meta-batch, the final evaluation) would otherwise
+        outlive the lease the coordinator gives a client after its last call, and a slow
+        client would be dropped and replaced like a dead one.
+        """
+        run = self.run
+        assert run is not None
+        done = threading.Event()
+        request = pb.HeartbeatRequest(run_id=run.run_id, client_id=self.config.client_id, round=round_index)
+        interval = max(0.5, run.poll_timeout_s / 2)
+
+        def beat() -> None:
+            while not done.wait(interval):
+                try:
+                    self.stub.Heartbeat(request, timeout=interval, metadata=self.metadata)
+                except grpc.RpcError as exc:  # the next long-poll or submit reports real trouble
+                    log.debug("heartbeat failed: %s", exc)
+
+        thread = threading.Thread(target=beat, name="fedmeta-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
     # ---- work ---------------------------------------------------------------------------------
     def train(self, round_index: int, version: str) -> None:
+        with self._heartbeats(round_index):
+            self._train(round_index, version)
+
+    def _train(self, round_index: int, version: str) -> None:
         run = self.run
         assert run is not None
         params = self._fetch(version)
         seed = task_seed(run.seed, self.config.data_seed, STREAM_TRAIN, round_index)
         batch = self.tasks.sample("train", num_tasks=run.tasks_per_client, shots=run.shots, queries=run.queries, seed=seed)
         start = time.perf_counter()
+        _test_pause()
         inner = InnerConfig.from_run(run, round_index=round_index, vectorize=self.vectorize)
         update = self.algorithm.client_step(self.model, params, batch.to(self.device), self.loss_fn, inner)
         compute_s = time.perf_counter() - start
@@ -246,6 +290,10 @@ class Worker:
                 " (duplicate)" if reply.duplicate else "")
 
     def evaluate(self, round_index: int, version: str) -> None:
+        with self._heartbeats(round_index):
+            self._evaluate(round_index, version)
+
+    def _evaluate(self, round_index: int, version: str) -> None:
         run = self.run
         assert run is not None
         params = self._fetch(version)

@@ -263,6 +263,14 @@ class Coordinator:
             log.log(logging.DEBUG if self.finished.is_set() else logging.INFO, "client %s left", client_id)
             self._cond.notify_all()
 
+    def heartbeat(self, client_id: str, round_index: int) -> bool:
+        """A computing client is alive: renew its lease. Returns whether its round still wants it."""
+        with self._cond:
+            self._known(client_id).last_seen = time.monotonic()
+            rnd = self._round
+            return (rnd is not None and rnd.index == round_index and client_id in rnd.sampled
+                    and client_id not in rnd.answered)
+
     def _known(self, client_id: str) -> ClientInfo:
         info = self._clients.get(client_id)
         if info is None or info.left:

@@ -274,6 +274,16 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.LeaveResponse()
 
 
+    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
+        client_id = self._client_id(context, request.client_id)
+        try:
+            self.coordinator.check_run(request.run_id)
+            still_needed = self.coordinator.heartbeat(client_id, int(request.round))
+        except Rejected as exc:
+            _abort(context, exc.code, exc.message)
+        return pb.HeartbeatResponse(still_needed=still_needed)
+
+
 def create_server(config: ServerConfig, coordinator: Coordinator) -> tuple[grpc.Server, int]:
     """A started-but-not-serving gRPC server bound to config.host:config.port; returns (server, port)."""
     max_message = config.run.chunk_bytes + _MESSAGE_OVERHEAD

@@ -254,3 +254,26 @@ def test_client_paused_holding_an_assignment_has_its_late_update_refused(process
     assert any(r["clients_answered"] == 3 for r in records[2:]), "c0 did not train after the refusal"
     trained = re.search(r"the run is finished after (\d+) rounds trained here", paused.output())
     assert trained is not None and int(trained[1]) >= 1
+
+
+def test_a_slow_client_keeps_its_lease_by_heartbeats(processes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client whose every step outlasts its lease is waited for, not replaced like a dead one.
+
+    Lease: 2 x poll timeout (0.5 s) + 5 s = 6 s; each training step takes 8 s (test-only hook in
+    client/worker.py); the round deadline is 2 s. Without heartbeats the coordinator would drop the
+    client at 6 s and refuse its update at 8 s.
+    """
+    run_dir = tmp_path / "run"
+    server = processes.server(run_dir, "--rounds", "2", "--clients-per-round", "1", "--min-clients", "1",
+                              "--round-deadline-s", "2", "--poll-timeout-s", "0.5", *FAST)
+    monkeypatch.setenv("FEDMETA_TEST_COMPUTE_PAUSE_S", "8")
+    client = processes.client(server.port, "slow", 0)
+    monkeypatch.delenv("FEDMETA_TEST_COMPUTE_PAUSE_S")
+    assert server.wait(120) == 0, server.output()
+    assert client.wait(30) == 0, client.output()
+    records = _rounds(run_dir)
+    assert [(r["round"], r["clients_answered"]) for r in records] == [(0, 1), (1, 1)]
+    assert all(r["round_s"] > 7.5 for r in records)  # the rounds really waited for the slow steps
+    assert "work refused" not in client.output()
+    assert "dropped unreachable ['slow']" not in server.output()
+    assert "deadline passed" in server.output()  # the deadline did pass: the lease, not luck, kept it

@@ -418,6 +418,14 @@ def _leave(run_id: str | None = None, client_id: str | None = None) -> Callable[
     return call
 
 
+def _heartbeat(run_id: str | None = None, client_id: str | None = None) -> Callable[[Session], object]:
+    def call(s: Session) -> object:
+        request = pb.HeartbeatRequest(run_id=s.run_id if run_id is None else run_id,
+                                      client_id=s.client_id if client_id is None else client_id, round=0)
+        return s.stub.Heartbeat(request, timeout=TIMEOUT_S)
+    return call
+
+
 def _join(client_id: str = "carol", protocol_version: int = PROTOCOL_VERSION) -> Callable[[Session], object]:
     def call(s: Session) -> object:
         request = pb.JoinRequest(client_id=client_id, protocol_version=protocol_version)
@@ -432,6 +440,8 @@ RPC_CASES = [
     RpcCase("wait-unknown-client", _wait(client_id="mallory"), Code.NOT_FOUND, "join"),
     RpcCase("fetch-unknown-client", _fetch(client_id="mallory"), Code.NOT_FOUND, "join"),
     RpcCase("leave-unknown-client", _leave(client_id="mallory"), Code.NOT_FOUND, "join"),
+    RpcCase("heartbeat-unknown-client", _heartbeat(client_id="mallory"), Code.NOT_FOUND, "join"),
+    RpcCase("heartbeat-wrong-run", _heartbeat(run_id="someone-elses-run"), PRECONDITION, "run"),
     RpcCase("wait-wrong-run", _wait(run_id="someone-elses-run"), PRECONDITION, "run"),
     RpcCase("fetch-wrong-run", _fetch(run_id="someone-elses-run"), PRECONDITION, "run"),
     RpcCase("leave-wrong-run", _leave(run_id="someone-elses-run"), PRECONDITION, "run"),
@@ -439,7 +449,8 @@ RPC_CASES = [
     RpcCase("fetch-empty-version", _fetch(version=""), PRECONDITION, "not current"),
     *(RpcCase(f"{rpc}-client-id-{kind}", make(client_id=cid), BAD, "client_id")  # type: ignore[operator]
       for kind, cid in MALFORMED_IDS.items()
-      for rpc, make in (("join", _join), ("wait", _wait), ("fetch", _fetch), ("leave", _leave))),
+      for rpc, make in (("join", _join), ("wait", _wait), ("fetch", _fetch), ("leave", _leave),
+                        ("heartbeat", _heartbeat))),
 ]
 
 
@@ -456,6 +467,17 @@ def test_hostile_call_is_refused_and_changes_nothing(inprocess_server, case: Rpc
 
 
 # ---- out of turn and repeated -----------------------------------------------------------------------
+
+
+def test_heartbeat_says_whether_the_work_is_still_needed(inprocess_server) -> None:
+    s = start(inprocess_server)  # round 0 opened with alice sampled
+    beat = pb.HeartbeatRequest(run_id=s.run_id, client_id=s.client_id, round=0)
+    assert s.stub.Heartbeat(beat, timeout=TIMEOUT_S).still_needed
+    stale = pb.HeartbeatRequest(run_id=s.run_id, client_id=s.client_id, round=7)
+    assert not s.stub.Heartbeat(stale, timeout=TIMEOUT_S).still_needed
+    before = snapshot(s)
+    assert_untouched(s, before)
+    assert_still_accepts(s, before)
 
 
 def test_update_from_a_client_not_sampled_is_refused(inprocess_server) -> None:

@@ -242,3 +242,19 @@ class LeaveRequest(_message.Message):
 class LeaveResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("run_id", "client_id", "round")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    client_id: str
+    round: int
+    def __init__(self, run_id: _Optional[str] = ..., client_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("still_needed",)
+    STILL_NEEDED_FIELD_NUMBER: _ClassVar[int]
+    still_needed: bool
+    def __init__(self, still_needed: _Optional[bool] = ...) -> None: ...

@@ -59,6 +59,11 @@ class CoordinatorStub:
                 request_serializer=fedmeta_dot_v1_dot_coordinator__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=fedmeta_dot_v1_dot_coordinator__pb2.LeaveResponse.FromString,
                 _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/fedmeta.v1.Coordinator/Heartbeat',
+                request_serializer=fedmeta_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=fedmeta_dot_v1_dot_coordinator__pb2.HeartbeatResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -100,6 +105,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Heartbeat(self, request, context):
+        """Sent every few seconds while the client computes: it keeps the client's lease, so a
+        slow client is waited for at the round deadline while a dead one is replaced.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +140,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Leave,
                     request_deserializer=fedmeta_dot_v1_dot_coordinator__pb2.LeaveRequest.FromString,
                     response_serializer=fedmeta_dot_v1_dot_coordinator__pb2.LeaveResponse.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=fedmeta_dot_v1_dot_coordinator__pb2.HeartbeatRequest.FromString,
+                    response_serializer=fedmeta_dot_v1_dot_coordinator__pb2.HeartbeatResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +282,33 @@ class Coordinator:
             '/fedmeta.v1.Coordinator/Leave',
             fedmeta_dot_v1_dot_coordinator__pb2.LeaveRequest.SerializeToString,
             fedmeta_dot_v1_dot_coordinator__pb2.LeaveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedmeta.v1.Coordinator/Heartbeat',
+            fedmeta_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
+            fedmeta_dot_v1_dot_coordinator__pb2.HeartbeatResponse.FromString,
             options,
             channel_credentials,
             insecure,

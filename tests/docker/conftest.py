@@ -13,7 +13,6 @@ import os
 import shlex
 import subprocess
 import tarfile
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = os.environ.get("FEDMETA_IMAGE", "fedmeta:cpu")
@@ -44,17 +44,6 @@ def compose_commands() -> list[list[str]]:
         if done.returncode == 0:
             found.append(cmd)
     return found
-
-
-def wait_for(condition: Callable[[], Any], *, timeout_s: float, what: str, interval_s: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(interval_s)
 
 
 @pytest.fixture(scope="session")

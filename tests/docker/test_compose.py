@@ -8,6 +8,7 @@ tokens from fedmeta-tokens. Every container, network and volume is removed after
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -20,7 +21,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.docker.conftest import IMAGE, REQUIRED, ROOT, compose_commands, wait_for
+from tests.docker.conftest import IMAGE, REQUIRED, ROOT, compose_commands
+from tests.integration.conftest import wait_for as _wait_for
+
+wait_for = functools.partial(_wait_for, interval_s=0.5)  # the Docker API is slow to ask
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 

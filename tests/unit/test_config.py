@@ -246,6 +246,12 @@ def client_main(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def
         (["--server", "localhost:50051", "--client-id", "site-1", "--give-up-s", "0"], "fedmeta-client: error: --give-up-s"),
         (["--server", "localhost:50051", "--client-id", "site-1", "--device", "tpu"], "fedmeta-client: error: --device"),
         (["--client-id", "site-1"], "fedmeta-client: error: the following arguments are required: --server"),
+        (["--server", "localhost:50051", "--client-id", "site-1", "--shard", "-1"], "fedmeta-client: error: --shard"),
+        (["--server", "localhost:50051", "--client-id", "site-1", "--data-dir", "/no/such/dir"],
+         "fedmeta-client: error: --data-dir"),
+        (["--server", "localhost:50051", "--client-id", "site-1", "--download"], "fedmeta-client: error: --download"),
+        (["--server", "localhost:50051", "--client-id", "site-1", "--vmap", "--no-vmap"],
+         "fedmeta-client: error: argument --no-vmap"),
     ],
 )
 def test_client_cli_error_is_one_line(capsys: pytest.CaptureFixture[str], client_main, argv: list[str], prefix: str) -> None:  # type: ignore[no-untyped-def]
@@ -255,6 +261,13 @@ def test_client_cli_error_is_one_line(capsys: pytest.CaptureFixture[str], client
 def test_client_cli_accepts_good_arguments(client_main) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(_WorkerReached, match="site-1"):
         client_main(["--server", "10.0.0.5:50051", "--client-id", "site-1", "--data-seed", "4"])
+
+
+def test_client_cli_passes_data_share_and_vmap_choice(client_main, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(_WorkerReached, match=r"data_dir='[^']+', shard=3") as info:
+        client_main(["--server", "10.0.0.5:50051", "--client-id", "site-1", "--data-dir", str(tmp_path),
+                     "--shard", "3", "--no-vmap"])
+    assert "vectorize=False" in str(info.value)
 
 
 @pytest.mark.parametrize("address", ["localhost:", "localhost:http", "localhost:99999"])

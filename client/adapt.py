@@ -21,9 +21,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.func import functional_call
 
 from common.algorithms import get_algorithm
+from common.algorithms.inner import EXTRA, forward
 from common.cli import OneLineErrorParser
 from common.images import load_image_folder
 from common.models import ModelSpec, build_model, uses_batch_statistics
@@ -89,7 +89,8 @@ def load_exported(path: Path) -> Exported:
 
 def check_parameters(model: nn.Module, params: Params, where: Path) -> None:
     expected = {k: tuple(v.shape) for k, v in model.named_parameters()}
-    got = {k: tuple(v.shape) for k, v in params.items()}
+    # The algorithm's own meta-parameters ("meta.*": Meta-SGD's step sizes) travel with the model's.
+    got = {k: tuple(v.shape) for k, v in params.items() if not k.startswith(EXTRA)}
     if expected != got:
         missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
         shapes = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
@@ -198,7 +199,7 @@ def read_examples(path: Path, *, exported: Exported, support: Examples | None) -
 def _forward(model: nn.Module, params: Params, x: torch.Tensor) -> torch.Tensor:
     try:
         with torch.no_grad():
-            return functional_call(model, params, (x,))
+            return forward(model, params, x)  # the model's own parameters; "meta.*" extras are the algorithm's
     except RuntimeError as exc:
         raise ValueError(f"the model cannot take inputs of shape {list(x.shape[1:])}: {exc}") from exc
 
@@ -215,7 +216,8 @@ def prepare(exported: Exported, support: Examples, device: torch.device) -> tupl
     check_parameters(model, exported.params, exported.folder / "model.safetensors")
     theta = {k: v.to(device=device, dtype=torch.float32) for k, v in exported.params.items()}
     outputs = _forward(model, theta, support.x.to(device)).shape[-1]
-    if is_classification(exported.task) and len(support.classes) != outputs:
+    prototypes = get_algorithm(exported.algorithm).predict is not None  # ProtoNets: any number of classes
+    if is_classification(exported.task) and not prototypes and len(support.classes) != outputs:
         raise ValueError(f"--support: expected {outputs} classes, as the model has {outputs} outputs; got "
                          f"{len(support.classes)} ({', '.join(support.classes[:10])})")
     if not is_classification(exported.task) and outputs != 1:
@@ -242,22 +244,31 @@ def personalise(exported: Exported, model: nn.Module, theta: Params, support: Ex
     device = next(iter(theta.values())).device
     xs, ys, xq = support.x.to(device), support.y.to(device), query.x.to(device)
     loss_fn = loss_for(exported.task)
-    adapted = get_algorithm(exported.algorithm).adapt(model, theta, xs, ys, loss_fn, steps=steps, lr=lr)
+    algorithm = get_algorithm(exported.algorithm)
+    adapted = algorithm.adapt(model, theta, xs, ys, loss_fn, steps=steps, lr=lr)
     adapted = {k: v.detach() for k, v in adapted.items()}
+
+    def predict(params: Params, x: torch.Tensor) -> torch.Tensor:
+        """Logits or values; ProtoNets' come from distances to the support set's prototypes."""
+        if algorithm.predict is not None:
+            with torch.no_grad():
+                return algorithm.predict(model, params, xs, ys, x)
+        return _forward(model, params, x)
+
     report: dict[str, Any] = {
         "model": str(exported.folder), "algorithm": exported.algorithm, "task": exported.task,
         "parameter_version": exported.version, "steps": steps, "lr": lr,
         "support": {"examples": len(support.names), "classes": list(support.classes) or None},
-        "support_loss_pre": float(loss_fn(_forward(model, theta, xs), ys)),
-        "support_loss_post": float(loss_fn(_forward(model, adapted, xs), ys)),
+        "support_loss_pre": float(loss_fn(predict(theta, xs), ys)),
+        "support_loss_post": float(loss_fn(predict(adapted, xs), ys)),
         "query": {"examples": len(query.names), "labelled": query.y is not None},
         "transductive_bn": uses_batch_statistics(model),
     }
     # One forward pass over the whole query set: batch-statistics models normalise it together, as in evaluation.
-    pred = _forward(model, adapted, xq).cpu()
+    pred = predict(adapted, xq).cpu()
     if query.y is not None:
         metric = "query_accuracy" if classification else "query_mse"
-        report[f"{metric}_pre"] = _query_metric(_forward(model, theta, xq).cpu(), query.y, classification)
+        report[f"{metric}_pre"] = _query_metric(predict(theta, xq).cpu(), query.y, classification)
         report[metric] = _query_metric(pred, query.y, classification)
     header = ["file" if query.x.dim() > 2 else "row", "prediction"] + (["probability"] if classification else [])
     header += ["target"] if query.y is not None else []

@@ -259,3 +259,39 @@ def test_bad_input_exits_2_with_one_line(case: str, tmp_path: Path, capsys: pyte
 
 def test_every_bad_case_is_run(tmp_path: Path) -> None:
     assert sorted(_bad_cases(tmp_path)) == sorted(CASES)
+
+
+def export_meta(root: Path, spec: ModelSpec, *, task: str, algorithm: str, ways: int = 3) -> Path:
+    """As `export`, with the algorithm's extra meta-parameters (Meta-SGD's step sizes) in the file."""
+    from common.algorithms import meta_parameters
+
+    run = RunConfig(run_id="unit", algorithm=algorithm, task=task, model=spec, ways=ways, dim=4, eval_steps=5,
+                    inner_lr=0.02 if task == "sinusoid" else 0.3)
+    RunDir(root).export_model(meta_parameters(run, 0), run, "v0")
+    return root
+
+
+def test_metasgd_export_adapts_with_its_learned_step_sizes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = export_meta(tmp_path / "run", SINE, task="sinusoid", algorithm="metasgd")
+    support = write_csv(tmp_path / "s.csv", ["x", "y"], sine_rows(10, 1))
+    query = write_csv(tmp_path / "q.csv", ["x", "y"], sine_rows(7, 2))
+    out = tmp_path / "out"
+    run_ok(capsys, "--model", run, "--support", support, "--query", query, "--out", out)
+    report = json.loads((out / "adapt.json").read_text())
+    assert report["support_loss_post"] < report["support_loss_pre"]
+    assert len(read_predictions(out)) == 7
+
+
+def test_protonet_export_predicts_by_prototypes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    encoder = ModelSpec("mlp", {"in_features": 4, "hidden": [16], "out_features": 8})
+    run = export_meta(tmp_path / "run", encoder, task="gaussian", algorithm="protonet")
+    gen = np.random.default_rng(0)
+    centres = {"a": 6.0, "b": -6.0, "c": 0.0}  # far apart: nearest prototype is always right
+    rows = [[*(centres[c] + 0.1 * gen.standard_normal(4)), c] for c in centres for _ in range(3)]
+    support = write_csv(tmp_path / "s.csv", ["f1", "f2", "f3", "f4", "label"], rows)
+    query = write_csv(tmp_path / "q.csv", ["f1", "f2", "f3", "f4", "label"], rows[1::2])
+    out = tmp_path / "out"
+    run_ok(capsys, "--model", run, "--support", support, "--query", query, "--out", out)
+    report = json.loads((out / "adapt.json").read_text())
+    assert report["query_accuracy"] == 1.0
+    assert [p["prediction"] for p in read_predictions(out)] == [r[-1] for r in rows[1::2]]

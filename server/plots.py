@@ -149,7 +149,7 @@ def plot_adaptation_curve(summary: dict[str, Any], title: str, path: Path) -> Pa
 def plot_sinusoid_fits(model_dir: Path, title: str, path: Path) -> Path:
     """Held-out sinusoids: the true curve, the K support points, the model before and after adaptation."""
     from safetensors.torch import load_file
-    from torch.func import functional_call
+    from common.algorithms.inner import forward
 
     from common.algorithms import get_algorithm
     from common.models import ModelSpec, build_model
@@ -176,7 +176,7 @@ def plot_sinusoid_fits(model_dir: Path, title: str, path: Path) -> Path:
         adapted = algorithm.adapt(model, theta, xs, ys, loss_fn, steps=steps, lr=lr)
         truth = SinusoidTasks.curve(amp, phase, grid)
         with torch.no_grad():
-            before, after = functional_call(model, theta, (grid,)), functional_call(model, adapted, (grid,))
+            before, after = forward(model, theta, grid), forward(model, adapted, grid)  # without "meta.*" extras
         mse_pre, mse_post = float(loss_fn(before, truth)), float(loss_fn(after, truth))
         ax.plot(grid[:, 0], truth[:, 0], color="black", linewidth=1.5, label="true function")
         ax.plot(grid[:, 0], before[:, 0], color="tab:orange", linestyle="--", linewidth=1.4,

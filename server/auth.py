@@ -60,28 +60,47 @@ def parse_tokens_file(path: Path) -> dict[str, tuple[bytes, bytes]]:
 
 
 class TokenStore:
-    """The tokens file, re-read when its modification time changes."""
+    """The tokens file, re-read when it changes; it fails closed.
+
+    A file that disappears, becomes unreadable or malformed refuses every call until it is
+    fixed (revoking a client by editing the file must never fall back to an older, larger
+    set), and the reason is logged once per distinct problem.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._mtime = -1.0
+        self._stamp: tuple[float, int, int] | None = None
         self._entries: dict[str, tuple[bytes, bytes]] = {}
-        self._reload()
+        self.error: str | None = None
+        self._entries = parse_tokens_file(path)  # a bad file at start is a one-line startup error
+        self._stamp = self._stat()
+        log.info("loaded %d client tokens from %s", len(self._entries), self.path)
+
+    def _stat(self) -> tuple[float, int, int]:
+        st = os.stat(self.path)
+        return (st.st_mtime, st.st_size, st.st_ino)
 
     def _reload(self) -> None:
-        mtime = os.stat(self.path).st_mtime
-        if mtime != self._mtime:
-            self._entries = parse_tokens_file(self.path)
-            self._mtime = mtime
-            log.info("loaded %d client tokens from %s", len(self._entries), self.path)
+        try:
+            stamp = self._stat()
+            if stamp == self._stamp and self.error is None:
+                return
+            entries = parse_tokens_file(self.path)
+        except (OSError, ValueError) as exc:
+            message = f"cannot read {self.path}: {exc.strerror}" if isinstance(exc, OSError) else str(exc)
+            if message != self.error:
+                log.error("tokens file unusable, refusing every call until it is fixed: %s", message)
+            self._entries, self._stamp, self.error = {}, None, message
+            return
+        if self.error is not None:
+            log.warning("tokens file %s is usable again", self.path)
+        self._entries, self._stamp, self.error = entries, stamp, None
+        log.info("loaded %d client tokens from %s", len(entries), self.path)
 
     def check(self, client_id: str, token: str) -> bool:
         with self._lock:
-            try:
-                self._reload()
-            except (OSError, ValueError) as exc:  # keep the last good file; say why
-                log.error("tokens file not reloaded: %s", exc)
+            self._reload()
             entry = self._entries.get(client_id)
         if entry is None:
             hmac.compare_digest(b"\0" * 32, hash_token(token, b"\0"))  # same work for unknown ids
@@ -105,7 +124,10 @@ class TokenInterceptor(grpc.ServerInterceptor):
         token = auth[len("Bearer "):] if auth.startswith("Bearer ") else ""
         if client_id and token and self.store.check(client_id, token):
             return continuation(handler_call_details)
-        reason = "no token" if not token else "an unknown client or a wrong or revoked token"
+        if self.store.error is not None:
+            reason = "the coordinator's tokens file is unusable (its operator must fix it)"
+        else:
+            reason = "no token" if not token else "an unknown client or a wrong or revoked token"
         return _deny(continuation(handler_call_details), f"UNAUTHENTICATED: {reason} for client {client_id!r}; "
                      "pass --token-file with the token issued for this --client-id")
 

@@ -1,7 +1,12 @@
-"""Atomic checkpoints: one safetensors file (tensors) with a JSON metadata entry.
+"""Atomic, verified checkpoints: safetensors files (tensors) with a JSON metadata entry.
 
-Written to a temporary file, fsynced, then renamed over the previous one, so a
-coordinator killed at any moment leaves either the old or the new checkpoint.
+The newest checkpoint is `state.safetensors`; the ones before it are kept as
+`state.1.safetensors`, `state.2.safetensors`, ... (`keep` files in all). A save writes a
+temporary file, fsyncs it, shifts the older files down by one and renames the temporary
+file into place, so a coordinator killed at any moment leaves the previous checkpoints
+intact. `load` trusts nothing because it sits in the run directory: a file that does not
+parse, whose θ or optimiser state is not finite, or whose θ does not hash to the stored
+parameter version is skipped with a log line, and the previous one is tried.
 
 Test-only hook: FEDMETA_TEST_CHECKPOINT_PAUSE_S=SECONDS makes save() sleep that long
 after the temporary file is written and fsynced and before the rename, whenever a
@@ -12,8 +17,11 @@ temporary file is on disk (tests/integration/test_failures.py). Never set it in 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +30,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+log = logging.getLogger("fedmeta.checkpoint")
+
 FILENAME = "state.safetensors"
+DEFAULT_KEEP = 2
 _META_KEY = "fedmeta"
 _TEST_PAUSE_ENV = "FEDMETA_TEST_CHECKPOINT_PAUSE_S"
 
@@ -36,9 +47,32 @@ class Checkpoint:
     meta: dict[str, Any]
 
 
-def save(directory: Path, checkpoint: Checkpoint) -> Path:
+def path_of(directory: Path, age: int) -> Path:
+    """The checkpoint `age` saves old: 0 is the newest (state.safetensors), 1 the one before, ..."""
+    return directory / (FILENAME if age == 0 else f"state.{age}.safetensors")
+
+
+def _age(path: Path) -> int | None:
+    if path.name == FILENAME:
+        return 0
+    m = re.fullmatch(r"state\.([1-9][0-9]{0,5})\.safetensors", path.name)
+    return int(m.group(1)) if m else None
+
+
+def candidates(directory: Path) -> list[Path]:
+    """Every checkpoint file in directory, newest first (however many an earlier `keep` left)."""
+    if not directory.is_dir():
+        return []
+    aged = [(age, p) for p in directory.iterdir() if (age := _age(p)) is not None]
+    return [p for _, p in sorted(aged)]
+
+
+def save(directory: Path, checkpoint: Checkpoint, *, keep: int = DEFAULT_KEEP) -> Path:
+    """Write checkpoint as the newest; keep the `keep - 1` before it; delete older ones."""
+    if keep < 1:
+        raise ValueError(f"keep: expected at least 1 checkpoint, got {keep}")
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / FILENAME
+    path = path_of(directory, 0)
     tmp = directory / f".{FILENAME}.tmp"
     tensors = {"theta": checkpoint.theta.contiguous()}
     tensors.update({f"outer.{k}": v.contiguous() for k, v in checkpoint.outer.items()})
@@ -46,7 +80,15 @@ def save(directory: Path, checkpoint: Checkpoint) -> Path:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     _test_pause(path)
+    # Shift older files down (oldest first); a crash in between leaves a gap that load() skips.
+    for age in range(keep - 1, 0, -1):
+        older = path_of(directory, age - 1)
+        if older.exists():
+            os.replace(older, path_of(directory, age))
     os.replace(tmp, path)
+    for stale in candidates(directory):  # fewer kept than before: drop the surplus
+        if (_age(stale) or 0) >= keep:
+            stale.unlink()
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -62,17 +104,56 @@ def _test_pause(path: Path) -> None:
         time.sleep(float(pause))
 
 
-def load(directory: Path) -> Checkpoint | None:
-    """The checkpoint in directory, or None if there is none."""
-    path = directory / FILENAME
-    if not path.exists():
-        return None
+def read(path: Path) -> Checkpoint:
+    """One checkpoint file, parsed; ValueError naming the file if it is unreadable."""
     try:
         tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {})[_META_KEY])
         theta = tensors["theta"]
+        if not isinstance(meta, dict):
+            raise TypeError(f"metadata is a {type(meta).__name__}, not an object")
     except Exception as exc:  # safetensors raises its own error types across versions
         raise ValueError(f"checkpoint {path} is unreadable ({exc!r}); move it away to start afresh") from exc
     outer = {k.removeprefix("outer."): v for k, v in tensors.items() if k.startswith("outer.")}
     return Checkpoint(theta=theta, outer=outer, meta=meta)
+
+
+def verify(path: Path, ckpt: Checkpoint, version_of: Callable[[torch.Tensor], str] | None) -> None:
+    """ValueError unless θ and the optimiser state are finite and θ hashes to the stored version."""
+    if not ckpt.theta.is_floating_point() or not bool(torch.isfinite(ckpt.theta).all()):
+        raise ValueError(f"checkpoint {path}: θ holds non-finite values")
+    for name, tensor in ckpt.outer.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"checkpoint {path}: optimiser state {name!r} holds non-finite values")
+    if version_of is not None:
+        stored = ckpt.meta.get("version")
+        actual = version_of(ckpt.theta)
+        if stored != actual:
+            raise ValueError(f"checkpoint {path}: θ hashes to version {actual[:12]!r}, the checkpoint says "
+                             f"{str(stored)[:12]!r}")
+
+
+def load(directory: Path, *, version_of: Callable[[torch.Tensor], str] | None = None) -> Checkpoint | None:
+    """The newest checkpoint in directory that parses and verifies, or None if there is none.
+
+    version_of(theta) computes the parameter version (SHA-256 of θ) to check against the
+    stored one. A bad file is skipped with a warning naming it and why; if every file is
+    bad the newest file's error is raised, since starting afresh would lose the run.
+    """
+    found = candidates(directory)
+    first_error: ValueError | None = None
+    for path in found:
+        try:
+            ckpt = read(path)
+            verify(path, ckpt, version_of)
+        except ValueError as exc:
+            first_error = first_error or exc
+            log.warning("%s; trying the previous checkpoint", exc)
+            continue
+        if path != found[0]:
+            log.warning("resuming from the older checkpoint %s", path)
+        return ckpt
+    if first_error is not None:
+        raise first_error
+    return None

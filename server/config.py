@@ -99,6 +99,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_update_bytes", int, 1 << 31, "largest update payload accepted, in bytes", minimum=1),
     Option("max_concurrent_uploads", int, 2, "updates buffered at once (peak memory: this many model copies)", minimum=1),
     Option("checkpoint_every", int, 1, "write a checkpoint every this many rounds", minimum=1),
+    Option("keep_checkpoints", int, 2, "checkpoints kept; a resume that finds the newest corrupt or "
+           "non-finite falls back to the one before", minimum=1, maximum=1000),
     Option("host", str, "127.0.0.1", "address to bind (0.0.0.0 for every interface)"),
     Option("port", int, None, "port to bind, 0 picks a free one (default: 50051; with --local-clients, a free one)", minimum=0, maximum=65535),
     Option("max_workers", int, 64, "gRPC worker threads (each waiting client holds one)", minimum=4),
@@ -137,6 +139,7 @@ class ServerConfig:
     data_dir: str | None = None
     download: bool = False
     mode: str = "federated"
+    keep_checkpoints: int = 2
     max_update_norm: float | None = None
     trim_fraction: float = 0.2
     tls_cert: str | None = None
@@ -317,6 +320,7 @@ def build(values: dict[str, Any]) -> ServerConfig:
         max_update_bytes=v["max_update_bytes"],
         max_concurrent_uploads=v["max_concurrent_uploads"],
         checkpoint_every=v["checkpoint_every"],
+        keep_checkpoints=v["keep_checkpoints"],
         host=v["host"],
         port=(0 if v["local_clients"] else 50051) if v["port"] is None else v["port"],
         max_workers=v["max_workers"],

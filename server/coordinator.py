@@ -153,7 +153,7 @@ class Coordinator:
     # ---- state persistence -------------------------------------------------------------
     def _resume(self) -> None:
         self.rundir.check_not_finished()
-        state = checkpoint.load(self.rundir.checkpoint_dir)
+        state = checkpoint.load(self.rundir.checkpoint_dir, version_of=self._version_of)
         if state is None:
             self.rundir.create(describe(self.config))
             return
@@ -180,6 +180,10 @@ class Coordinator:
         now = time.monotonic()
         for cid, info in meta.get("clients", {}).items():
             self._clients[cid] = ClientInfo(cid, info.get("device", ""), int(info.get("num_tasks", 0)), now)
+        dropped = self.rundir.trim_metrics(self.next_round)
+        if dropped:
+            log.warning("dropped %d records of rounds after the checkpoint from metrics.jsonl: those rounds are "
+                        "trained again", dropped)
         log.info("resumed run %s from its checkpoint: next round %d of %d, %d clients known",
                  self.run.run_id, self.next_round, self.config.rounds, len(self._clients))
 
@@ -200,7 +204,15 @@ class Coordinator:
             # Sampling is a pure function of (seed, round, attempt): no generator state to save.
             "rng": {"seed": self.run.seed, "round": self.next_round},
         }
-        checkpoint.save(self.rundir.checkpoint_dir, checkpoint.Checkpoint(self._theta, self.outer.state_dict(), meta))
+        checkpoint.save(self.rundir.checkpoint_dir, checkpoint.Checkpoint(self._theta, self.outer.state_dict(), meta),
+                        keep=self.config.keep_checkpoints)
+
+    def _version_of(self, theta: torch.Tensor) -> str:
+        """The parameter version of a flat θ read from a checkpoint: the digest _publish would give it."""
+        if theta.dtype != torch.float32 or theta.dim() != 1 or theta.numel() != self.layout.numel:
+            raise ValueError(f"checkpoint in {self.config.run_dir}: θ has {theta.numel()} {theta.dtype} values, "
+                             f"the model has {self.layout.numel} float32 ones")
+        return encode(self.layout.views(theta)).header.sha256.hex()
 
     @property
     def wall_s(self) -> float:

@@ -48,6 +48,29 @@ class RunDir:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record, allow_nan=False) + "\n")
 
+    def trim_metrics(self, next_round: int) -> int:
+        """Drop records of rounds >= next_round (redone after resuming from an older checkpoint).
+
+        Returns how many were dropped; the file is rewritten atomically only if any were.
+        """
+        if not self.metrics_path.exists():
+            return 0
+        lines = self.metrics_path.read_text().splitlines(keepends=True)
+        kept = []
+        for line in lines:
+            try:
+                if int(json.loads(line)["round"]) >= next_round:
+                    continue
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line from a kill is not a record
+            kept.append(line)
+        dropped = len(lines) - len(kept)
+        if dropped:
+            tmp = self.metrics_path.with_name(f".{self.metrics_path.name}.tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.metrics_path)
+        return dropped
+
     def export_model(self, params: Mapping[str, torch.Tensor], run: RunConfig, version: str) -> Path:
         """Write model/model.safetensors and model/model.json (what `adapt` needs)."""
         self.model_dir.mkdir(parents=True, exist_ok=True)

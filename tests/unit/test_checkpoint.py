@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from safetensors.torch import save_file
 from common.algorithms import OuterConfig
 from common.algorithms.outer import AdamOuter
 from server import checkpoint
-from server.checkpoint import FILENAME, Checkpoint, load, save
+from server.checkpoint import FILENAME, Checkpoint, candidates, load, read, save
 
 TMP_NAME = f".{FILENAME}.tmp"
 
@@ -61,7 +63,80 @@ def test_save_replaces_the_previous_checkpoint(tmp_path: Path) -> None:
     loaded = load(tmp_path)
     assert loaded is not None
     assert_same(loaded, newer)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [FILENAME]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.1.safetensors", FILENAME]
+    previous = read(tmp_path / "state.1.safetensors")
+    assert previous.meta["next_round"] == 1
+
+
+def test_only_the_last_keep_checkpoints_are_kept(tmp_path: Path) -> None:
+    for r in range(1, 6):
+        save(tmp_path, make_checkpoint(r, next_round=r), keep=3)
+    assert [read(p).meta["next_round"] for p in candidates(tmp_path)] == [5, 4, 3]
+    save(tmp_path, make_checkpoint(6, next_round=6), keep=1)  # a smaller --keep-checkpoints drops the rest
+    assert [p.name for p in candidates(tmp_path)] == [FILENAME]
+    with pytest.raises(ValueError, match="keep"):
+        save(tmp_path, make_checkpoint(7), keep=0)
+
+
+def _nan_theta(ckpt: Checkpoint) -> Checkpoint:
+    theta = ckpt.theta.clone()
+    theta[3] = float("nan")
+    return Checkpoint(theta, ckpt.outer, ckpt.meta)
+
+
+def _inf_state(ckpt: Checkpoint) -> Checkpoint:
+    outer = dict(ckpt.outer, exp_avg_sq=torch.full_like(ckpt.outer["exp_avg_sq"], float("inf")))
+    return Checkpoint(ckpt.theta, outer, ckpt.meta)
+
+
+def _other_theta(ckpt: Checkpoint) -> Checkpoint:
+    return Checkpoint(ckpt.theta + 1.0, ckpt.outer, ckpt.meta)  # finite, but not the stored version
+
+
+def _version(theta: torch.Tensor) -> str:
+    return hashlib.sha256(theta.numpy().tobytes()).hexdigest()
+
+
+def _with_version(ckpt: Checkpoint) -> Checkpoint:
+    return Checkpoint(ckpt.theta, ckpt.outer, {**ckpt.meta, "version": _version(ckpt.theta)})
+
+
+@pytest.mark.parametrize("spoil", [_nan_theta, _inf_state, _other_theta], ids=["nan-theta", "inf-adam-state", "wrong-version"])
+def test_a_bad_newest_checkpoint_falls_back_to_the_previous(tmp_path: Path, spoil, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    good = _with_version(make_checkpoint(1, next_round=1))
+    save(tmp_path, good)
+    save(tmp_path, spoil(_with_version(make_checkpoint(2, next_round=2))))
+    with caplog.at_level(logging.WARNING, logger="fedmeta.checkpoint"):
+        loaded = load(tmp_path, version_of=_version)
+    assert loaded is not None
+    assert_same(loaded, good)
+    assert str(tmp_path / FILENAME) in caplog.text and "previous checkpoint" in caplog.text
+    assert "state.1.safetensors" in caplog.text  # which one it resumed from
+
+
+def test_every_checkpoint_bad_is_an_error_not_a_fresh_start(tmp_path: Path) -> None:
+    save(tmp_path, _nan_theta(make_checkpoint(1, next_round=1)))
+    save(tmp_path, _nan_theta(make_checkpoint(2, next_round=2)))
+    with pytest.raises(ValueError, match="non-finite"):
+        load(tmp_path)
+
+
+def test_an_unreadable_newest_checkpoint_falls_back(tmp_path: Path) -> None:
+    good = make_checkpoint(1, next_round=1)
+    save(tmp_path, good)
+    save(tmp_path, make_checkpoint(2, next_round=2))
+    (tmp_path / FILENAME).write_bytes(b"garbage")
+    loaded = load(tmp_path)
+    assert loaded is not None
+    assert_same(loaded, good)
+
+
+def test_a_gap_left_by_a_crash_between_renames_is_skipped(tmp_path: Path) -> None:
+    save(tmp_path, make_checkpoint(1, next_round=1))
+    save(tmp_path, make_checkpoint(2, next_round=2))
+    (tmp_path / FILENAME).unlink()  # as if killed after shifting state -> state.1, before the last rename
+    loaded = load(tmp_path)
+    assert loaded is not None and loaded.meta["next_round"] == 1
 
 
 def test_adam_state_survives_a_checkpoint(tmp_path: Path) -> None:

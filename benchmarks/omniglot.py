@@ -1,0 +1,193 @@
+"""Omniglot on real images: every algorithm federated beside centralised, 5-way and 20-way 1-shot.
+
+The split (non-IID, test alphabets no client ever saw):
+
+  train  the 5 alphabets of images_background_small1.zip, one per client (--partition alphabet,
+         --shards 5: Balinese, Early_Aramaic, Greek, Korean, Latin)
+  test   the alphabets of images_background_small2.zip that small1 lacks (Japanese (katakana),
+         Sanskrit, Tagalog), given to the loader as the evaluation archive
+
+Each row is a real run of `python -m server` (a coordinator and 5 client processes on
+127.0.0.1 for `federated`; the same algorithm, tasks and budget in one process for
+`centralized`), evaluated inductively (Conv4's default normalisation, no batch statistics of
+the query set) on 600 held-out tasks (5 clients x 120) with a 95% CI. FedAvg is the baseline
+that learns no initialisation for adaptation: its row is FedAvg + fine-tuning.
+
+    python benchmarks/omniglot.py --data-dir ../shared/data/omniglot                 # every row
+    python benchmarks/omniglot.py --data-dir ../shared/data/omniglot --algorithms protonet --settings 5w1s
+    python benchmarks/omniglot.py --table                                              # README table from the JSON
+
+Results accumulate in benchmarks/results/omniglot.json (one entry per algorithm, setting and
+mode; a rerun of a row replaces it), so rows can be run in several sittings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import RESULTS, ROOT, machine, write_result  # noqa: E402
+
+SMALL1 = "images_background_small1.zip"
+SMALL2 = "images_background_small2.zip"
+TEST_ALPHABETS = ("Japanese_(katakana)", "Sanskrit", "Tagalog")
+CLIENTS = 5
+EVAL_TASKS_PER_CLIENT = 120  # x 5 clients = 600 test tasks
+
+SETTINGS = {"5w1s": {"ways": 5, "shots": 1}, "20w1s": {"ways": 20, "shots": 1}}
+ALGORITHMS = ("protonet", "maml", "fomaml", "reptile", "anil", "metasgd", "fedavg")
+
+# The training budget per algorithm (the same for both modes): rounds, tasks per client per
+# round, and what differs from the defaults. ProtoNets train 20-way for 5-way tests (Snell et
+# al. 2017) where --eval-ways allows it; gradient-based methods train on the test's ways.
+BUDGET: dict[str, dict[str, Any]] = {
+    "protonet": {"rounds": 400, "tasks": 2, "flags": []},
+    "maml": {"rounds": 300, "tasks": 2, "flags": ["--inner-steps", "1", "--eval-steps", "10"]},
+    "fomaml": {"rounds": 300, "tasks": 2, "flags": ["--inner-steps", "1", "--eval-steps", "10"]},
+    "reptile": {"rounds": 300, "tasks": 2, "flags": ["--inner-steps", "5", "--inner-lr", "0.1", "--eval-steps", "10"]},
+    "anil": {"rounds": 300, "tasks": 2, "flags": ["--inner-steps", "1", "--eval-steps", "10"]},
+    "metasgd": {"rounds": 300, "tasks": 2, "flags": ["--inner-steps", "1"]},
+    "fedavg": {"rounds": 300, "tasks": 2, "flags": ["--eval-steps", "10", "--inner-lr", "0.1"]},
+}
+
+
+def make_split(data_dir: Path, workdir: Path) -> Path:
+    """A data folder holding small1 as the background archive and small2's new alphabets as evaluation."""
+    for name in (SMALL1, SMALL2):
+        if not (data_dir / name).is_file():
+            raise SystemExit(f"--data-dir {data_dir}: expected {name} there (the small Omniglot archives from "
+                             "https://github.com/brendenlake/omniglot, python/)")
+    split = workdir / "omniglot-split"
+    split.mkdir(parents=True, exist_ok=True)
+    background = split / SMALL1
+    if not background.exists():
+        os.symlink((data_dir / SMALL1).resolve(), background)
+    evaluation = split / "images_evaluation_small2_new_alphabets.zip"
+    if not evaluation.exists():
+        with zipfile.ZipFile(data_dir / SMALL2) as src, zipfile.ZipFile(evaluation, "w") as dst:
+            for info in src.infolist():
+                parts = info.filename.split("/")
+                if len(parts) >= 2 and parts[1] in TEST_ALPHABETS:
+                    dst.writestr(info, src.read(info))
+    return split
+
+
+def run_row(algorithm: str, setting: str, mode: str, split: Path, workdir: Path, *, budget_scale: float,
+            threads: int) -> dict[str, Any]:
+    s = SETTINGS[setting]
+    b = BUDGET[algorithm]
+    rounds = max(1, round(b["rounds"] * budget_scale))
+    run_dir = workdir / f"{algorithm}-{setting}-{mode}"
+    cmd = [sys.executable, "-m", "server", "--task", "omniglot", "--data-dir", str(split), "--algorithm", algorithm,
+           "--mode", mode, "--local-clients", str(CLIENTS), "--shards", str(CLIENTS), "--partition", "alphabet",
+           "--ways", str(s["ways"]), "--shots", str(s["shots"]), "--eval-shots", str(s["shots"]),
+           "--rounds", str(rounds), "--tasks-per-client", str(b["tasks"]),
+           "--eval-tasks-per-client", str(EVAL_TASKS_PER_CLIENT), "--run-dir", str(run_dir), "--no-progress",
+           "--seed", "0", *b["flags"]]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
+    start = time.monotonic()
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=4 * 3600, env=env)
+    elapsed = time.monotonic() - start
+    command = "python -m server " + " ".join(cmd[3:]).replace(str(split), "SPLIT").replace(str(run_dir), "RUN")
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["?"])[-1], "command": command}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    ev = summary["eval"]
+    return {
+        "algorithm": algorithm, "setting": setting, "mode": mode,
+        "accuracy": ev["accuracy_post"], "accuracy_pre": ev["accuracy_pre"], "ci95": ev.get("ci95"),
+        "eval_tasks": ev["tasks"], "eval_ways": ev.get("ways"), "eval_steps": ev.get("steps"),
+        "transductive_bn": ev.get("transductive_bn"), "rounds": summary["rounds_completed"],
+        "wall_s": summary["wall_s"], "process_s": elapsed, "eval_s": summary.get("eval_s"),
+        "bytes_moved": summary["bytes_sent"] + summary["bytes_received"],
+        "command": command,
+    }
+
+
+def load_rows() -> dict[str, dict[str, Any]]:
+    path = RESULTS / "omniglot.json"
+    if not path.exists():
+        return {}
+    return dict(json.loads(path.read_text()).get("rows", {}))
+
+
+def table(rows: dict[str, dict[str, Any]]) -> str:
+    """Markdown: one line per algorithm and setting, federated beside centralised."""
+    lines = ["| algorithm | setting | federated: accuracy ± 95% CI | wall s | MB moved | centralised: accuracy ± 95% CI | wall s |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for algorithm in ALGORITHMS:
+        for setting in SETTINGS:
+            fed = rows.get(f"{algorithm}/{setting}/federated")
+            cen = rows.get(f"{algorithm}/{setting}/centralized")
+            if fed is None and cen is None:
+                continue
+
+            def acc(r: dict[str, Any] | None) -> str:
+                if r is None:
+                    return "not run"
+                if "error" in r:
+                    return "error"
+                return f"{r['accuracy']:.3f} ± {r['ci95']:.3f}"
+
+            def cell(r: dict[str, Any] | None, key: str, scale: float = 1.0) -> str:
+                return f"{r[key] / scale:.0f}" if r and key in r else ""
+
+            name = "fedavg + fine-tuning" if algorithm == "fedavg" else algorithm
+            lines.append(f"| `{name}` | {setting} | {acc(fed)} | {cell(fed, 'wall_s')} | {cell(fed, 'bytes_moved', 1e6)} "
+                         f"| {acc(cen)} | {cell(cen, 'wall_s')} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, help="folder with images_background_small1.zip and _small2.zip")
+    parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="5w1s, 20w1s")
+    parser.add_argument("--modes", default="federated,centralized")
+    parser.add_argument("--budget-scale", type=float, default=1.0, help="multiply every row's rounds (a quick look: 0.1)")
+    parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the runs (default: torch's)")
+    parser.add_argument("--table", action="store_true", help="print the README table from the results JSON and exit")
+    args = parser.parse_args()
+    rows = load_rows()
+    if args.table:
+        print(table(rows))
+        return 0
+    if args.data_dir is None:
+        parser.error("--data-dir: required unless --table")
+    unknown = set(args.algorithms.split(",")) - set(ALGORITHMS) | set(args.settings.split(",")) - set(SETTINGS)
+    if unknown:
+        parser.error(f"unknown rows {sorted(unknown)}: algorithms {list(ALGORITHMS)}, settings {list(SETTINGS)}")
+    info = machine()
+    with tempfile.TemporaryDirectory(prefix="fedmeta-omniglot-") as tmp:
+        split = make_split(args.data_dir.resolve(), Path(tmp))
+        for algorithm in args.algorithms.split(","):
+            for setting in args.settings.split(","):
+                for mode in args.modes.split(","):
+                    r = run_row(algorithm, setting, mode, split, Path(tmp), budget_scale=args.budget_scale,
+                                threads=args.threads)
+                    rows[f"{algorithm}/{setting}/{mode}"] = r
+                    if "error" in r:
+                        print(f"{algorithm:<9} {setting:<6} {mode:<12} error: {r['error']}", flush=True)
+                    else:
+                        print(f"{algorithm:<9} {setting:<6} {mode:<12} {r['accuracy']:.3f} ± {r['ci95']:.3f} "
+                              f"({r['eval_tasks']} tasks)  {r['wall_s']:.0f} s  {r['bytes_moved'] / 1e6:.0f} MB", flush=True)
+                    write_result("omniglot", {"machine": info, "settings": vars(args) | {"data_dir": str(args.data_dir)},
+                                              "split": {"train": SMALL1, "test_alphabets": TEST_ALPHABETS,
+                                                        "clients": CLIENTS, "eval_tasks": CLIENTS * EVAL_TASKS_PER_CLIENT},
+                                              "rows": rows})
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -26,7 +26,7 @@ from common import PROTOCOL_VERSION
 from common.algorithms import InnerConfig, UpdateKind, get_algorithm, meta_parameters
 from common.codec import Reassembler, abs_max, TensorSetError, decode, encode, header_from_proto, header_to_proto, iter_chunks, specs_of
 from common.config import RunConfig, check_client_id
-from common.evaluation import evaluate_holder
+from common.evaluation import evaluate_holder, validate_holder
 from common.models import build_model, prefers_vmap
 from common.proto import pb, pb_grpc, tensor_pb
 from common.tasks import STREAM_TRAIN, default_shard, is_classification, loss_for, make_tasks, task_seed
@@ -289,9 +289,28 @@ class Worker:
                 batch.num_tasks, update.metrics["loss_pre"], update.metrics["loss_post"], compute_s * 1e3,
                 " (duplicate)" if reply.duplicate else "")
 
-    def evaluate(self, round_index: int, version: str) -> None:
+    def evaluate(self, round_index: int, version: str, *, validation: bool = False) -> None:
         with self._heartbeats(round_index):
-            self._evaluate(round_index, version)
+            if validation:
+                self._validate(round_index, version)
+            else:
+                self._evaluate(round_index, version)
+
+    def _validate(self, rounds_trained: int, version: str) -> None:
+        """A validation during training: θ after `rounds_trained` rounds on this holder's validation tasks."""
+        run = self.run
+        assert run is not None
+        params = self._fetch(version)
+        metrics = validate_holder(self.algorithm, self.model, params, self.tasks, run, data_seed=self.config.data_seed,
+                                  rounds_trained=rounds_trained, device=self.device, vectorize=self.vectorize)
+        header = pb.UpdateHeader(
+            run_id=run.run_id, round=rounds_trained, client_id=self.config.client_id, base_version=version,
+            kind=pb.UPDATE_KIND_EVALUATION, weight=float(run.val_tasks_per_client), metrics=metrics, validation=True,
+        )
+        self._submit(header, None)
+        what = "accuracy" if is_classification(run.task) else "loss"
+        log.info("validation after %d rounds on %d tasks: %s %.3f", rounds_trained, run.val_tasks_per_client, what,
+                 metrics[f"{what}_post"])
 
     def _evaluate(self, round_index: int, version: str) -> None:
         run = self.run
@@ -331,7 +350,7 @@ class Worker:
                 if a.action == pb.ACTION_TRAIN:
                     self.train(a.round, a.parameter_version)
                 elif a.action == pb.ACTION_EVALUATE:
-                    self.evaluate(a.round, a.parameter_version)
+                    self.evaluate(a.round, a.parameter_version, validation=a.validation)
             except grpc.RpcError as exc:
                 if not isinstance(exc, grpc.Call):
                     raise

@@ -30,10 +30,12 @@ def train(
     vectorize: bool = True,
     on_round: Callable[[int, dict[str, float]], None] | None = None,
     data_dir: str | None = None,
+    after_step: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run `rounds` (default run.rounds) centralised meta-steps; return the meta-parameters.
 
     Each data seed stands for one client (its shard is the data seed, as for local clients).
+    after_step(rounds_trained, params) sees θ after every round (validation during training).
     """
     algorithm = get_algorithm(run.algorithm)
     model = build_model(run.model)
@@ -58,6 +60,8 @@ def train(
         outer.step(flat, acc.take_mean(), r)
         if on_round is not None:
             on_round(r, {"meta_loss": sum(losses) / len(losses)})
+        if after_step is not None:
+            after_step(r + 1, layout.views(flat))
     return layout.views(flat)
 
 

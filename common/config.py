@@ -51,6 +51,8 @@ class RunConfig:
     local_steps: int = 5
     local_lr: float = 0.01
     perfedavg_variant: str = "fo"
+    eval_every: int = 0
+    val_tasks_per_client: int = 20
 
     def __post_init__(self) -> None:
         from common.algorithms import ALGORITHMS
@@ -68,9 +70,9 @@ class RunConfig:
         if self.partition not in PARTITIONS:
             raise ValueError(f"--partition: expected one of {list(PARTITIONS)}, got {self.partition!r}")
         for name in ("shots", "queries", "tasks_per_client", "eval_shots", "eval_tasks_per_client", "rounds",
-                     "eval_queries", "dim", "shards", "local_steps"):
+                     "eval_queries", "dim", "shards", "local_steps", "val_tasks_per_client"):
             _positive_int(name, getattr(self, name))
-        for name in ("inner_steps", "eval_steps"):
+        for name in ("inner_steps", "eval_steps", "eval_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 0, got {value!r}")

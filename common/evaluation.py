@@ -17,7 +17,7 @@ from torch import nn
 
 from common.algorithms import Algorithm
 from common.algorithms.inner import Params, forward, map_tasks
-from common.tasks import STREAM_EVAL, LossFn, TaskBatch, TaskFamily, is_classification, loss_for, task_seed
+from common.tasks import STREAM_EVAL, STREAM_VAL, LossFn, TaskBatch, TaskFamily, is_classification, loss_for, task_seed
 
 if TYPE_CHECKING:
     from common.config import RunConfig
@@ -151,3 +151,28 @@ def summarize(metrics: Mapping[str, float], tasks: float, *, classification: boo
     if shots:
         out["by_shots"] = {str(k): metrics[f"shots_{k}"] for k in shots}
     return out
+
+
+def validate_holder(
+    algorithm: Algorithm,
+    model: nn.Module,
+    params: Params,
+    tasks: TaskFamily,
+    run: RunConfig,
+    *,
+    data_seed: int,
+    rounds_trained: int,
+    device: torch.device | str = "cpu",
+    vectorize: bool = True,
+) -> dict[str, float]:
+    """One data holder's validation during training: `evaluate` on `val_tasks_per_client` validation tasks.
+
+    Validation tasks (split "val") are disjoint from training and from the final test; the
+    batch is seeded by the rounds trained so far, so every validation sees fresh tasks and a
+    resumed run sees the same ones. Same settings as the final evaluation, without its
+    onboarding batch.
+    """
+    batch = tasks.sample("val", num_tasks=run.val_tasks_per_client, shots=run.eval_shots, queries=run.eval_queries,
+                         seed=task_seed(run.seed, data_seed, STREAM_VAL, rounds_trained))
+    return evaluate(algorithm, model, params, batch.to(device), loss_for(run.task), steps=run.eval_steps,
+                    lr=run.inner_lr, vectorize=vectorize, classification=is_classification(run.task))

@@ -18,7 +18,12 @@ from common.codec import version_of
 from server.config import ServerConfig, describe
 from server.report import eval_summary
 from server.local import local_client_id
+from server import validation
 from server.rundir import RunDir
+from common.algorithms import get_algorithm
+from common.evaluation import validate_holder
+from common.models import build_model
+from common.tasks import make_tasks
 
 log = logging.getLogger("fedmeta.server")
 
@@ -43,8 +48,33 @@ def run(config: ServerConfig, on_round: Callable[[dict[str, Any]], None] | None 
 
     log.info("centralised run %s: %s on %s, %d rounds, the task samplers of %d clients pooled", run_cfg.run_id,
              run_cfg.algorithm, run_cfg.task, config.rounds, len(seeds))
+    best: list[validation.Best | None] = [None]
+
+    def validate(rounds_trained: int, theta: dict[str, Any]) -> None:
+        """As the federation's validation rounds: the first clients_per_round holders' validation tasks."""
+        if not validation.due(run_cfg, rounds_trained, config.rounds):
+            return
+        holders = seeds[: config.clients_per_round]
+        algorithm, model = get_algorithm(run_cfg.algorithm), build_model(run_cfg.model)
+        pooled: dict[str, float] = {}
+        for s in holders:
+            tasks = make_tasks(run_cfg, data_seed=s, shard=s, data_dir=config.data_dir)
+            m = validate_holder(algorithm, model, theta, tasks, run_cfg, data_seed=s, rounds_trained=rounds_trained)
+            for k, v in m.items():
+                pooled[k] = pooled.get(k, 0.0) + v / len(holders)
+        key, _ = validation.metric(run_cfg)
+        improved = validation.better(run_cfg, pooled.get(key, float("nan")), best[0])
+        if improved:
+            rundir.export_model(theta, run_cfg, version_of(theta), best=True)
+            best[0] = validation.Best(rounds_trained, pooled[key])
+        entry = validation.record(run_cfg, rounds_trained, pooled, float(run_cfg.val_tasks_per_client * len(holders)),
+                                  best=improved, wall_s=time.monotonic() - started, version=version_of(theta))
+        rundir.append_metrics(entry)
+        if on_round is not None:
+            on_round(entry)
+
     params = centralized.train(run_cfg, outer_lr=config.outer_lr, data_seeds=seeds, on_round=record,
-                               data_dir=config.data_dir)
+                               data_dir=config.data_dir, after_step=validate)
     per_client = {}
     for s in seeds:
         m = centralized.evaluate_held_out(run_cfg, params, data_seeds=[s], data_dir=config.data_dir)
@@ -69,5 +99,10 @@ def run(config: ServerConfig, on_round: Callable[[dict[str, Any]], None] | None 
         "eval": eval_summary(run_cfg, pooled, float(run_cfg.eval_tasks_per_client * len(seeds)), per_client),
         "config": describe(config),
     }
+    if best[0] is not None:
+        key, _ = validation.metric(run_cfg)
+        summary["best"] = {"rounds_trained": best[0].rounds_trained, "round": best[0].rounds_trained - 1,
+                           "metric": key.removesuffix("_post"), "value": best[0].value,
+                           "model": str(rundir.best_dir / "model.safetensors")}
     rundir.write_summary(summary)
     return summary

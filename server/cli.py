@@ -58,19 +58,32 @@ class Progress:
         self.bar = tqdm(total=config.rounds, initial=start, unit="round", dynamic_ncols=True, disable=not bar,
                         file=sys.stderr, mininterval=0.25)
         self.use_bar = bar
+        self.val = ""  # the last validation, shown on the progress line ("*": the best so far)
 
     def __call__(self, record: dict[str, Any]) -> None:
+        if record.get("event") == "validation":
+            self._validation(record)
+            return
         r = record["round"] + 1
         loss = record["meta_loss"]
-        text = (f"round {r}/{self.total}  meta-loss {loss:.3f}  clients {record['clients_answered']}/"
+        val = f"  {self.val}" if self.val else ""
+        text = (f"round {r}/{self.total}  meta-loss {loss:.3f}{val}  clients {record['clients_answered']}/"
                 f"{record['clients_sampled']}  round {record['round_s'] * 1e3:.0f} ms")
         if self.use_bar:
-            self.bar.set_postfix_str(f"meta-loss {loss:.3f}  clients {record['clients_answered']}/"
+            self.bar.set_postfix_str(f"meta-loss {loss:.3f}{val}  clients {record['clients_answered']}/"
                                      f"{record['clients_sampled']}  {record['round_s'] * 1e3:.0f} ms/round",
                                      refresh=False)
             self.bar.update(1)
         if r % self.every == 0 or r == self.total or not self.use_bar:
             log.info(text)
+
+    def _validation(self, record: dict[str, Any]) -> None:
+        value, ci = record.get("val_value"), record.get("val_ci95")
+        shown = "nan" if value is None else f"{value:.3f}"
+        self.val = f"val {record['val_metric']} {shown}{'*' if record.get('best') else ''}"
+        pm = f" ± {ci:.3f}" if isinstance(ci, float) else ""
+        log.info("validation after %d rounds on %d tasks: %s %s%s%s", record["rounds_trained"], record["val_tasks"],
+                 record["val_metric"], shown, pm, "  (best so far: exported to model-best/)" if record.get("best") else "")
 
     def close(self) -> None:
         self.bar.close()
@@ -101,6 +114,10 @@ def print_summary(summary: dict[str, Any], run_dir: str) -> None:
     if len(by_shots) > 1:
         lines.append("  after adaptation with " + ", ".join(f"{k}-shot {v:.3f}" for k, v in by_shots.items())
                      + ": what a new data holder gains from labelling more examples")
+    best = summary.get("best")
+    if best:
+        lines.append(f"Best validation {best['metric']} {best['value']:.3f} after round {best['rounds_trained']}: "
+                     "model-best/ (the last round's θ is in model/)")
     if ev.get("transductive_bn"):
         lines.append("  (batch norm uses each task's batch statistics: transductive evaluation)")
     lines.append(f"Run directory: {run_dir}  (summary.json, metrics.jsonl, model/, checkpoint/, logs/)")

@@ -83,6 +83,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("eval_steps", int, None, "adaptation steps in the final evaluation (default: 10; --inner-steps for "
            "metasgd and mamlpp, whose step sizes are learned for that many)", minimum=0),
     Option("eval_tasks_per_client", int, 150, "held-out tasks each client adapts on in the final evaluation (4 clients: 600)", minimum=1),
+    Option("eval_every", int, 0, "validate every this many rounds on held-out validation tasks (disjoint from "
+           "the training and the final test classes), export the best-validation θ to model-best/; 0: never",
+           minimum=0),
+    Option("val_tasks_per_client", int, 20, "validation tasks each sampled client adapts on (with --eval-every)",
+           minimum=1),
     Option("seed", int, 0, "run seed: model init, client sampling, task streams", minimum=0),
     Option("encoding", str, "float32", "transport encoding of floating-point tensors", choices=ENCODINGS),
     Option("chunk_bytes", int, DEFAULT_CHUNK_BYTES, "payload bytes per stream chunk", minimum=1024, maximum=3 << 20),
@@ -285,6 +290,8 @@ def build(values: dict[str, Any]) -> ServerConfig:
         local_steps=v["local_steps"],
         local_lr=v["local_lr"],
         perfedavg_variant=v["perfedavg_variant"],
+        eval_every=v["eval_every"],
+        val_tasks_per_client=v["val_tasks_per_client"],
     )
     if v["download"] and v["data_dir"] is None:
         raise ValueError("--download: needs --data-dir, the folder to put the Omniglot archives in")

@@ -30,7 +30,8 @@ from common.aggregation import Aggregator, FlatLayout, make_aggregator
 from common.algorithms import OuterConfig, UpdateKind, get_algorithm, meta_parameters
 from common.codec import EncodedTensorSet, TensorSetHeader, TensorSpec, abs_max, check_specs, encode
 from common.config import RunConfig
-from server import checkpoint, report
+from server import checkpoint, report, validation
+from server.validation import Best, due
 from server.config import ServerConfig, describe
 from server.rundir import RunDir
 
@@ -66,6 +67,7 @@ class Assignment:
     round: int = 0
     version: str = ""
     detail: str = ""
+    validation: bool = False  # an EVALUATE on validation tasks, during training
 
 
 @dataclass
@@ -94,6 +96,7 @@ class Round:
     metric_weight: float = 0.0
     attempts: int = 0
     client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # evaluation rounds only
+    validation: bool = False  # an evaluation round on validation tasks during training (--eval-every)
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,7 @@ class UpdateMeta:
     weight: float
     metrics: Mapping[str, float]
     tensors: TensorSetHeader | None
+    validation: bool = False
 
 
 class Coordinator:
@@ -122,7 +126,8 @@ class Coordinator:
         self._cond = threading.Condition()
         self._uploads = threading.BoundedSemaphore(config.max_concurrent_uploads)
         self._clients: dict[str, ClientInfo] = {}
-        self._accepted: dict[int, set[str]] = {}
+        # (round, validation) -> clients counted: a validation before round r is not round r.
+        self._accepted: dict[tuple[int, bool], set[str]] = {}
         self._round: Round | None = None
         self._waiting_since = time.monotonic()
         self._stopping = threading.Event()
@@ -145,6 +150,8 @@ class Coordinator:
         self._readers = 0
         self._stepping = False
         self._clients_seen: set[str] = set()
+        self._validated_through = 0  # rounds trained when θ was last validated
+        self.best: Best | None = None
         self._theta = self.layout.flatten(params)
         self._resume()
         self._publish(self._theta)
@@ -161,7 +168,9 @@ class Coordinator:
         current = describe(self.config)
         keys = ("algorithm", "task", "model", "seed", "rounds", "shots", "queries", "tasks_per_client",
                 "inner_steps", "inner_lr", "outer_lr", "ways", "dim", "partition", "shards", "rotations",
-                "first_order_rounds", "msl", "lslr", "cosine_outer", "local_steps", "local_lr", "perfedavg_variant")
+                "first_order_rounds", "msl", "lslr", "cosine_outer", "local_steps", "local_lr", "perfedavg_variant",
+                "eval_every")  # eval_every carves Omniglot's validation classes out of the training ones
+        stored = {"eval_every": 0, **stored}  # checkpoints from before validation existed
         differ = [k for k in keys if stored.get(k) != current.get(k)]
         if differ:
             pairs = ", ".join(f"{k}: checkpoint {stored.get(k)!r}, now {current.get(k)!r}" for k in differ)
@@ -176,6 +185,8 @@ class Coordinator:
         self.bytes_sent = int(meta.get("bytes_sent", 0))
         self.bytes_received = int(meta.get("bytes_received", 0))
         self._wall_before = float(meta.get("wall_s", 0.0))
+        self._validated_through = int(meta.get("validated_through", 0))
+        self.best = Best.from_json(meta.get("best"))
         self._clients_seen = set(meta.get("clients_seen", []))
         now = time.monotonic()
         for cid, info in meta.get("clients", {}).items():
@@ -200,6 +211,8 @@ class Coordinator:
             "wall_s": self.wall_s,
             "clients": clients,
             "clients_seen": seen,
+            "validated_through": self._validated_through,
+            "best": None if self.best is None else self.best.to_json(),
             "config": describe(self.config),
             # Sampling is a pure function of (seed, round, attempt): no generator state to save.
             "rng": {"seed": self.run.seed, "round": self.next_round},
@@ -329,7 +342,7 @@ class Coordinator:
             return Assignment(Action.WAIT, detail="waiting for clients to start the next round")
         if client_id in rnd.sampled and client_id not in rnd.answered:
             action = Action.EVALUATE if rnd.evaluation else Action.TRAIN
-            return Assignment(action, rnd.index, rnd.version)
+            return Assignment(action, rnd.index, rnd.version, validation=rnd.validation)
         return Assignment(Action.WAIT, detail=f"round {rnd.index} is in progress without you")
 
     def inline_parameters(self, version: str) -> tuple[TensorSetHeader, bytes] | None:
@@ -374,7 +387,7 @@ class Coordinator:
                                f"metric {name!r} must be finite and at most {MAX_METRIC:.0e} in size, got {value!r}")
         with self._cond:
             self._known(meta.client_id).last_seen = time.monotonic()
-            if meta.client_id in self._accepted.get(meta.round, ()):
+            if meta.client_id in self._accepted.get((meta.round, meta.validation), ()):
                 return True
             rnd = self._round
             self._check_round(rnd, meta)
@@ -406,6 +419,11 @@ class Coordinator:
             raise Rejected(grpc.StatusCode.FAILED_PRECONDITION,
                            f"update computed from version {meta.base_version[:12]!r}; round {rnd.index} "
                            f"trains version {rnd.version[:12]!r}")
+        if meta.validation != rnd.validation:
+            what = "the validation after" if rnd.validation else "round"
+            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"update {'for' if meta.validation else 'not for'} a validation refused: {what} "
+                           f"{rnd.index if not rnd.validation else rnd.index - 1} is open")
         expected = None if rnd.evaluation else self.algorithm.update_kind
         if meta.kind != expected:
             want = "evaluation metrics" if expected is None else expected.value
@@ -420,7 +438,7 @@ class Coordinator:
     def accept(self, meta: UpdateMeta, tensors: Mapping[str, torch.Tensor] | None) -> bool:
         """Count a verified update once. Returns True if it was a duplicate."""
         with self._cond:
-            if meta.client_id in self._accepted.get(meta.round, ()):
+            if meta.client_id in self._accepted.get((meta.round, meta.validation), ()):
                 return True
             rnd = self._round
             self._check_round(rnd, meta)
@@ -434,7 +452,7 @@ class Coordinator:
             if rnd.evaluation:
                 rnd.client_metrics[meta.client_id] = {"tasks": meta.weight, **meta.metrics}
             rnd.answered.add(meta.client_id)
-            self._accepted.setdefault(meta.round, set()).add(meta.client_id)
+            self._accepted.setdefault((meta.round, meta.validation), set()).add(meta.client_id)
             if not rnd.sampled - rnd.answered:
                 # Only the round thread cares, and only once every sampled client answered (it
                 # wakes at the deadline by itself): waking every waiting long-poll on every
@@ -482,13 +500,18 @@ class Coordinator:
         if self.evaluation_done:
             return
         live = self._live(now)
-        evaluation = self.next_round >= self.config.rounds
+        validation = self._validated_through != self.next_round and due(self.run, self.next_round, self.config.rounds)
+        evaluation = validation or self.next_round >= self.config.rounds
         target = self.config.clients_per_round
         waited = now - self._waiting_since
         enough = len(live) >= target or (len(live) >= self.config.min_clients and waited >= self.config.round_deadline_s)
         if not enough:
             return
-        if evaluation:
+        if validation:  # cheap: the round's usual number of clients, val_tasks_per_client tasks each
+            rng = random.Random(f"{self.run.seed}:{self.next_round}:validation")
+            sampled = set(rng.sample(live, min(target, len(live))))
+            accumulator = None
+        elif evaluation:
             sampled = set(live)
             accumulator = None
         else:
@@ -497,7 +520,7 @@ class Coordinator:
             accumulator = make_aggregator(self.config.aggregator, self.layout,
                                           max_norm=self.config.max_update_norm, trim=self.config.trim_fraction)
         self._round = Round(self.next_round, evaluation, sampled, now, now + self.config.round_deadline_s,
-                            self.version, accumulator)
+                            self.version, accumulator, validation=validation)
         if len(sampled) < target and not evaluation:
             log.info("round %d starts with %d of %d clients (only %d live after %.0f s)",
                      self.next_round, len(sampled), target, len(live), waited)
@@ -525,6 +548,9 @@ class Coordinator:
 
     def _close(self, rnd: Round) -> None:
         metrics = {k: v / rnd.metric_weight for k, v in rnd.metric_sums.items()} if rnd.metric_weight else {}
+        if rnd.validation:
+            self._validated(rnd, metrics)
+            return
         if rnd.evaluation:
             self._finish(rnd, metrics)
             return
@@ -544,7 +570,7 @@ class Coordinator:
             self._stepping = False
             self.next_round = rnd.index + 1
             self._waiting_since = time.monotonic()
-            self._accepted = {r: s for r, s in self._accepted.items() if r >= rnd.index - 8}
+            self._accepted = {k: s for k, s in self._accepted.items() if k[0] >= rnd.index - 8}
             round_s = time.monotonic() - rnd.started
             # Clients start the next round while this thread writes the checkpoint: only this
             # thread changes theta and the optimizer state, so what it writes is consistent.
@@ -570,6 +596,25 @@ class Coordinator:
         if self._on_round is not None:
             self._on_round(record)
 
+    def _validated(self, rnd: Round, metrics: dict[str, float]) -> None:
+        """A validation closed: record it, export θ to model-best/ if it is the best so far."""
+        key, _ = validation.metric(self.run)
+        value = metrics.get(key, float("nan"))
+        improved = validation.better(self.run, value, self.best)
+        if improved:
+            self.rundir.export_model(self.parameters(), self.run, self.version, best=True)
+            self.best = Best(rnd.index, value)
+        entry = validation.record(self.run, rnd.index, metrics, rnd.metric_weight, best=improved,
+                                  wall_s=self.wall_s, version=self.version)
+        with self._cond:
+            self._validated_through = rnd.index
+            self._waiting_since = time.monotonic()
+            self._try_open(time.monotonic())
+        self._save_checkpoint()  # the best so far survives a restart
+        self.rundir.append_metrics(entry)
+        if self._on_round is not None:
+            self._on_round(entry)
+
     def _finish(self, rnd: Round, metrics: dict[str, float]) -> None:
         export = self.rundir.export_model(self.parameters(), self.run, self.version)
         self.summary = {
@@ -588,6 +633,11 @@ class Coordinator:
             "eval": report.eval_summary(self.run, metrics, rnd.metric_weight, rnd.client_metrics),
             "config": describe(self.config),
         }
+        if self.best is not None:
+            key, _ = validation.metric(self.run)
+            self.summary["best"] = {"rounds_trained": self.best.rounds_trained, "round": self.best.rounds_trained - 1,
+                                    "metric": key.removesuffix("_post"), "value": self.best.value,
+                                    "model": str(self.rundir.best_dir / "model.safetensors")}
         self.rundir.write_summary(self.summary)
         with self._cond:
             self.evaluation_done = True

@@ -62,6 +62,50 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [by_round[r] for r in sorted(by_round)]
 
 
+def read_validation(run_dir: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's validation records (--eval-every), by rounds trained; empty without validation."""
+    path = run_dir / "metrics.jsonl"
+    by_rounds: dict[int, dict[str, Any]] = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if (isinstance(record, dict) and record.get("event") == "validation"
+                and isinstance(record.get("rounds_trained"), int) and isinstance(record.get("val_value"), (int, float))):
+            by_rounds[record["rounds_trained"]] = record
+    return [by_rounds[r] for r in sorted(by_rounds)]
+
+
+def plot_validation(records: list[dict[str, Any]], summary: dict[str, Any] | None, title: str, path: Path) -> Path:
+    """Validation accuracy (or MSE) against rounds, with 95% CIs and the best round marked."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _figure(8, 4.5)
+    ax = fig.add_subplot()
+    rounds = [r["rounds_trained"] for r in records]
+    values = [float(r["val_value"]) for r in records]
+    cis = [float(r["val_ci95"]) if isinstance(r.get("val_ci95"), (int, float)) else 0.0 for r in records]
+    metric = str(records[0].get("val_metric", "metric"))
+    ax.errorbar(rounds, values, yerr=cis, color="tab:green", marker="o", markersize=3, capsize=2, linewidth=1.5,
+                label=f"validation {metric} after adaptation (95% CI)")
+    best = (summary or {}).get("best")
+    if isinstance(best, dict) and isinstance(best.get("rounds_trained"), int) and isinstance(best.get("value"), (int, float)):
+        ax.plot([best["rounds_trained"]], [best["value"]], marker="*", markersize=14, color="tab:red", linestyle="none",
+                label=f"best: round {best['rounds_trained']} (model-best/)")
+    if len(rounds) <= 15:
+        ax.set_xticks(rounds)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("rounds trained")
+    ax.set_ylabel(f"validation {metric}")
+    ax.set_title(f"{title}\nvalidation during training (held-out validation tasks)", fontsize=11)
+    ax.grid(True, alpha=0.3)
+    fig.legend(loc="outside lower center", ncols=2, frameon=False)
+    fig.savefig(path)
+    return path
+
+
 def _smooth(values: list[float], window: int) -> list[float]:
     """Trailing moving average over `window` rounds (fewer at the start)."""
     out, total = [], 0.0
@@ -214,6 +258,9 @@ def make_plots(run_dir: Path) -> list[Path]:
     out = run_dir / "plots"
     out.mkdir(exist_ok=True)
     paths = [plot_meta_loss(records, title, task, out / "meta_loss.png")]
+    validation = read_validation(run_dir)
+    if validation:
+        paths.append(plot_validation(validation, summary, title, out / "validation.png"))
     if summary is not None and isinstance(summary.get("eval"), dict) and summary["eval"].get("curve"):
         paths.append(plot_adaptation_curve(summary, title, out / "adaptation_curve.png"))
     model_dir = run_dir / "model"

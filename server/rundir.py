@@ -28,6 +28,7 @@ class RunDir:
         self.path = path
         self.checkpoint_dir = path / "checkpoint"
         self.model_dir = path / "model"
+        self.best_dir = path / "model-best"
         self.logs_dir = path / "logs"
         self.metrics_path = path / "metrics.jsonl"
         self.summary_path = path / "summary.json"
@@ -59,7 +60,8 @@ class RunDir:
         kept = []
         for line in lines:
             try:
-                if int(json.loads(line)["round"]) >= next_round:
+                rec = json.loads(line)
+                if int(rec["round"] if "round" in rec else rec["after_round"]) >= next_round:
                     continue
             except (ValueError, KeyError, TypeError):
                 continue  # a torn last line from a kill is not a record
@@ -71,11 +73,13 @@ class RunDir:
             os.replace(tmp, self.metrics_path)
         return dropped
 
-    def export_model(self, params: Mapping[str, torch.Tensor], run: RunConfig, version: str) -> Path:
-        """Write model/model.safetensors and model/model.json (what `adapt` needs)."""
-        self.model_dir.mkdir(parents=True, exist_ok=True)
-        weights = self.model_dir / "model.safetensors"
-        tmp = self.model_dir / ".model.safetensors.tmp"
+    def export_model(self, params: Mapping[str, torch.Tensor], run: RunConfig, version: str, *,
+                     best: bool = False) -> Path:
+        """Write model/ (or, for the best-validation θ, model-best/): model.safetensors and model.json."""
+        folder = self.best_dir if best else self.model_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        weights = folder / "model.safetensors"
+        tmp = folder / ".model.safetensors.tmp"
         save_file({k: v.contiguous() for k, v in params.items()}, str(tmp), metadata={"parameter_version": version})
         os.replace(tmp, weights)
         spec = {
@@ -86,7 +90,7 @@ class RunDir:
             "adapt": {"steps": run.eval_steps, "lr": run.inner_lr, "shots": run.eval_shots},
             "run": {k: v for k, v in asdict(run).items() if k != "model"},
         }
-        _write_json_atomic(self.model_dir / "model.json", spec)
+        _write_json_atomic(folder / "model.json", spec)
         return weights
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:

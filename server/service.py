@@ -135,7 +135,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         except Rejected as exc:
             _abort(context, exc.code, exc.message)
         response = pb.WaitForAssignmentResponse(
-            action=_ACTIONS[a.action], round=a.round, parameter_version=a.version, detail=a.detail
+            action=_ACTIONS[a.action], round=a.round, parameter_version=a.version, detail=a.detail,
+            validation=a.validation,
         )
         if a.action in (Action.TRAIN, Action.EVALUATE) and request.held_version != a.version:
             inline = self.coordinator.inline_parameters(a.version)
@@ -257,6 +258,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             weight=header.weight,
             metrics=dict(header.metrics),
             tensors=tensors,
+            validation=header.validation,
         )
 
     @staticmethod

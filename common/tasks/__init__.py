@@ -3,7 +3,9 @@
 A family is built for one data holder (`make_tasks`): its data seed, its shard of a
 partitioned data set, and its local data directory. `sample("train", ...)` draws from
 what this holder trains on; `sample("eval", ...)` draws held-out tasks that no client
-trained on (new sinusoids, new client offsets, unseen Omniglot classes).
+trained on (new sinusoids, new client offsets, unseen Omniglot classes), and
+`sample("val", ...)` validation tasks for model selection during training, disjoint from
+both (other seeds; for Omniglot, characters set aside from the training alphabets).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from common.config import RunConfig
 
-Split = Literal["train", "eval"]
+Split = Literal["train", "val", "eval"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ TASK_DEFAULTS: dict[str, dict[str, float | int]] = {
 # Streams of one client's task sequence; a fixed number keeps seeds stable across versions.
 STREAM_TRAIN = 0
 STREAM_EVAL = 1
+STREAM_VAL = 2
 
 
 def task_seed(run_seed: int, data_seed: int, stream: int, index: int) -> int:
@@ -118,7 +121,8 @@ def make_tasks(
             raise ValueError("--task omniglot: needs --data-dir, the folder holding the Omniglot archives "
                              "(images_background*.zip, images_evaluation.zip) or their extracted trees")
         return OmniglotTasks(Path(data_dir), ways=run.ways, partition=run.partition, shards=run.shards,
-                             shard=shard % run.shards, seed=run.seed, rotations=run.rotations)
+                             shard=shard % run.shards, seed=run.seed, rotations=run.rotations,
+                             validation=run.eval_every > 0)
     raise ValueError(f"unknown task {run.task!r}: expected one of {sorted(TASKS)}")
 
 

@@ -9,8 +9,8 @@ and examples x = m_n + NOISE * eps. Labels 0..ways-1 are assigned to classes at 
 no fixed classifier beats chance before adaptation; an initialisation that has learned
 the subspace and the offsets' scale adapts in a few steps.
 
-"eval" tasks come from new data holders: every held-out task draws a fresh offset, so
-the evaluation measures how well a new participant is onboarded.
+"eval" (and "val") tasks come from new data holders: every held-out task draws a fresh
+offset, so the evaluation measures how well a new participant is onboarded.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class GaussianTasks:
     def sample(self, split: Split, *, num_tasks: int, shots: int, queries: int, seed: int) -> TaskBatch:
         gen = torch.Generator().manual_seed(seed)
         n, d = self.ways, self.dim
-        if split == "eval":
+        if split in ("val", "eval"):
             offset = OFFSET * torch.randn(num_tasks, 1, d, generator=gen)  # a new data holder per task
         else:
             offset = self.offset.expand(num_tasks, 1, d)

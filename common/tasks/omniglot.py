@@ -29,7 +29,8 @@ __all__ = ["IMAGE_SIZE", "OmniglotData", "OmniglotTasks", "cache_dirs", "holdout
            "partition_classes", "partition_drawings"]
 
 HOLDOUT_FRACTION = 0.2
-_HOLDOUT_STREAM, _PARTITION_STREAM = 0x0A11, 0x5A4D  # fixed: they keep splits stable across versions
+VALIDATION_FRACTION = 0.1
+_HOLDOUT_STREAM, _PARTITION_STREAM, _VALIDATION_STREAM = 0x0A11, 0x5A4D, 0x7A1D  # fixed: splits stay stable
 
 
 # ---------------------------------------------------------------------------- partitioning
@@ -80,6 +81,26 @@ def partition_classes(class_alphabets: Sequence[str], *, partition: str, shards:
     return [sorted(s) for s in out]
 
 
+def validation_classes(class_alphabets: Sequence[str], *, seed: int) -> list[int]:
+    """A seeded VALIDATION_FRACTION (at least 1) of each training alphabet's characters, for validation.
+
+    Taken per alphabet so that alphabet partitions keep every alphabet; indices into
+    class_alphabets.
+    """
+    rng = np.random.default_rng([seed, _VALIDATION_STREAM])
+    by_alphabet: dict[str, list[int]] = {}
+    for i, a in enumerate(class_alphabets):
+        by_alphabet.setdefault(a, []).append(i)
+    out: list[int] = []
+    for name in sorted(by_alphabet):
+        members = by_alphabet[name]
+        if len(members) < 2:
+            continue
+        k = max(1, round(VALIDATION_FRACTION * len(members)))
+        out.extend(int(members[j]) for j in rng.permutation(len(members))[:k])
+    return sorted(out)
+
+
 def partition_drawings(counts: Sequence[int], *, shards: int, seed: int) -> list[list[np.ndarray]]:
     """For "iid": shard s gets drawings out[s][c] of class c; a seeded split of each class, sizes within 1."""
     rng = np.random.default_rng([seed, _PARTITION_STREAM, 1])
@@ -115,7 +136,7 @@ class OmniglotTasks:
     classification = True
 
     def __init__(self, data_dir: Path, *, ways: int, partition: str, shards: int, shard: int, seed: int,
-                 rotations: bool) -> None:
+                 rotations: bool, validation: bool = False) -> None:
         if ways < 2:
             raise ValueError(f"--ways: expected at least 2 classes, got {ways}")
         if not 0 <= shard < shards:
@@ -129,6 +150,10 @@ class OmniglotTasks:
             held = [i for i, a in enumerate(data.alphabets) if a in out]
         held_set = set(held)
         train = [i for i in range(len(data.splits)) if i not in held_set]
+        val: list[int] = []
+        if validation:  # set aside before partitioning: no client trains on them
+            val_set = {train[j] for j in validation_classes([data.alphabets[i] for i in train], seed=seed)}
+            val, train = sorted(val_set), [i for i in train if i not in val_set]
         mine = [train[i] for i in partition_classes([data.alphabets[i] for i in train], partition=partition,
                                                      shards=shards, seed=seed)[shard]]
         drawings: dict[int, np.ndarray] | None = None
@@ -136,7 +161,9 @@ class OmniglotTasks:
             drawings_of = partition_drawings([int(data.counts[i]) for i in train], shards=shards, seed=seed)[shard]
             drawings = dict(zip(train, drawings_of))
         self._pools: dict[str, _Pool] = {"train": _pool(data, mine, drawings), "eval": _pool(data, held)}
-        splits: tuple[Split, ...] = ("train", "eval")
+        if validation:
+            self._pools["val"] = _pool(data, val)
+        splits = tuple(self._pools)
         for split in splits:
             if self.num_classes(split) < ways:
                 raise ValueError(f"--ways {ways}: the {split} pool (shard {shard} of --shards {shards}, --partition "
@@ -152,7 +179,8 @@ class OmniglotTasks:
     def sample(self, split: Split, *, num_tasks: int, shots: int, queries: int, seed: int) -> TaskBatch:
         """x: float32 [tasks, ways * shots|queries, 1, 28, 28], y: int64 class n -> label n, classes drawn at random."""
         if split not in self._pools:
-            raise ValueError(f"split: expected 'train' or 'eval', got {split!r}")
+            raise ValueError(f"split: expected one of {sorted(self._pools)}, got {split!r}"
+                             + (" (validation classes are set aside only with --eval-every)" if split == "val" else ""))
         if shots < 1 or queries < 0 or num_tasks < 1:
             raise ValueError(f"expected num_tasks >= 1, shots >= 1, queries >= 0, got {num_tasks}, {shots}, {queries}")
         pool, t, n, per = self._pools[split], num_tasks, self.ways, shots + queries
@@ -160,7 +188,7 @@ class OmniglotTasks:
         if per > least:
             why = f" (--partition iid splits each character's drawings over --shards {self.shards})" \
                 if self.partition == "iid" and split == "train" else ""
-            flags = "--eval-shots/--eval-queries" if split == "eval" else "--shots/--queries"
+            flags = "--shots/--queries" if split == "train" else "--eval-shots/--eval-queries"
             raise ValueError(f"{flags}: shots + queries = {per} per class, but the {split} pool has only {least} "
                              f"drawings per character{why}; expected shots + queries <= {least}")
         gen = torch.Generator().manual_seed(seed)

@@ -350,7 +350,7 @@ NON_DEFAULT = dict(
     shots=3, queries=11, tasks_per_client=6, inner_steps=0, inner_lr=0.125, seed=2**63 - 1, encoding="bfloat16",
     chunk_bytes=4096, eval_shots=2, eval_steps=0, eval_tasks_per_client=9, poll_timeout_s=0.75, rounds=33, eval_queries=17,
     ways=7, dim=3, partition="characters", shards=9, rotations=False,
-    first_order_rounds=4, msl=False, lslr=False, cosine_outer=False, local_steps=2, local_lr=0.25, perfedavg_variant="hf",
+    first_order_rounds=4, msl=False, lslr=False, cosine_outer=False, local_steps=2, local_lr=0.25, perfedavg_variant="hf", eval_every=7, val_tasks_per_client=9,
 )
 
 

@@ -41,7 +41,7 @@ class ModelSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kwargs_json: _Optional[str] = ...) -> None: ...
 
 class RunConfig(_message.Message):
-    __slots__ = ("run_id", "algorithm", "task", "model", "shots", "queries", "tasks_per_client", "inner_steps", "inner_lr", "seed", "encoding", "chunk_bytes", "eval_shots", "eval_steps", "eval_tasks_per_client", "poll_timeout_s", "rounds", "eval_queries", "ways", "dim", "partition", "shards", "rotations", "first_order_rounds", "msl", "lslr", "cosine_outer", "local_steps", "local_lr", "perfedavg_variant")
+    __slots__ = ("run_id", "algorithm", "task", "model", "shots", "queries", "tasks_per_client", "inner_steps", "inner_lr", "seed", "encoding", "chunk_bytes", "eval_shots", "eval_steps", "eval_tasks_per_client", "poll_timeout_s", "rounds", "eval_queries", "ways", "dim", "partition", "shards", "rotations", "first_order_rounds", "msl", "lslr", "cosine_outer", "local_steps", "local_lr", "perfedavg_variant", "eval_every", "val_tasks_per_client")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,8 @@ class RunConfig(_message.Message):
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     LOCAL_LR_FIELD_NUMBER: _ClassVar[int]
     PERFEDAVG_VARIANT_FIELD_NUMBER: _ClassVar[int]
+    EVAL_EVERY_FIELD_NUMBER: _ClassVar[int]
+    VAL_TASKS_PER_CLIENT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     algorithm: str
     task: str
@@ -102,7 +104,9 @@ class RunConfig(_message.Message):
     local_steps: int
     local_lr: float
     perfedavg_variant: str
-    def __init__(self, run_id: _Optional[str] = ..., algorithm: _Optional[str] = ..., task: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., shots: _Optional[int] = ..., queries: _Optional[int] = ..., tasks_per_client: _Optional[int] = ..., inner_steps: _Optional[int] = ..., inner_lr: _Optional[float] = ..., seed: _Optional[int] = ..., encoding: _Optional[_Union[_tensor_pb2.Encoding, str]] = ..., chunk_bytes: _Optional[int] = ..., eval_shots: _Optional[int] = ..., eval_steps: _Optional[int] = ..., eval_tasks_per_client: _Optional[int] = ..., poll_timeout_s: _Optional[float] = ..., rounds: _Optional[int] = ..., eval_queries: _Optional[int] = ..., ways: _Optional[int] = ..., dim: _Optional[int] = ..., partition: _Optional[str] = ..., shards: _Optional[int] = ..., rotations: _Optional[bool] = ..., first_order_rounds: _Optional[int] = ..., msl: _Optional[bool] = ..., lslr: _Optional[bool] = ..., cosine_outer: _Optional[bool] = ..., local_steps: _Optional[int] = ..., local_lr: _Optional[float] = ..., perfedavg_variant: _Optional[str] = ...) -> None: ...
+    eval_every: int
+    val_tasks_per_client: int
+    def __init__(self, run_id: _Optional[str] = ..., algorithm: _Optional[str] = ..., task: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., shots: _Optional[int] = ..., queries: _Optional[int] = ..., tasks_per_client: _Optional[int] = ..., inner_steps: _Optional[int] = ..., inner_lr: _Optional[float] = ..., seed: _Optional[int] = ..., encoding: _Optional[_Union[_tensor_pb2.Encoding, str]] = ..., chunk_bytes: _Optional[int] = ..., eval_shots: _Optional[int] = ..., eval_steps: _Optional[int] = ..., eval_tasks_per_client: _Optional[int] = ..., poll_timeout_s: _Optional[float] = ..., rounds: _Optional[int] = ..., eval_queries: _Optional[int] = ..., ways: _Optional[int] = ..., dim: _Optional[int] = ..., partition: _Optional[str] = ..., shards: _Optional[int] = ..., rotations: _Optional[bool] = ..., first_order_rounds: _Optional[int] = ..., msl: _Optional[bool] = ..., lslr: _Optional[bool] = ..., cosine_outer: _Optional[bool] = ..., local_steps: _Optional[int] = ..., local_lr: _Optional[float] = ..., perfedavg_variant: _Optional[str] = ..., eval_every: _Optional[int] = ..., val_tasks_per_client: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("client_id", "protocol_version", "device", "num_tasks", "encodings")
@@ -135,18 +139,20 @@ class WaitForAssignmentRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., client_id: _Optional[str] = ..., held_version: _Optional[str] = ...) -> None: ...
 
 class WaitForAssignmentResponse(_message.Message):
-    __slots__ = ("action", "round", "parameter_version", "detail", "parameters")
+    __slots__ = ("action", "round", "parameter_version", "detail", "parameters", "validation")
     ACTION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_VERSION_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_FIELD_NUMBER: _ClassVar[int]
     action: Action
     round: int
     parameter_version: str
     detail: str
     parameters: InlineParameters
-    def __init__(self, action: _Optional[_Union[Action, str]] = ..., round: _Optional[int] = ..., parameter_version: _Optional[str] = ..., detail: _Optional[str] = ..., parameters: _Optional[_Union[InlineParameters, _Mapping]] = ...) -> None: ...
+    validation: bool
+    def __init__(self, action: _Optional[_Union[Action, str]] = ..., round: _Optional[int] = ..., parameter_version: _Optional[str] = ..., detail: _Optional[str] = ..., parameters: _Optional[_Union[InlineParameters, _Mapping]] = ..., validation: _Optional[bool] = ...) -> None: ...
 
 class InlineParameters(_message.Message):
     __slots__ = ("tensors", "payload")
@@ -197,7 +203,7 @@ class UpdateEnd(_message.Message):
     def __init__(self) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("run_id", "round", "client_id", "base_version", "kind", "weight", "metrics", "tensors")
+    __slots__ = ("run_id", "round", "client_id", "base_version", "kind", "weight", "metrics", "tensors", "validation")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +219,7 @@ class UpdateHeader(_message.Message):
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     client_id: str
@@ -221,7 +228,8 @@ class UpdateHeader(_message.Message):
     weight: float
     metrics: _containers.ScalarMap[str, float]
     tensors: _tensor_pb2.TensorSetHeader
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[str] = ..., base_version: _Optional[str] = ..., kind: _Optional[_Union[UpdateKind, str]] = ..., weight: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., tensors: _Optional[_Union[_tensor_pb2.TensorSetHeader, _Mapping]] = ...) -> None: ...
+    validation: bool
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[str] = ..., base_version: _Optional[str] = ..., kind: _Optional[_Union[UpdateKind, str]] = ..., weight: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., tensors: _Optional[_Union[_tensor_pb2.TensorSetHeader, _Mapping]] = ..., validation: _Optional[bool] = ...) -> None: ...
 
 class SubmitUpdateResponse(_message.Message):
     __slots__ = ("accepted", "duplicate")

@@ -83,7 +83,7 @@ def make_split(data_dir: Path, workdir: Path) -> Path:
 
 
 def run_row(algorithm: str, setting: str, mode: str, split: Path, workdir: Path, *, budget_scale: float,
-            threads: int) -> dict[str, Any]:
+            threads: int, device: str = "cpu") -> dict[str, Any]:
     s = SETTINGS[setting]
     b = BUDGET[algorithm]
     rounds = max(1, round(b["rounds"] * budget_scale))
@@ -94,6 +94,8 @@ def run_row(algorithm: str, setting: str, mode: str, split: Path, workdir: Path,
            "--rounds", str(rounds), "--tasks-per-client", str(b["tasks"]),
            "--eval-tasks-per-client", str(EVAL_TASKS_PER_CLIENT), "--run-dir", str(run_dir), "--no-progress",
            "--seed", "0", *b["flags"]]
+    if device != "cpu" and mode == "federated":
+        cmd += ["--local-device", device]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
     start = time.monotonic()
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=4 * 3600, env=env)
@@ -104,7 +106,7 @@ def run_row(algorithm: str, setting: str, mode: str, split: Path, workdir: Path,
     summary = json.loads((run_dir / "summary.json").read_text())
     ev = summary["eval"]
     return {
-        "algorithm": algorithm, "setting": setting, "mode": mode,
+        "algorithm": algorithm, "setting": setting, "mode": mode, "device": device if mode == "federated" else "cpu",
         "accuracy": ev["accuracy_post"], "accuracy_pre": ev["accuracy_pre"], "ci95": ev.get("ci95"),
         "eval_tasks": ev["tasks"], "eval_ways": ev.get("ways"), "eval_steps": ev.get("steps"),
         "transductive_bn": ev.get("transductive_bn"), "rounds": summary["rounds_completed"],
@@ -156,6 +158,7 @@ def main() -> int:
     parser.add_argument("--modes", default="federated,centralized")
     parser.add_argument("--budget-scale", type=float, default=1.0, help="multiply every row's rounds (a quick look: 0.1)")
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the runs (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="--local-device of the federated rows: cpu, cuda, cuda:all")
     parser.add_argument("--table", action="store_true", help="print the README table from the results JSON and exit")
     args = parser.parse_args()
     rows = load_rows()
@@ -174,7 +177,7 @@ def main() -> int:
             for setting in args.settings.split(","):
                 for mode in args.modes.split(","):
                     r = run_row(algorithm, setting, mode, split, Path(tmp), budget_scale=args.budget_scale,
-                                threads=args.threads)
+                                threads=args.threads, device=args.device)
                     rows[f"{algorithm}/{setting}/{mode}"] = r
                     if "error" in r:
                         print(f"{algorithm:<9} {setting:<6} {mode:<12} error: {r['error']}", flush=True)

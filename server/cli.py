@@ -160,7 +160,7 @@ def serve(config: ServerConfig, *, progress_bar: bool) -> int:
             coordinator.start()
             if config.local_clients:
                 procs = local.spawn(config.local_clients, port, config.run_dir / "logs", tls_ca=config.tls_ca,
-                                    data_dir=config.data_dir)
+                                    data_dir=config.data_dir, device=config.local_device)
                 log.info("started %d local client processes (logs in %s)", len(procs), config.run_dir / "logs")
             while not coordinator.finished.wait(0.5):
                 if procs and all(p.poll() is not None for p in procs):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import time
 import tomllib
 from dataclasses import asdict, dataclass, fields
@@ -111,6 +112,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_workers", int, 64, "gRPC worker threads (each waiting client holds one)", minimum=4),
     Option("run_dir", str, None, "run directory (default: runs/<algorithm>-<task>-<time>); an existing one resumes"),
     Option("local_clients", int, 0, "also start this many client processes on 127.0.0.1", minimum=0),
+    Option("local_device", str, "cpu", "device of the --local-clients: cpu, cuda or cuda:N (every client on that "
+           "GPU), or cuda:all (client i on GPU i mod the GPUs visible)"),
     Option("tls_cert", str, None, "server certificate chain (PEM file); with --tls-key, serves TLS"),
     Option("tls_key", str, None, "server private key (PEM file)"),
     Option("tls_ca", str, None, "CA certificate (PEM file) that client certificates must chain to"),
@@ -145,6 +148,7 @@ class ServerConfig:
     download: bool = False
     mode: str = "federated"
     keep_checkpoints: int = 2
+    local_device: str = "cpu"
     max_update_norm: float | None = None
     trim_fraction: float = 0.2
     tls_cert: str | None = None
@@ -293,6 +297,8 @@ def build(values: dict[str, Any]) -> ServerConfig:
         eval_every=v["eval_every"],
         val_tasks_per_client=v["val_tasks_per_client"],
     )
+    if not re.fullmatch(r"cpu|cuda(:[0-9]{1,3}|:all)?", v["local_device"]):
+        raise ValueError(f"--local-device: expected cpu, cuda, cuda:N or cuda:all, got {v['local_device']!r}")
     if v["download"] and v["data_dir"] is None:
         raise ValueError("--download: needs --data-dir, the folder to put the Omniglot archives in")
     if v["data_dir"] is not None and not v["download"] and not Path(v["data_dir"]).is_dir():
@@ -328,6 +334,7 @@ def build(values: dict[str, Any]) -> ServerConfig:
         max_concurrent_uploads=v["max_concurrent_uploads"],
         checkpoint_every=v["checkpoint_every"],
         keep_checkpoints=v["keep_checkpoints"],
+        local_device=v["local_device"],
         host=v["host"],
         port=(0 if v["local_clients"] else 50051) if v["port"] is None else v["port"],
         max_workers=v["max_workers"],

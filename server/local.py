@@ -18,17 +18,33 @@ def local_client_id(index: int) -> str:
     return f"local-{index}"
 
 
+def devices(spec: str, count: int) -> list[str]:
+    """The --device of each of count local clients: spec itself, or for cuda:all GPU i mod the visible GPUs."""
+    if spec != "cuda:all":
+        return [spec] * count
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if gpus == 0:
+        raise ValueError("--local-device cuda:all: no CUDA device is visible to this process")
+    return [f"cuda:{i % gpus}" for i in range(count)]
+
+
 def spawn(
-    count: int, port: int, logs_dir: Path, *, tls_ca: str | None = None, data_dir: str | None = None
+    count: int, port: int, logs_dir: Path, *, tls_ca: str | None = None, data_dir: str | None = None,
+    device: str = "cpu",
 ) -> list[subprocess.Popen[bytes]]:
     """Start count clients with data seeds and shards 0..count-1; each logs to logs_dir/client-local-<i>.log."""
     logs_dir.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // count)
     procs = []
+    per_client = devices(device, count)
     for i in range(count):
         client_id = local_client_id(i)
         cmd = [sys.executable, "-m", "client", "--server", f"127.0.0.1:{port}", "--client-id", client_id,
                "--data-seed", str(i), "--threads", str(threads)]
+        if per_client[i] != "cpu":
+            cmd += ["--device", per_client[i]]
         if tls_ca is not None:
             cmd += ["--tls-ca", tls_ca]
         if data_dir is not None:

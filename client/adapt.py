@@ -13,6 +13,7 @@ import csv
 import json
 import math
 import sys
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,9 @@ from torch import nn
 
 from common.algorithms import get_algorithm
 from common.algorithms.inner import EXTRA, forward
-from common.cli import OneLineErrorParser
+from common.cli import OneLineErrorParser, add_model_import_argument, model_imports
 from common.images import load_image_folder
-from common.models import ModelSpec, build_model, uses_batch_statistics
+from common.models import ModelSpec, build_model, check_model_spec, uses_batch_statistics
 from common.tasks import is_classification, loss_for
 
 Params = dict[str, torch.Tensor]
@@ -43,6 +44,7 @@ class Exported:
     params: Params
     adapt: dict[str, Any]
     version: str
+    allowed_imports: frozenset[str] = frozenset()  # the local operator's --allow-model-import, not the file's
 
 
 @dataclass(frozen=True)
@@ -68,15 +70,21 @@ def find_model(path: Path) -> Path:
                      f"or a run directory holding one; missing {', '.join(missing) or 'a matching pair'}")
 
 
-def load_exported(path: Path) -> Exported:
+def load_exported(path: Path, *, allowed_imports: Collection[str] = ()) -> Exported:
+    """Read an export; its model must be a zoo model, or an import path in `allowed_imports`."""
     folder = find_model(path)
     try:
         meta = json.loads((folder / "model.json").read_text())
         spec = ModelSpec(str(meta["model"]["name"]), dict(meta["model"].get("kwargs", {})))
         algorithm, task = str(meta["algorithm"]), str(meta["task"])
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError,
+            ValueError) as exc:
         raise ValueError(f"{folder / 'model.json'}: expected the JSON fedmeta-server exports "
                          f"(model.name, algorithm, task), got an unreadable file ({exc!r})") from exc
+    try:
+        check_model_spec(spec, allowed_imports=allowed_imports)
+    except ValueError as exc:
+        raise ValueError(f"{folder / 'model.json'}: {exc}") from None
     get_algorithm(algorithm)
     loss_for(task)
     try:
@@ -84,7 +92,8 @@ def load_exported(path: Path) -> Exported:
     except (OSError, SafetensorError) as exc:
         raise ValueError(f"{folder / 'model.safetensors'}: cannot read it ({exc})") from exc
     adapt = meta.get("adapt") if isinstance(meta.get("adapt"), dict) else {}
-    return Exported(folder, spec, algorithm, task, params, adapt, str(meta.get("parameter_version", "")))
+    return Exported(folder, spec, algorithm, task, params, adapt, str(meta.get("parameter_version", "")),
+                    frozenset(allowed_imports))
 
 
 def check_parameters(model: nn.Module, params: Params, where: Path) -> None:
@@ -212,7 +221,7 @@ def _query_metric(pred: torch.Tensor, y: torch.Tensor, classification: bool) -> 
 
 def prepare(exported: Exported, support: Examples, device: torch.device) -> tuple[nn.Module, Params]:
     """The model and theta on `device`, checked against the support set: its classes are the model's outputs."""
-    model = build_model(exported.spec).to(device)
+    model = build_model(exported.spec, allowed_imports=exported.allowed_imports).to(device)
     check_parameters(model, exported.params, exported.folder / "model.safetensors")
     theta = {k: v.to(device=device, dtype=torch.float32) for k, v in exported.params.items()}
     outputs = _forward(model, theta, support.x.to(device)).shape[-1]
@@ -323,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="adaptation SGD steps (default: model.json adapt.steps)")
     parser.add_argument("--lr", type=float, help="adaptation learning rate (default: model.json adapt.lr)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    add_model_import_argument(parser)
     return parser
 
 
@@ -360,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        exported = load_exported(args.model)
+        exported = load_exported(args.model, allowed_imports=model_imports(args))
         steps, lr, device = _settings(args, exported)
         support = read_examples(args.support, exported=exported, support=None)
         if not support.names:

@@ -10,7 +10,7 @@ from types import FrameType
 
 from client.retry import CoordinatorUnreachable, RetryPolicy
 from client.worker import ClientConfig, ClientError, Shutdown, Worker, default_data_seed
-from common.cli import OneLineErrorParser, setup_logging
+from common.cli import OneLineErrorParser, add_model_import_argument, model_imports, setup_logging
 from common.config import check_client_id
 
 
@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-server-name", metavar="NAME",
                         help="name to expect in the coordinator's certificate when it differs from the --server host")
     parser.add_argument("--token-file", metavar="FILE", help="file holding this client's token (from fedmeta-tokens)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="send --token-file without TLS to a coordinator beyond loopback (anyone on the path "
+                             "can read the token; default: refused)")
+    add_model_import_argument(parser)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="log verbosity (default: info)")
     return parser
@@ -98,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             token_file=args.token_file,
             data_dir=args.data_dir,
             shard=args.shard,
+            allow_model_imports=model_imports(args),
+            insecure=args.insecure,
         )
         worker = Worker(config)
     except ValueError as exc:

@@ -24,10 +24,12 @@ import torch
 from client.retry import RetryPolicy, with_retry
 from common import PROTOCOL_VERSION
 from common.algorithms import InnerConfig, UpdateKind, get_algorithm, meta_parameters
-from common.codec import Reassembler, abs_max, TensorSetError, decode, encode, header_from_proto, header_to_proto, iter_chunks, specs_of
+from common.codec import (Reassembler, TensorSetError, TensorSetHeader, abs_max, check_specs, decode, encode,
+                          header_from_proto, header_to_proto, iter_chunks, specs_of)
 from common.config import RunConfig, check_client_id
 from common.evaluation import evaluate_holder, validate_holder
-from common.models import build_model, prefers_vmap
+from common.models import build_model, check_import_paths, prefers_vmap
+from common.net import host_of, is_loopback
 from common.proto import pb, pb_grpc, tensor_pb
 from common.tasks import STREAM_TRAIN, default_shard, is_classification, loss_for, make_tasks, task_seed
 from common.wire import run_config_from_proto
@@ -69,9 +71,14 @@ class ClientConfig:
     token_file: str | None = None
     data_dir: str | None = None
     shard: int | None = None
+    # Import paths ("package.module:Class") this client's operator allows as models; none by default,
+    # so a coordinator can name only zoo models (common/models.py check_model_spec).
+    allow_model_imports: frozenset[str] = frozenset()
+    insecure: bool = False  # allow sending --token-file over plaintext beyond loopback
 
     def __post_init__(self) -> None:
         check_client_id(self.client_id)
+        check_import_paths(self.allow_model_imports)
         if self.shard is not None and self.shard < 0:
             raise ValueError(f"--shard: expected an integer >= 0, got {self.shard}")
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
@@ -86,6 +93,11 @@ class ClientConfig:
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"--{name.replace('_', '-')}: no such file: {path}")
+        host = host_of(self.server)
+        if self.token_file is not None and self.tls_ca is None and not self.insecure and not is_loopback(host):
+            raise ValueError(f"--token-file: {host} is not a loopback address, and without --tls-ca the token "
+                             "would cross the network in plaintext, readable by anyone on the path; pass "
+                             "--tls-ca (TLS), or --insecure to send it anyway")
 
     def channel(self) -> grpc.Channel:
         """A channel to the coordinator: TLS when --tls-ca is given, mutual TLS with --tls-cert/--tls-key."""
@@ -147,10 +159,22 @@ class Worker:
             encodings=[tensor_pb.ENCODING_FLOAT32, tensor_pb.ENCODING_FLOAT16, tensor_pb.ENCODING_BFLOAT16],
         )
         response = self._retry(lambda: self.stub.Join(request, timeout=_RPC_TIMEOUT_S, metadata=self.metadata), "Join")
-        run = run_config_from_proto(response.config)
-        if self.run is None or self.run.run_id != run.run_id:
-            self.model = build_model(run.model).to(self.device)
-            self.specs = specs_of(meta_parameters(run, 0))
+        allowed = self.config.allow_model_imports
+        try:
+            # Nothing the coordinator sends chooses code here: algorithm, task and model are looked up
+            # in fixed tables, and an import-path model only if this client's operator allowed it.
+            run = run_config_from_proto(response.config)
+            fresh = self.run is None or self.run.run_id != run.run_id
+            if fresh:
+                model = build_model(run.model, allowed_imports=allowed)
+                specs = specs_of(meta_parameters(run, 0, allowed_imports=allowed))
+        except ValueError as exc:
+            raise ClientError(f"refusing the coordinator's run configuration: {exc}") from None
+        if fresh:
+            self.model = model.to(self.device)
+            self.specs = specs
+            # The most a parameter stream of this run may hold: float32 at most, whatever the header claims.
+            self.max_param_bytes = sum(s.nbytes for s in specs)
             self.algorithm = get_algorithm(run.algorithm)
             self.loss_fn = loss_for(run.task)
             self.vectorize = prefers_vmap(self.model) if self.config.vectorize is None else self.config.vectorize
@@ -170,13 +194,19 @@ class Worker:
         self._cached_version = version
         return self._params
 
+    def _reassembler(self, header: TensorSetHeader) -> Reassembler:
+        """A buffer for a parameter stream, allocated only for the run's own model: the header must
+        list exactly its tensors and fit in their float32 size, whatever total it declares."""
+        check_specs(header.specs, self.specs)
+        return Reassembler(header, max_bytes=self.max_param_bytes)
+
     def _take_inline(self, a: pb.WaitForAssignmentResponse) -> None:
         """Keep parameters the coordinator inlined in the assignment (small models)."""
         if not a.HasField("parameters"):
             return
         try:
             header = header_from_proto(a.parameters.tensors)
-            assembler = Reassembler(header, max_bytes=header.total_bytes)
+            assembler = self._reassembler(header)
             assembler.add(0, a.parameters.payload)
             self._hold(a.parameter_version, decode(assembler.finish(), expected=self.specs))
         except TensorSetError as exc:
@@ -194,12 +224,15 @@ class Worker:
             if not first.HasField("header"):
                 raise TensorSetError("FetchParameters did not start with a header")
             header = header_from_proto(first.header.tensors)
-            assembler = Reassembler(header, max_bytes=header.total_bytes)
+            assembler = self._reassembler(header)
             for msg in stream:
                 assembler.add(msg.chunk.offset, msg.chunk.data)
             return decode(assembler.finish(), expected=self.specs)
 
-        return self._hold(version, self._retry(fetch, "FetchParameters"))
+        try:
+            return self._hold(version, self._retry(fetch, "FetchParameters"))
+        except TensorSetError as exc:
+            raise ClientError(f"the coordinator's parameters for version {version[:12]} are unusable: {exc}") from None
 
     def _submit(self, header: pb.UpdateHeader, tensors: dict[str, torch.Tensor] | None) -> pb.SubmitUpdateResponse:
         assert self.run is not None

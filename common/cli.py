@@ -23,3 +23,18 @@ def setup_logging(level: str) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+
+
+def add_model_import_argument(parser: argparse.ArgumentParser) -> None:
+    """--allow-model-import: the only way a model named by an import path is ever built in this process."""
+    parser.add_argument("--allow-model-import", action="append", default=[], metavar="MODULE:CLASS",
+                        help="allow this import path as a model (exactly; repeat it or separate several with "
+                             "commas). A model named by a run configuration or a model.json is otherwise one of "
+                             "the zoo's: an import path runs code on this machine")
+
+
+def model_imports(args: argparse.Namespace) -> frozenset[str]:
+    """The --allow-model-import values, split on commas and checked (ValueError naming the flag)."""
+    from common.models import check_import_paths
+
+    return check_import_paths([p.strip() for v in args.allow_model_import for p in v.split(",") if p.strip()])

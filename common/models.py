@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,30 +127,110 @@ def default_model(task: str, *, ways: int = 5, dim: int = 16, name: str | None =
     raise ValueError(f"--model: expected one of {sorted(ZOO)}, got {name!r}")
 
 
-def build_model(spec: ModelSpec) -> nn.Module:
-    """Instantiate a model from the zoo or from an import path "module:Class"."""
+# The most parameters a model spec may ask for: 2**29 float32 values (2 GiB), the coordinator's
+# default --max-update-bytes. A spec is checked against it before anything is allocated.
+MAX_PARAMETERS = 1 << 29
+IMPORT_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _int_arg(name: str, key: str, value: object, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"model {name!r}: {key}: expected an integer from {low} to {high}, got {value!r}")
+    return value
+
+
+def _mlp_parameters(kwargs: dict[str, Any]) -> int:
+    in_features = _int_arg("mlp", "in_features", kwargs.get("in_features", 1), 1, 1 << 20)
+    out_features = _int_arg("mlp", "out_features", kwargs.get("out_features", 1), 1, 1 << 20)
+    hidden = kwargs.get("hidden", [40, 40])
+    if not isinstance(hidden, (list, tuple)) or len(hidden) > 64:
+        raise ValueError(f"model 'mlp': hidden: expected a list of at most 64 layer widths, got {hidden!r}")
+    sizes = [in_features, *(_int_arg("mlp", "hidden", h, 1, 1 << 16) for h in hidden), out_features]
+    return sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+
+
+def _conv4_parameters(kwargs: dict[str, Any]) -> int:
+    channels = _int_arg("conv4", "in_channels", kwargs.get("in_channels", 1), 1, 64)
+    ways = _int_arg("conv4", "ways", kwargs.get("ways", 5), 1, 100_000)
+    hidden = _int_arg("conv4", "hidden", kwargs.get("hidden", 64), 1, 4096)
+    size = _int_arg("conv4", "image_size", kwargs.get("image_size", 28), 16, 1024)
+    blocks = (channels * hidden * 9 + hidden) + 3 * (hidden * hidden * 9 + hidden) + 4 * 2 * hidden
+    return blocks + hidden * (size // 16) ** 2 * ways + ways
+
+
+# Each zoo model's keyword arguments, and its parameter count computed from them without building it.
+_ZOO_ARGS: dict[str, tuple[frozenset[str], Any]] = {
+    "mlp": (frozenset({"in_features", "hidden", "out_features"}), _mlp_parameters),
+    "conv4": (frozenset({"in_channels", "ways", "hidden", "image_size"}), _conv4_parameters),
+}
+
+
+def check_model_spec(spec: ModelSpec, *, allowed_imports: Collection[str] = ()) -> None:
+    """Refuse a spec this process must not build: code is chosen only locally.
+
+    A zoo name takes only its own keyword arguments, of sane types and ranges, for at most
+    MAX_PARAMETERS parameters. An import path "module:Class" runs code on this machine, so it
+    is built only when this process's operator named exactly it (`--allow-model-import`).
+    Raises ValueError with a one-line reason.
+    """
+    if not isinstance(spec.kwargs, dict) or not all(isinstance(k, str) for k in spec.kwargs):
+        raise ValueError(f"model {spec.name!r}: expected keyword arguments as a JSON object, got {spec.kwargs!r}")
+    if spec.name in _ZOO_ARGS:
+        known, count = _ZOO_ARGS[spec.name]
+        unknown = sorted(set(spec.kwargs) - known)
+        if unknown:
+            raise ValueError(f"model {spec.name!r}: unknown arguments {unknown}; expected some of {sorted(known)}")
+        parameters = count(spec.kwargs)
+        if parameters > MAX_PARAMETERS:
+            raise ValueError(f"model {spec.name!r}: {spec.kwargs!r} makes {parameters:,} parameters; at most "
+                             f"{MAX_PARAMETERS:,} are allowed")
+        return
+    if ":" not in spec.name:
+        raise ValueError(f"unknown model {spec.name!r}: expected one of {sorted(ZOO)}, or an import path "
+                         "'module:Class' this process allows with --allow-model-import")
+    if spec.name not in allowed_imports:
+        raise ValueError(f"model {spec.name!r}: an import path runs code on this machine and this process "
+                         f"allows none by that name; expected one of {sorted(ZOO)} (an operator who trusts "
+                         f"it passes --allow-model-import {spec.name})")
+
+
+def check_import_paths(paths: Collection[str]) -> frozenset[str]:
+    """Validate --allow-model-import values: each exactly "package.module:Class"."""
+    for path in paths:
+        if not IMPORT_PATH.match(path):
+            raise ValueError(f"--allow-model-import: expected package.module:Class, got {path!r}")
+    return frozenset(paths)
+
+
+def build_model(spec: ModelSpec, *, allowed_imports: Collection[str] = ()) -> nn.Module:
+    """Instantiate a model from the zoo or, where `allowed_imports` names it, from an import path "module:Class".
+
+    The spec is checked first (check_model_spec), so nothing is imported or allocated for a
+    spec this process refuses.
+    """
+    check_model_spec(spec, allowed_imports=allowed_imports)
     if ":" in spec.name:
         module_name, _, attr = spec.name.partition(":")
         try:
             cls = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
             raise ValueError(f"model {spec.name!r}: cannot import it ({exc})") from exc
-    elif spec.name in ZOO:
-        cls = ZOO[spec.name]
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise ValueError(f"model {spec.name!r}: expected a torch.nn.Module subclass, got {cls!r}")
     else:
-        raise ValueError(f"unknown model {spec.name!r}: expected one of {sorted(ZOO)} or 'module:Class'")
+        cls = ZOO[spec.name]
     try:
         return cls(**spec.kwargs)
     except TypeError as exc:
         raise ValueError(f"model {spec.name!r}: bad arguments {spec.kwargs!r} ({exc})") from exc
 
 
-def init_parameters(spec: ModelSpec, seed: int) -> dict[str, torch.Tensor]:
+def init_parameters(spec: ModelSpec, seed: int, *, allowed_imports: Collection[str] = ()) -> dict[str, torch.Tensor]:
     """The model's initial parameters as a flat {name: tensor} dict, seeded."""
     gen_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        model = build_model(spec)
+        model = build_model(spec, allowed_imports=allowed_imports)
     finally:
         torch.random.set_rng_state(gen_state)
     return {k: v.detach().clone() for k, v in model.named_parameters()}

@@ -16,6 +16,7 @@ from common.algorithms import ALGORITHMS, get_algorithm
 from common.codec import DEFAULT_CHUNK_BYTES, ENCODINGS
 from common.config import RunConfig
 from common.models import ZOO, default_model
+from common.net import is_loopback
 from common.tasks import PARTITIONS, TASK_DEFAULTS, TASKS
 
 
@@ -121,6 +122,8 @@ OPTIONS: tuple[Option, ...] = (
            "mutual TLS: a client must present a certificate whose CN or DNS SAN is its client id"),
     Option("tokens_file", str, None, "per-client tokens (salted hashes, see fedmeta-tokens): every call must carry one"),
     Option("insecure", bool, False, "allow a non-loopback --host without TLS (plaintext on the network)"),
+    Option("no_reflection", bool, False,
+           "do not serve gRPC server reflection (it tells any caller the service names and the proto schema)"),
 )
 _BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -157,6 +160,7 @@ class ServerConfig:
     tokens_file: str | None = None
     require_client_cert: bool = False
     insecure: bool = False
+    no_reflection: bool = False
 
     @property
     def tls(self) -> bool:
@@ -324,6 +328,7 @@ def build(values: dict[str, Any]) -> ServerConfig:
         tokens_file=v["tokens_file"],
         require_client_cert=v["require_client_cert"],
         insecure=v["insecure"],
+        no_reflection=v["no_reflection"],
         run=run,
         rounds=v["rounds"],
         clients_per_round=clients_per_round,
@@ -344,13 +349,6 @@ def build(values: dict[str, Any]) -> ServerConfig:
         download=v["download"],
         mode=v["mode"],
     )
-
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-def is_loopback(host: str) -> bool:
-    return host in LOOPBACK or host.startswith("127.")
 
 
 def _check_transport(v: dict[str, Any]) -> None:

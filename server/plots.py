@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from common.cli import OneLineErrorParser
+from common.cli import OneLineErrorParser, add_model_import_argument, model_imports
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -190,8 +191,12 @@ def plot_adaptation_curve(summary: dict[str, Any], title: str, path: Path) -> Pa
     return path
 
 
-def plot_sinusoid_fits(model_dir: Path, title: str, path: Path) -> Path:
-    """Held-out sinusoids: the true curve, the K support points, the model before and after adaptation."""
+def plot_sinusoid_fits(model_dir: Path, title: str, path: Path, *, allowed_imports: Collection[str] = ()) -> Path:
+    """Held-out sinusoids: the true curve, the K support points, the model before and after adaptation.
+
+    model.json names a zoo model, or an import path only if `allowed_imports` (the local
+    operator's --allow-model-import) names it: a file in a run directory chooses no code.
+    """
     from safetensors.torch import load_file
     from common.algorithms.inner import forward
 
@@ -205,7 +210,11 @@ def plot_sinusoid_fits(model_dir: Path, title: str, path: Path) -> Path:
         raise ValueError(f"{model_dir}: expected model.json, got none")
     adapt = meta.get("adapt") or {}
     steps, lr, shots = int(adapt.get("steps", 10)), float(adapt.get("lr", 0.01)), int(adapt.get("shots", 5))
-    model = build_model(ModelSpec(meta["model"]["name"], dict(meta["model"].get("kwargs", {}))))
+    try:
+        spec = ModelSpec(str(meta["model"]["name"]), dict(meta["model"].get("kwargs", {})))
+        model = build_model(spec, allowed_imports=allowed_imports)
+    except ValueError as exc:
+        raise ValueError(f"{model_dir / 'model.json'}: {exc}") from None
     theta = load_file(str(model_dir / "model.safetensors"))
     algorithm, loss_fn = get_algorithm(meta["algorithm"]), loss_for("sinusoid")
     gen = torch.Generator().manual_seed(FITS_SEED)
@@ -240,7 +249,21 @@ def plot_sinusoid_fits(model_dir: Path, title: str, path: Path) -> Path:
     return path
 
 
-def make_plots(run_dir: Path) -> list[Path]:
+def _check_model_json(model_dir: Path, allowed_imports: Collection[str]) -> None:
+    """Refuse a model.json whose model this process would not build (an import path nobody allowed here)."""
+    from common.models import ModelSpec, check_model_spec
+
+    meta = _read_json(model_dir / "model.json")
+    if meta is None:
+        return
+    try:
+        spec = ModelSpec(str(meta["model"]["name"]), dict(meta["model"].get("kwargs", {})))
+        check_model_spec(spec, allowed_imports=allowed_imports)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise ValueError(f"{model_dir / 'model.json'}: {exc}") from None
+
+
+def make_plots(run_dir: Path, *, allowed_imports: Collection[str] = ()) -> list[Path]:
     """Write run_dir/plots/*.png from metrics.jsonl, summary.json and model/; return their paths.
 
     Raises ImportError when matplotlib is missing and ValueError when the run has no metrics.
@@ -255,6 +278,8 @@ def make_plots(run_dir: Path) -> list[Path]:
     task, algorithm = str(info.get("task", "?")), str(info.get("algorithm", "?"))
     run_id = str((summary or {}).get("run_id") or run_dir.name)
     title = f"{run_id}: {algorithm} on {task}"
+    model_dir = run_dir / "model"
+    _check_model_json(model_dir, allowed_imports)  # before anything is drawn
     out = run_dir / "plots"
     out.mkdir(exist_ok=True)
     paths = [plot_meta_loss(records, title, task, out / "meta_loss.png")]
@@ -263,9 +288,8 @@ def make_plots(run_dir: Path) -> list[Path]:
         paths.append(plot_validation(validation, summary, title, out / "validation.png"))
     if summary is not None and isinstance(summary.get("eval"), dict) and summary["eval"].get("curve"):
         paths.append(plot_adaptation_curve(summary, title, out / "adaptation_curve.png"))
-    model_dir = run_dir / "model"
     if task == "sinusoid" and (model_dir / "model.json").is_file() and (model_dir / "model.safetensors").is_file():
-        paths.append(plot_sinusoid_fits(model_dir, title, out / "sinusoid_fits.png"))
+        paths.append(plot_sinusoid_fits(model_dir, title, out / "sinusoid_fits.png", allowed_imports=allowed_imports))
     return paths
 
 
@@ -295,9 +319,10 @@ def main(argv: list[str] | None = None) -> int:
                                 description="Draw a run directory's plots into RUN_DIR/plots/ (needs matplotlib: "
                                             f"{INSTALL_HINT}).")
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory written by fedmeta-server")
+    add_model_import_argument(parser)
     args = parser.parse_args(argv)
     try:
-        paths = make_plots(args.run_dir)
+        paths = make_plots(args.run_dir, allowed_imports=model_imports(args))
     except ImportError as exc:
         parser.error(f"plots need matplotlib ({exc}); {INSTALL_HINT} installs it")
     except (ValueError, KeyError, TypeError) as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,11 +25,11 @@ def get_algorithm(name: str) -> Algorithm:
     return ALGORITHMS[name]
 
 
-def meta_parameters(run: RunConfig, seed: int) -> dict[str, torch.Tensor]:
+def meta_parameters(run: RunConfig, seed: int, *, allowed_imports: Collection[str] = ()) -> dict[str, torch.Tensor]:
     """Everything the server meta-learns: the model's parameters, then the algorithm's extras."""
     from common.models import init_parameters
 
-    params = init_parameters(run.model, seed)
+    params = init_parameters(run.model, seed, allowed_imports=allowed_imports)
     extra = get_algorithm(run.algorithm).extra_parameters
     return params | (extra(params, run) if extra is not None else {})
 

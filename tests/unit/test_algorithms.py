@@ -387,18 +387,22 @@ def test_init_parameters_is_seeded_and_leaves_the_global_rng_alone() -> None:
     ("spec", "message"),
     [
         (ModelSpec("resnet"), "unknown model 'resnet'"),
-        (ModelSpec("mlp", {"width": 3}), "bad arguments"),
+        (ModelSpec("mlp", {"width": 3}), r"unknown arguments \['width'\]"),
         (ModelSpec("no_such_module:Net"), "cannot import"),
         (ModelSpec("torch.nn:NoSuchLayer"), "cannot import"),
+        (ModelSpec("torch.nn:functional"), "expected a torch.nn.Module subclass"),
+        (ModelSpec("torch.nn:Linear", {"in_features": 2, "out_features": 3}), "allows none by that name"),
     ],
 )
 def test_build_model_errors(spec: ModelSpec, message: str) -> None:
+    allowed = {"no_such_module:Net", "torch.nn:NoSuchLayer", "torch.nn:functional"}
     with pytest.raises(ValueError, match=message):
-        build_model(spec)
+        build_model(spec, allowed_imports=allowed)
 
 
 def test_build_model_by_import_path_and_spec_json() -> None:
-    model = build_model(ModelSpec("torch.nn:Linear", {"in_features": 2, "out_features": 3}))
+    model = build_model(ModelSpec("torch.nn:Linear", {"in_features": 2, "out_features": 3}),
+                        allowed_imports={"torch.nn:Linear"})
     assert isinstance(model, nn.Linear) and model.weight.shape == (3, 2)
     assert ModelSpec.from_json(SPEC.to_json()) == SPEC
 

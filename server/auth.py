@@ -25,6 +25,7 @@ import grpc
 from common import CLIENT_ID_METADATA
 from common.cli import OneLineErrorParser
 from common.config import check_client_id
+from server.private_files import append_private, write_file
 
 log = logging.getLogger("fedmeta.auth")
 CLIENT_ID_KEY = CLIENT_ID_METADATA
@@ -148,7 +149,7 @@ def _deny(handler: Any, message: str) -> Any:
 
 
 def issue_tokens(clients: list[str], tokens_file: Path, out_dir: Path) -> list[Path]:
-    """Append a salted hash per client to tokens_file and write out_dir/token-<id>.txt (mode 600)."""
+    """Append a salted hash per client to tokens_file (created 0600 if new) and write out_dir/token-<id>.txt (0600)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     lines, written = [], []
     for client_id in clients:
@@ -156,29 +157,66 @@ def issue_tokens(clients: list[str], tokens_file: Path, out_dir: Path) -> list[P
         token, salt = secrets.token_hex(32), secrets.token_bytes(16)
         lines.append(f"{client_id} {salt.hex()} {hash_token(token, salt).hex()}\n")
         path = out_dir / f"token-{client_id}.txt"
-        path.write_text(token + "\n")
-        os.chmod(path, 0o600)
+        write_file(path, (token + "\n").encode())  # born 0600: no moment at which others may read it
         written.append(path)
-    with open(tokens_file, "a") as f:
-        f.writelines(lines)
+    append_private(tokens_file, "".join(lines))
     return [tokens_file, *written]
+
+
+def revoke_tokens(clients: list[str], tokens_file: Path) -> int:
+    """Turn the clients' lines of tokens_file into comments, in place; return how many.
+
+    The file keeps its inode and size (a single-file bind mount, as in docker-compose.tls.yml,
+    sees the change) and each line's client id is overwritten with '#' from its first byte on,
+    so a coordinator reading at any instant sees every line either as it was or as a comment:
+    never a line that was not there.
+    """
+    revoked = set(clients)
+    count = 0
+    with open(tokens_file, "rb+") as f:
+        offset = 0
+        for line in f.read().splitlines(keepends=True):
+            fields = line.split()
+            if fields and fields[0].decode(errors="replace") in revoked:
+                start = offset + (len(line) - len(line.lstrip()))
+                os.pwrite(f.fileno(), b"#" * len(fields[0]), start)
+                count += 1
+            offset += len(line)
+        os.fsync(f.fileno())
+    return count
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineErrorParser(prog="fedmeta-tokens",
-                                description="Issue per-client tokens: salted hashes for the server, one token file per client.")
-    parser.add_argument("--clients", required=True, help="comma-separated client ids")
+                                description="Issue per-client tokens: salted hashes for the server, one token file per "
+                                            "client; or revoke clients' tokens.")
+    parser.add_argument("--clients", help="comma-separated client ids to issue tokens for")
+    parser.add_argument("--revoke", metavar="IDS", help="comma-separated client ids whose tokens to delete from "
+                                                        "--tokens-file (edited in place; a running coordinator "
+                                                        "refuses them at their next call)")
     parser.add_argument("--tokens-file", type=Path, required=True, help="server file of salted hashes (appended to)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the clients' token-<id>.txt files")
+    parser.add_argument("--out", type=Path, help="folder for the clients' token-<id>.txt files (with --clients)")
     args = parser.parse_args(argv)
-    clients = [c.strip() for c in args.clients.split(",") if c.strip()]
+    if (args.clients is None) == (args.revoke is None):
+        parser.error("--clients or --revoke: give exactly one")
+    flag = "--clients" if args.clients is not None else "--revoke"
+    clients = [c.strip() for c in (args.clients or args.revoke).split(",") if c.strip()]
     if not clients:
-        parser.error("--clients: expected at least one client id")
+        parser.error(f"{flag}: expected at least one client id")
     for c in clients:
         try:
             check_client_id(c)
         except ValueError as exc:
-            parser.error(f"--clients: {c!r}: {exc}")
+            parser.error(f"{flag}: {c!r}: {exc}")
+    if args.revoke is not None:
+        try:
+            removed = revoke_tokens(clients, args.tokens_file)
+        except OSError as exc:
+            parser.error(f"--tokens-file: cannot edit {args.tokens_file}: {exc.strerror}")
+        print(f"revoked {removed} token(s) in {args.tokens_file}")
+        return 0
+    if args.out is None:
+        parser.error("--out: needed with --clients, the folder for the clients' token files")
     for path in issue_tokens(clients, args.tokens_file, args.out):
         print(path)
     return 0

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import sys
 from pathlib import Path
 
 from common.cli import OneLineErrorParser
 from common.config import check_client_id
+from server.private_files import write_file
 
 
 def _write(path: Path, data: bytes, *, private: bool) -> None:
-    path.write_bytes(data)
-    os.chmod(path, 0o600 if private else 0o644)
+    """Private keys are born 0600 (server/private_files.py); certificates are public, 0644."""
+    write_file(path, data, mode=0o600 if private else 0o644)
 
 
 def generate(out: Path, *, server_names: list[str], clients: list[str], days: int = 365) -> list[Path]:

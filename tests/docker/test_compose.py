@@ -142,6 +142,15 @@ def _tool(name: str, module: str) -> list[str]:
     return [path] if path else [sys.executable, "-m", module]
 
 
+def _listing(container: Any) -> list[str]:
+    """Every file under /credentials in a running container, relative and sorted."""
+    code = ("import os; print('\\n'.join(sorted(os.path.relpath(os.path.join(d, f), '/credentials') "
+            "for d, _, fs in os.walk('/credentials') for f in fs)))")
+    result = container.exec_run(["python", "-c", code])
+    assert result.exit_code == 0, result.output
+    return result.output.decode().split()
+
+
 def test_compose_tls_variant_with_certificates_and_tokens(project, compose: list[str], tmp_path: Path) -> None:
     """The README's TLS commands: fedmeta-certs, fedmeta-tokens, chown, both compose files; one client
     replica in the compose network and one started with `docker run` outside it, through the published port."""
@@ -170,6 +179,13 @@ def test_compose_tls_variant_with_certificates_and_tokens(project, compose: list
     assert _health(port) == "UNAVAILABLE"  # no plaintext on the published port
     tls = grpc.ssl_channel_credentials((creds / "ca.pem").read_bytes())
     assert _health(port, tls) == "SERVING"
+    # Each container holds only what it needs: never the CA's key; the coordinator no client token or key,
+    # a client no private key. (The coordinator waits for the second client, so both are still running.)
+    (replica,) = p.containers("client")
+    assert _listing(coordinator) == ["ca.pem", "server-key.pem", "server.pem", "tokens.txt"]
+    seen = _listing(replica)
+    assert "ca.pem" in seen and "tokens/token-client-1.txt" in seen
+    assert not any(name.endswith("-key.pem") for name in seen), seen
 
     # A client on "another machine": the README's `docker run`, on the host's network, through the published port.
     remote = p.engine.containers.run(
@@ -190,7 +206,6 @@ def test_compose_tls_variant_with_certificates_and_tokens(project, compose: list
     summary = p.summary()
     assert summary is not None and summary["rounds_completed"] == 5 and summary["clients_seen"] == 2
     assert sorted(summary["eval"]["per_client"]) == ["client-1", "site-a"]
-    (replica,) = p.containers("client")
     for c in (replica, remote):
         wait_for(lambda c=c: c.reload() or c.status == "exited", timeout_s=60, what=f"{c.name} to leave")
         assert c.attrs["State"]["ExitCode"] == 0, p.logs(c)[-2000:]

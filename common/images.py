@@ -9,26 +9,75 @@ light background); an image that is already light-on-dark comes out inverted.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
+
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
+# Caps on what one input image may cost before it is decoded: a photo from a phone passes,
+# a crafted file (a small PNG declaring 100k x 100k pixels, a huge file) does not.
+MAX_IMAGE_BYTES = 32 << 20
+MAX_IMAGE_SIDE = 10_000
+MAX_IMAGE_PIXELS = 50_000_000
+MAX_SIZE = 1024  # the largest size an image is resized to (conv4's image_size cap)
+
+
+class ImageRefused(ValueError):
+    """An image over a cap, or a decompression bomb: refused before it is decoded."""
+
+
+@contextlib.contextmanager
+def open_bounded(source: str | Path | IO[bytes], where: str, *, max_side: int = MAX_IMAGE_SIDE,
+                 max_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[PILImage.Image]:
+    """Image.open, with the pixel dimensions the header declares checked before anything is decoded.
+
+    Pillow's own decompression-bomb guard (Image.MAX_IMAGE_PIXELS) is an error here, never a
+    warning; either refusal is a one-line ValueError naming `where`.
+    """
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(source) as img:
+                width, height = img.size
+                if width > max_side or height > max_side or width * height > max_pixels:
+                    raise ImageRefused(f"{where}: image of {width} x {height} pixels is refused: at most {max_side} "
+                                     f"pixels a side and {max_pixels:,} in all")
+                yield img
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageRefused(f"{where}: refused as a possible decompression bomb ({exc})") from None
 
 
 def load_image(path: Path | str, size: int, *, invert: bool = True) -> np.ndarray:
     """One image as uint8 [size, size]: grayscale, resized (Lanczos), inverted so strokes are 255.
 
     Transparent pixels count as white paper; JPEG orientation tags are applied.
-    Raises ValueError naming the file when Pillow cannot read it.
+    Raises ValueError naming the file when Pillow cannot read it, or when the file or its
+    pixel dimensions are over MAX_IMAGE_BYTES / MAX_IMAGE_SIDE / MAX_IMAGE_PIXELS (checked
+    before decoding).
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    if size < 1:
-        raise ValueError(f"image size: expected an integer >= 1, got {size!r}")
+    if not (isinstance(size, int) and 1 <= size <= MAX_SIZE):
+        raise ValueError(f"image size: expected an integer from 1 to {MAX_SIZE}, got {size!r}")
     try:
-        with Image.open(path) as opened:
+        nbytes = os.stat(path).st_size
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read this image ({exc})") from exc
+    if nbytes > MAX_IMAGE_BYTES:
+        raise ImageRefused(f"{path}: a file of {nbytes:,} bytes is refused as an image: at most {MAX_IMAGE_BYTES:,}")
+    try:
+        with open_bounded(path, str(path)) as opened:
             img: Image.Image = ImageOps.exif_transpose(opened)
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 rgba = img.convert("RGBA")
@@ -36,6 +85,8 @@ def load_image(path: Path | str, size: int, *, invert: bool = True) -> np.ndarra
                 img = Image.alpha_composite(paper, rgba)
             small = img.convert("L").resize((size, size), Image.Resampling.LANCZOS)
             pixels = np.asarray(small, dtype=np.uint8)
+    except ImageRefused:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ValueError(f"{path}: cannot read this image ({exc})") from exc
     return 255 - pixels if invert else pixels.copy()

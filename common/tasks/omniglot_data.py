@@ -26,6 +26,12 @@ import numpy as np
 
 IMAGE_SIZE = 28
 CACHE_VERSION = 1
+# Caps on local input, checked before anything is read or decoded. An official drawing is a
+# 105 x 105 1-bit PNG of ~300 bytes and images_background.zip holds ~19k of them (~10 MB).
+MAX_DRAWING_BYTES = 1 << 20  # per PNG (its uncompressed size in the archive)
+MAX_SOURCE_BYTES = 512 << 20  # all PNGs of one archive or tree together
+MAX_ENTRIES = 200_000  # names in one archive
+MAX_DRAWING_SIDE = 1024  # pixels a side, read from the PNG header before decoding
 _NO_DATA = ("expected images_background*.zip / images_evaluation.zip or extracted alphabet/character/drawing.png "
             "trees; the official archives are published at https://github.com/brendenlake/omniglot "
             "(python/images_background.zip, python/images_evaluation.zip); fedmeta-client --download fetches them")
@@ -102,9 +108,14 @@ def _decode_png(data: bytes, name: str) -> np.ndarray:
     """One drawing as uint8 [28, 28], inverted so strokes are 255 (the PNGs are black on white)."""
     from PIL import Image, UnidentifiedImageError
 
+    from common.images import ImageRefused, open_bounded
+
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with open_bounded(io.BytesIO(data), name, max_side=MAX_DRAWING_SIDE,
+                          max_pixels=MAX_DRAWING_SIDE * MAX_DRAWING_SIDE) as img:
             small = img.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
+    except ImageRefused as exc:
+        raise ValueError(f"{exc}; the official drawings are 105 x 105: replace the archive") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ValueError(f"{name}: cannot decode this Omniglot image ({exc}); re-extract or replace the archive") from exc
     return 255 - np.asarray(small, dtype=np.uint8)
@@ -115,8 +126,15 @@ def _walk(src: _Source) -> Iterator[tuple[str, str, str | None, bytes | None]]:
     if src.path.is_file():
         try:
             with zipfile.ZipFile(src.path) as zf:
-                names = [n for n in zf.namelist() if "__MACOSX" not in n]
+                infos = zf.infolist()
+                if len(infos) > MAX_ENTRIES:
+                    raise ValueError(f"{src.path}: {len(infos):,} entries is refused: an Omniglot archive has at most "
+                                     f"{MAX_ENTRIES:,}; replace the archive")
+                names = [i.filename for i in infos if "__MACOSX" not in i.filename]
                 pngs = [n for n in names if n.endswith(".png") and n.count("/") >= 2]
+                png_names = set(pngs)
+                _check_sizes(src.path, [(f"{src.path}:{i.filename}", i.file_size) for i in infos
+                                        if i.filename in png_names])
                 prefixes = {tuple(n.split("/")[:-3]) for n in pngs}
                 for n in names:  # folder entries reveal empty alphabets / characters
                     parts = tuple(n.rstrip("/").split("/"))
@@ -133,12 +151,27 @@ def _walk(src: _Source) -> Iterator[tuple[str, str, str | None, bytes | None]]:
     alph_dirs = sorted(d for d in src.path.iterdir() if d.is_dir() and not d.name.startswith("."))
     if len(alph_dirs) == 1 and not _pngs_below(alph_dirs[0]):  # images_background/images_background/...
         alph_dirs = sorted(d for d in alph_dirs[0].iterdir() if d.is_dir() and not d.name.startswith("."))
+    total = 0
     for a in alph_dirs:
         yield str(a), a.name, None, None
         for c in sorted(d for d in a.iterdir() if d.is_dir()):
             yield str(c), a.name, c.name, None
             for f in sorted(c.glob("*.png")):
+                total = _check_sizes(src.path, [(str(f), f.stat().st_size)], total)
                 yield str(f), a.name, c.name, f.read_bytes()
+
+
+def _check_sizes(source: Path, entries: list[tuple[str, int]], total: int = 0) -> int:
+    """Refuse a drawing over MAX_DRAWING_BYTES, or a source whose drawings pass MAX_SOURCE_BYTES; the new total."""
+    for where, size in entries:
+        if size > MAX_DRAWING_BYTES:
+            raise ValueError(f"{where}: {size:,} bytes is refused as an Omniglot drawing: at most "
+                             f"{MAX_DRAWING_BYTES:,} (the official ones are ~300 bytes); replace the archive")
+        total += size
+        if total > MAX_SOURCE_BYTES:
+            raise ValueError(f"{source}: its drawings pass {MAX_SOURCE_BYTES:,} bytes uncompressed at {where}; "
+                             "an Omniglot archive holds ~10 MB: replace the archive")
+    return total
 
 
 def _decode_all(sources: list[_Source]) -> OmniglotData:

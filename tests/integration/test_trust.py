@@ -21,8 +21,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from common.algorithms import meta_parameters
 from common.config import RunConfig
-from common.proto import pb, pb_grpc
+from common.codec import encode, header_to_proto
+from common.proto import pb, pb_grpc, tensor_pb
 from common.wire import run_config_to_proto
 
 pytestmark = pytest.mark.integration
@@ -36,6 +38,8 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
     def __init__(self, model: pb.ModelSpec, algorithm: str = "maml") -> None:
         self.model = model
         self.algorithm = algorithm
+        self.parameters: tensor_pb.TensorSetHeader | None = None  # what FetchParameters declares
+        self.chunks_sent = 0
         self.joined: list[str] = []
         self.polled: list[str] = []
         self._lock = threading.Lock()
@@ -52,6 +56,14 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
         with self._lock:
             self.polled.append(request.client_id)
         return pb.WaitForAssignmentResponse(action=pb.ACTION_FINISHED)
+
+    def FetchParameters(self, request: pb.FetchParametersRequest, context: grpc.ServicerContext) -> Iterator[Any]:
+        assert self.parameters is not None
+        yield pb.FetchParametersResponse(header=pb.ParametersHeader(parameter_version=request.parameter_version,
+                                                                    tensors=self.parameters))
+        for offset in range(0, 64 << 20, 1 << 20):  # as much as the client takes: it must stop at the header
+            self.chunks_sent += 1
+            yield pb.FetchParametersResponse(chunk=tensor_pb.TensorChunk(offset=offset, data=bytes(1 << 20)))
 
 
 @pytest.fixture
@@ -159,3 +171,70 @@ def test_no_reflection_leaves_health_and_hides_the_schema(inprocess_server) -> N
     for service in ("", "fedmeta.v1.Coordinator"):
         reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT_S)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _header(specs: list[tuple[str, int, list[int]]]) -> tensor_pb.TensorSetHeader:
+    """A header as a hostile coordinator sends it: consistent in itself (sizes add up), any specs."""
+    sizes = {tensor_pb.DTYPE_FLOAT32: 4, tensor_pb.DTYPE_FLOAT16: 2, tensor_pb.DTYPE_FLOAT64: 8}
+    total = 0
+    for _, dtype, shape in specs:
+        n = sizes[dtype]
+        for d in shape:
+            n *= d
+        total += n
+    return tensor_pb.TensorSetHeader(tensors=[tensor_pb.TensorSpec(name=n, dtype=d, shape=s) for n, d, s in specs],
+                                     total_bytes=total, sha256=bytes(32), encoding=tensor_pb.ENCODING_FLOAT32)
+
+
+def _mlp_specs(dtype: int) -> list[tuple[str, int, list[int]]]:
+    params = meta_parameters(RunConfig(run_id="hostile"), 0)
+    return [(name, dtype, list(t.shape)) for name, t in params.items()]
+
+
+@pytest.mark.parametrize(
+    ("specs", "message"),
+    [
+        ([("net.0.weight", tensor_pb.DTYPE_FLOAT32, [1 << 20, 1 << 20])], "tensor names do not match the model"),
+        ([(n, d, [1 << 20, 1 << 19] if n == "net.0.weight" else s) for n, d, s in _mlp_specs(tensor_pb.DTYPE_FLOAT32)],
+         "tensor 'net.0.weight': expected shape"),
+        (_mlp_specs(tensor_pb.DTYPE_FLOAT64), "over the cap of"),
+    ],
+    ids=["4-TiB-foreign-tensor", "4-TiB-wrong-shape", "float64-twice-the-model"],
+)
+def test_client_allocates_no_more_than_the_runs_model_for_a_parameter_stream(fake_coordinator, specs, message) -> None:
+    """The header is checked against the run's own model before a buffer is allocated (4 TiB would crash)."""
+    from client.worker import ClientConfig, ClientError, Worker
+
+    servicer, port = fake_coordinator(pb.ModelSpec(name="mlp", kwargs_json=json.dumps(
+        {"in_features": 1, "hidden": [40, 40], "out_features": 1})))
+    servicer.parameters = _header(specs)
+    worker = Worker(ClientConfig(server=f"127.0.0.1:{port}", client_id="site-e", data_seed=0))
+    try:
+        worker.join()
+        assert worker.max_param_bytes == sum(4 * t.numel() for t in meta_parameters(worker.run, 0).values())
+        with pytest.raises(ClientError, match=message):
+            worker._fetch("v-hostile")
+        # Inlined parameters with the same header are dropped (and fetched instead), not allocated.
+        inline = pb.WaitForAssignmentResponse(action=pb.ACTION_TRAIN, parameter_version="v-inline",
+                                              parameters=pb.InlineParameters(tensors=_header(specs), payload=b""))
+        worker._take_inline(inline)
+        assert worker._cached_version == "" and worker._params == {}
+    finally:
+        worker.channel.close()
+
+
+def test_client_takes_honest_inlined_parameters(fake_coordinator) -> None:
+    from client.worker import ClientConfig, Worker
+
+    servicer, port = fake_coordinator(pb.ModelSpec(name="mlp", kwargs_json=json.dumps(
+        {"in_features": 1, "hidden": [40, 40], "out_features": 1})))
+    worker = Worker(ClientConfig(server=f"127.0.0.1:{port}", client_id="site-f", data_seed=0))
+    try:
+        run = worker.join()
+        encoded = encode(meta_parameters(run, 7))
+        inline = pb.WaitForAssignmentResponse(action=pb.ACTION_TRAIN, parameter_version="v7", parameters=pb.InlineParameters(
+            tensors=header_to_proto(encoded.header), payload=bytes(encoded.payload)))
+        worker._take_inline(inline)
+        assert worker._cached_version == "v7" and set(worker._params) == set(meta_parameters(run, 0))
+    finally:
+        worker.channel.close()

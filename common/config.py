@@ -9,6 +9,11 @@ from common.codec import DEFAULT_CHUNK_BYTES, ENCODINGS
 from common.models import ModelSpec
 
 CLIENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# Bounds on the work a run configuration asks of a client (it comes over the wire from the
+# coordinator): a meta-batch of at most 2**30 float32 inputs (4 GiB), at most 10,000 steps.
+MAX_BATCH_VALUES = 1 << 30
+MAX_STEPS = 10_000
+_INPUT_VALUES = {"sinusoid": 1, "omniglot": 28 * 28}  # per example; gaussian: dim
 
 
 def check_client_id(client_id: str) -> str:
@@ -92,6 +97,27 @@ class RunConfig:
             raise ValueError(f"--poll-timeout-s: expected 0.05 to 600 seconds, got {self.poll_timeout_s!r}")
         if not (0 <= self.seed < 2**63):
             raise ValueError(f"--seed: expected an integer in [0, 2**63), got {self.seed!r}")
+        _check_work(self)
+
+
+def _check_work(run: RunConfig) -> None:
+    """Refuse settings that would make a client allocate or compute without bound."""
+    from common.tasks import is_classification
+
+    for name in ("inner_steps", "eval_steps", "local_steps"):
+        if getattr(run, name) > MAX_STEPS:
+            raise ValueError(f"--{name.replace('_', '-')}: expected at most {MAX_STEPS}, got {getattr(run, name)!r}")
+    per_example = _INPUT_VALUES.get(run.task, run.dim)
+    classes = run.ways if is_classification(run.task) else 1
+    for flags, tasks, shots, queries in (
+        ("--tasks-per-client x --shots + --queries", run.tasks_per_client, run.shots, run.queries),
+        ("--eval-tasks-per-client x --eval-shots + --eval-queries", run.eval_tasks_per_client, run.eval_shots,
+         run.eval_queries),
+    ):
+        values = tasks * classes * (shots + queries) * per_example
+        if values > MAX_BATCH_VALUES:
+            raise ValueError(f"{flags}: a meta-batch of {values:,} input values is over {MAX_BATCH_VALUES:,} "
+                             "(4 GiB of float32): use fewer tasks or examples per client")
 
 
 def _positive_int(name: str, value: object) -> None:

@@ -143,3 +143,21 @@ def test_plot_draws_an_import_path_model_its_operator_allows(tmp_path: Path, cap
     assert "allows none by that name" in _refused(capsys, plot_main, [str(run)])
     assert plot_main([str(run), "--allow-model-import", "torch.nn:Linear"]) == 0
     assert (run / "plots" / "sinusoid_fits.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"task": "gaussian", "dim": 100_000, "tasks_per_client": 1000, "shots": 100}, "--tasks-per-client x --shots"),
+        ({"eval_tasks_per_client": 10**9}, "--eval-tasks-per-client x --eval-shots"),
+        ({"task": "omniglot", "ways": 1000, "shots": 1000, "queries": 1000}, "over 1,073,741,824"),
+        ({"inner_steps": 10**9}, "--inner-steps: expected at most 10000"),
+        ({"eval_steps": 10_001}, "--eval-steps: expected at most 10000"),
+        ({"local_steps": 10**6}, "--local-steps: expected at most 10000"),
+    ],
+)
+def test_run_configuration_cannot_ask_a_client_for_unbounded_work(settings: dict[str, object], message: str) -> None:
+    """A RunConfig comes over the wire in Join: its sizes bound what a client allocates and computes."""
+    with pytest.raises(ValueError, match=message):
+        RunConfig(run_id="unit", **settings)  # type: ignore[arg-type]
+    RunConfig(run_id="unit", task="omniglot", ways=20, shots=5, queries=15, eval_tasks_per_client=600)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
@@ -97,8 +99,46 @@ class Aggregator(Protocol):
 
 
 def update_norm(tensors: Mapping[str, torch.Tensor]) -> float:
-    """L2 norm of a whole update: sqrt(sum over tensors of ||t||^2)."""
-    return math.sqrt(sum(float(torch.linalg.vector_norm(t.float())) ** 2 for t in tensors.values()))
+    """L2 norm of a whole update: sqrt(sum over tensors of ||t||^2), accumulated in float64.
+
+    (A float32 norm overflows to inf for values ~1e18 and more, which float32 holds finitely.)
+    """
+    return math.sqrt(sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in tensors.values()))
+
+
+class NormFilter:
+    """Clip each update to at most `factor` x the median L2 norm of the last `window` accepted ones.
+
+    scale(norm) = min(1, factor * median(recent) / norm) once `warmup` norms are recorded
+    (1 before). The recorded norm is the norm after clipping, so clipped outliers cannot
+    drag the median up while they are a minority of the window. Against a finite but huge
+    update (1e15 under the hard bound) that would otherwise move theta by 1e15 (parameter
+    deltas) or fill Adam's second moment with 1e30 and so freeze every later step for
+    thousands of rounds; an outlier at factor 10 adds at most (1 - beta2) * 100 = 0.1 times
+    a typical g^2 to Adam's second moment. factor 0 turns the filter off.
+    """
+
+    def __init__(self, *, factor: float, window: int, warmup: int) -> None:
+        if not (factor == 0 or (factor >= 1 and math.isfinite(factor))):
+            raise ValueError(f"--norm-clip-factor: expected 0 (off) or a finite number >= 1, got {factor!r}")
+        if window < 1 or not (1 <= warmup <= window):
+            raise ValueError(f"--norm-clip-warmup: expected 1 to --norm-clip-window ({window}), got {warmup!r}")
+        self.factor = factor
+        self.warmup = warmup
+        self.recent: deque[float] = deque(maxlen=window)
+
+    def limit(self) -> float | None:
+        """The current bound on an update's norm; None while warming up or when off."""
+        if self.factor == 0 or len(self.recent) < self.warmup:
+            return None
+        return self.factor * statistics.median(self.recent)
+
+    def scale(self, norm: float) -> float:
+        """The factor (in (0, 1]) to multiply an update of this norm by; records the clipped norm."""
+        limit = self.limit()
+        scale = 1.0 if limit is None or norm <= limit or limit <= 0 else limit / norm
+        self.recent.append(norm * scale)
+        return scale
 
 
 def coordinate_median(stacked: torch.Tensor) -> torch.Tensor:

@@ -103,6 +103,14 @@ OPTIONS: tuple[Option, ...] = (
            minimum=0.0),
     Option("trim_fraction", float, 0.2, "trimmed-mean: fraction of updates dropped at each end, per coordinate",
            minimum=0.0, maximum=0.49),
+    Option("norm_clip_factor", float, 10.0,
+           "scale down an update whose L2 norm is over this many times the median norm of the last "
+           "--norm-clip-window accepted updates (a finite but huge update would otherwise wreck theta or "
+           "freeze Adam); 0 turns it off", minimum=0.0),
+    Option("norm_clip_window", int, 64, "how many recently accepted update norms --norm-clip-factor's median "
+           "is taken over", minimum=1),
+    Option("norm_clip_warmup", int, 5, "accepted updates before --norm-clip-factor applies (until then only "
+           "the hard bound of 1e18 per value does)", minimum=1),
     Option("max_update_bytes", int, 1 << 31, "largest update payload accepted, in bytes", minimum=1),
     Option("max_concurrent_uploads", int, 2, "updates buffered at once (peak memory: this many model copies)", minimum=1),
     Option("checkpoint_every", int, 1, "write a checkpoint every this many rounds", minimum=1),
@@ -154,6 +162,9 @@ class ServerConfig:
     local_device: str = "cpu"
     max_update_norm: float | None = None
     trim_fraction: float = 0.2
+    norm_clip_factor: float = 10.0
+    norm_clip_window: int = 64
+    norm_clip_warmup: int = 5
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
@@ -318,10 +329,18 @@ def build(values: dict[str, Any]) -> ServerConfig:
     _check_transport(v)
     if v["aggregator"] == "clipped-mean" and not v["max_update_norm"]:
         raise ValueError("--aggregator clipped-mean: needs a positive --max-update-norm to clip to")
+    if 0 < v["norm_clip_factor"] < 1:
+        raise ValueError(f"--norm-clip-factor: expected 0 (off) or at least 1, got {v['norm_clip_factor']!r}")
+    if v["norm_clip_warmup"] > v["norm_clip_window"]:
+        raise ValueError(f"--norm-clip-warmup: expected at most --norm-clip-window ({v['norm_clip_window']}), "
+                         f"got {v['norm_clip_warmup']}")
     return ServerConfig(
         aggregator=v["aggregator"],
         max_update_norm=v["max_update_norm"],
         trim_fraction=v["trim_fraction"],
+        norm_clip_factor=v["norm_clip_factor"],
+        norm_clip_window=v["norm_clip_window"],
+        norm_clip_warmup=v["norm_clip_warmup"],
         tls_cert=v["tls_cert"],
         tls_key=v["tls_key"],
         tls_ca=v["tls_ca"],

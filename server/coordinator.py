@@ -26,10 +26,13 @@ from typing import Any
 import grpc
 import torch
 
-from common.aggregation import Aggregator, FlatLayout, make_aggregator
+from common.aggregation import Aggregator, FlatLayout, NormFilter, make_aggregator, update_norm
 from common.algorithms import OuterConfig, UpdateKind, get_algorithm, meta_parameters
-from common.codec import EncodedTensorSet, TensorSetHeader, TensorSpec, abs_max, check_specs, encode
+from common.algorithms.outer import guarded_step
+from common.codec import EncodedTensorSet, TensorSetHeader, TensorSpec, check_specs, encode
 from common.config import RunConfig
+from common.metrics import allowed_metrics, check_metrics
+from common.textsafe import RateLimit, clip
 from server import checkpoint, report, validation
 from server.validation import Best, due
 from server.config import ServerConfig, describe
@@ -37,12 +40,9 @@ from server.rundir import RunDir
 
 log = logging.getLogger("fedmeta.coordinator")
 
-# Bounds that keep weighted sums finite: an update weighs at most this (e.g. tasks)...
-MAX_WEIGHT = 1e9
-# ...and a metric is at most this large in magnitude.
-MAX_METRIC = 1e30
-# ...and an update carries at most this many metrics (an evaluation's curve has eval_steps + 1).
-MAX_METRICS = 1024
+# An update weighs at most the tasks the coordinator assigned (--tasks-per-client, or
+# --eval-tasks-per-client in the evaluation); metric names and ranges: common/metrics.py;
+# magnitudes: MAX_UPDATE_ABS (common/algorithms/outer.py) and NormFilter (--norm-clip-factor).
 
 
 class Rejected(Exception):
@@ -94,6 +94,8 @@ class Round:
     dropped: set[str] = field(default_factory=set)
     metric_sums: dict[str, float] = field(default_factory=dict)
     metric_weight: float = 0.0
+    metric_weights: dict[str, float] = field(default_factory=dict)  # per name: the weight of who sent it
+    norms: dict[str, float] = field(default_factory=dict)  # per client: its update's L2 norm as sent
     attempts: int = 0
     client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # evaluation rounds only
     validation: bool = False  # an evaluation round on validation tasks during training (--eval-every)
@@ -152,6 +154,9 @@ class Coordinator:
         self._clients_seen: set[str] = set()
         self._validated_through = 0  # rounds trained when θ was last validated
         self.best: Best | None = None
+        self._norm_filter = NormFilter(factor=config.norm_clip_factor, window=config.norm_clip_window,
+                                       warmup=config.norm_clip_warmup)
+        self._clip_log = RateLimit(burst=3, window_s=60.0)
         self._theta = self.layout.flatten(params)
         self._resume()
         self._publish(self._theta)
@@ -306,7 +311,8 @@ class Coordinator:
     def check_run(self, run_id: str) -> None:
         if run_id != self.run.run_id:
             raise Rejected(grpc.StatusCode.FAILED_PRECONDITION,
-                           f"run {run_id!r} is not this coordinator's run {self.run.run_id!r}; call Join again")
+                           f"run {clip(run_id, 80)!r} is not this coordinator's run {self.run.run_id!r}; "
+                           "call Join again")
 
     def wait(self, client_id: str, timeout_s: float, is_active: Callable[[], bool] = lambda: True) -> Assignment:
         """Long-poll: block until this client has work, the run finishes, or timeout_s passes.
@@ -375,22 +381,27 @@ class Coordinator:
     def check_update(self, meta: UpdateMeta) -> bool:
         """Validate an update header before its payload is read. Returns True for a duplicate."""
         self.check_run(meta.run_id)
-        if not (0 < meta.weight <= MAX_WEIGHT):
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"weight: expected a number in (0, {MAX_WEIGHT:.0e}], got {meta.weight!r}")
-        if len(meta.metrics) > MAX_METRICS:
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"metrics: expected at most {MAX_METRICS} entries, got {len(meta.metrics)}")
-        for name, value in meta.metrics.items():
-            if not abs(value) <= MAX_METRIC:
-                raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"metric {name!r} must be finite and at most {MAX_METRIC:.0e} in size, got {value!r}")
         with self._cond:
             self._known(meta.client_id).last_seen = time.monotonic()
             if meta.client_id in self._accepted.get((meta.round, meta.validation), ()):
                 return True
             rnd = self._round
             self._check_round(rnd, meta)
+        evaluation = meta.kind is None
+        assigned = self.assigned_tasks(evaluation=evaluation)
+        if not (0 < meta.weight <= assigned):
+            flag = "--eval-tasks-per-client" if evaluation else "--tasks-per-client"
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"weight: expected a number of tasks in (0, {assigned}] (the {assigned} tasks this "
+                           f"coordinator assigned, {flag}), got {meta.weight!r}")
+        allowed = allowed_metrics(self.run, evaluation=evaluation)
+        if len(meta.metrics) > len(allowed):
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"metrics: expected at most {len(allowed)} entries, got {len(meta.metrics)}")
+        try:
+            check_metrics(self.run, meta.metrics, evaluation=evaluation)
+        except ValueError as exc:
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         if meta.kind is None:
             if meta.tensors is not None and meta.tensors.specs:
                 raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "an evaluation update carries no tensors")
@@ -406,6 +417,10 @@ class Coordinator:
         except ValueError as exc:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         return False
+
+    def assigned_tasks(self, *, evaluation: bool) -> int:
+        """The most an update may weigh: the tasks the coordinator assigned a client for the round."""
+        return self.run.eval_tasks_per_client if evaluation else self.run.tasks_per_client
 
     def _check_round(self, rnd: Round | None, meta: UpdateMeta) -> None:
         if rnd is None or meta.round != rnd.index:
@@ -436,7 +451,13 @@ class Coordinator:
         return self._uploads
 
     def accept(self, meta: UpdateMeta, tensors: Mapping[str, torch.Tensor] | None) -> bool:
-        """Count a verified update once. Returns True if it was a duplicate."""
+        """Count a verified update once. Returns True if it was a duplicate.
+
+        Its weight is min(claimed, assigned) tasks (check_update refused larger claims); its
+        tensors are scaled down if NormFilter finds their norm an outlier.
+        """
+        weight = min(meta.weight, float(self.assigned_tasks(evaluation=meta.kind is None)))
+        norm = update_norm(tensors) if tensors is not None else 0.0  # O(model): outside the lock
         with self._cond:
             if meta.client_id in self._accepted.get((meta.round, meta.validation), ()):
                 return True
@@ -445,12 +466,24 @@ class Coordinator:
             assert rnd is not None
             if tensors is not None:
                 assert rnd.accumulator is not None
-                rnd.accumulator.add(tensors, meta.weight)
+                limit, recent = self._norm_filter.limit(), len(self._norm_filter.recent)
+                scale = self._norm_filter.scale(norm)
+                if scale < 1.0:
+                    assert limit is not None
+                    if self._clip_log.allow(meta.client_id)[0]:
+                        log.warning("round %d: the update from %s has L2 norm %.3g, over %g x the median of the "
+                                    "last %d accepted (%.3g); scaled down to it (--norm-clip-factor)", rnd.index,
+                                    meta.client_id, norm, self._norm_filter.factor, recent,
+                                    limit / self._norm_filter.factor)
+                    tensors = {k: v * scale for k, v in tensors.items()}
+                rnd.norms[meta.client_id] = norm
+                rnd.accumulator.add(tensors, weight)
             for name, value in meta.metrics.items():
-                rnd.metric_sums[name] = rnd.metric_sums.get(name, 0.0) + meta.weight * value
-            rnd.metric_weight += meta.weight
+                rnd.metric_sums[name] = rnd.metric_sums.get(name, 0.0) + weight * value
+                rnd.metric_weights[name] = rnd.metric_weights.get(name, 0.0) + weight
+            rnd.metric_weight += weight
             if rnd.evaluation:
-                rnd.client_metrics[meta.client_id] = {"tasks": meta.weight, **meta.metrics}
+                rnd.client_metrics[meta.client_id] = {**meta.metrics, "tasks": weight}
             rnd.answered.add(meta.client_id)
             self._accepted.setdefault((meta.round, meta.validation), set()).add(meta.client_id)
             if not rnd.sampled - rnd.answered:
@@ -547,7 +580,8 @@ class Coordinator:
         self._cond.notify_all()
 
     def _close(self, rnd: Round) -> None:
-        metrics = {k: v / rnd.metric_weight for k, v in rnd.metric_sums.items()} if rnd.metric_weight else {}
+        # Each metric is averaged over the clients that sent it: one that leaves one out cannot pull it to 0.
+        metrics = {k: v / rnd.metric_weights[k] for k, v in rnd.metric_sums.items() if rnd.metric_weights.get(k)}
         if rnd.validation:
             self._validated(rnd, metrics)
             return
@@ -560,11 +594,10 @@ class Coordinator:
             in_place = self._readers == 0
         # Step in place unless a straggler is still streaming the old buffer: O(model) memory.
         theta = self._theta if in_place else self._theta.clone()
-        lr = self.outer.step(theta, rnd.accumulator.take_mean(), rnd.index)
+        lr = guarded_step(self.outer, theta, rnd.accumulator.take_mean(), rnd.index)
         rnd.accumulator = None
-        if not math.isfinite(abs_max(theta)):
-            raise RuntimeError(f"round {rnd.index}: the outer step produced non-finite parameters; "
-                               "lower --outer-lr or --inner-lr")
+        if lr is None:
+            self._log_undone(rnd)
         with self._cond:
             self._publish(theta)
             self._stepping = False
@@ -587,6 +620,7 @@ class Coordinator:
             "round_s": round_s,
             "client_compute_s": metrics.get("compute_s"),
             "outer_lr": lr,
+            "step_undone": lr is None,
             "version": self.version,
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
@@ -614,6 +648,14 @@ class Coordinator:
         self.rundir.append_metrics(entry)
         if self._on_round is not None:
             self._on_round(entry)
+
+    def _log_undone(self, rnd: Round) -> None:
+        """An outer step left theta or the optimiser state non-finite and was undone: name the suspects."""
+        ranked = sorted(rnd.norms.items(), key=lambda kv: (math.isfinite(kv[1]), -kv[1]))[:5]
+        suspects = ", ".join(f"{cid} (norm {norm:.3g})" for cid, norm in ranked) or "none"
+        log.error("round %d: the outer step made theta or the optimiser state non-finite; undone (theta, its "
+                  "version and the optimiser state are as before the round). Largest updates of the round's %d: "
+                  "%s. If no update stands out, lower --outer-lr", rnd.index, len(rnd.norms), suspects)
 
     def _finish(self, rnd: Round, metrics: dict[str, float]) -> None:
         export = self.rundir.export_model(self.parameters(), self.run, self.version)

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from common import PROTOCOL_VERSION
 from common.aggregation import update_norm
 from common.algorithms import UpdateKind
+from common.algorithms.outer import MAX_UPDATE_ABS
 from common.codec import (
     EncodedTensorSet,
     Reassembler,
@@ -30,6 +31,7 @@ from common.codec import (
 )
 from common.config import check_client_id
 from common.proto import pb, pb_grpc, tensor_pb
+from common.textsafe import RateLimit, clip
 from common.wire import run_config_to_proto
 from server.auth import CLIENT_ID_KEY, TokenInterceptor, TokenStore
 from server.config import ServerConfig, is_loopback
@@ -50,8 +52,6 @@ _KINDS = {
     pb.UPDATE_KIND_EVALUATION: None,
 }
 _MESSAGE_OVERHEAD = 64 * 1024
-# |weight * value| bound that keeps a float32 sum of up to ~1e8 updates finite.
-MAX_WEIGHTED_ABS = 1e30
 
 
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
@@ -67,16 +67,37 @@ def certificate_names(context: grpc.ServicerContext) -> list[str]:
 
 
 def check_magnitude(tensors: dict[str, torch.Tensor], weight: float) -> None:
-    """Refuse updates whose weighted values could overflow the float32 running sum."""
+    """Refuse updates with a value over MAX_UPDATE_ABS: more than a float32 outer step can absorb.
+
+    Adam squares every coordinate (g^2 overflows float32 for |g| > 1.8e19, after which every
+    step is 0 and the checkpoint keeps the inf), and the running weighted sum adds up to
+    (clients x tasks) such values; weight is at most the assigned tasks (check_update).
+    """
     peak = max((abs_max(t) for t in tensors.values()), default=0.0)
-    if weight * peak > MAX_WEIGHTED_ABS:
+    if not peak <= MAX_UPDATE_ABS:
         raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
-                       f"update values up to {peak:.3g} times weight {weight:.3g} exceed {MAX_WEIGHTED_ABS:.0e}; "
-                       "such an update would overflow the aggregate")
+                       f"update values up to {peak:.3g} exceed {MAX_UPDATE_ABS:.0e}, more than a float32 outer "
+                       "step can absorb (Adam squares them); no honest update is that large")
 
 
 def _peer_client(first: pb.SubmitUpdateRequest | None) -> str:
-    return repr(first.header.client_id) if first is not None and first.HasField("header") else "an unknown client"
+    if first is None or not first.HasField("header"):
+        return "an unknown client"
+    return repr(clip(first.header.client_id, 64))
+
+
+def _peer_host(context: grpc.ServicerContext) -> str:
+    """The peer's address without its port ("ipv4:10.0.0.7"): one key per machine, not per connection."""
+    peer = context.peer() or "unknown"
+    host = peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
+    return clip(host, 80)
+
+
+# Refusal lines per peer machine per minute; past it one line says so and the next minute counts them.
+REFUSAL_LOG_BURST = 10
+REFUSAL_LOG_WINDOW_S = 60.0
+# A refusal's message, as logged and as returned to the peer, is at most about this long.
+MAX_MESSAGE_CHARS = 1000
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
@@ -87,6 +108,21 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.run = coordinator.run
         self.require_client_cert = coordinator.config.require_client_cert
         self.tokens = coordinator.config.tokens_file is not None
+        self._refusals = RateLimit(burst=REFUSAL_LOG_BURST, window_s=REFUSAL_LOG_WINDOW_S)
+
+    def _log_refusal(self, context: grpc.ServicerContext, first: pb.SubmitUpdateRequest | None, code: str,
+                     message: str) -> None:
+        """One bounded line per refused update, at most REFUSAL_LOG_BURST per peer machine per minute."""
+        peer = _peer_host(context)
+        allowed, earlier = self._refusals.allow(peer)
+        if earlier:
+            log.warning("suppressed %d more refused updates from %s in the minute before", earlier, peer)
+        if allowed:
+            log.warning("update from %s (%s) refused (%s): %s", _peer_client(first), peer, code,
+                        clip(message, MAX_MESSAGE_CHARS))
+        elif self._refusals.suppressed(peer) == 1:
+            log.warning("over %d refused updates from %s this minute: not logging more of them until it ends",
+                        REFUSAL_LOG_BURST, peer)
 
     def _client_id(self, context: grpc.ServicerContext, client_id: str) -> str:
         """A well-formed client id that, under mutual TLS, the peer's certificate names."""
@@ -114,7 +150,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                    f"protocol version {request.protocol_version} is not supported; this coordinator speaks "
                    f"version {PROTOCOL_VERSION}: install a matching fedmeta release")
         try:
-            config = self.coordinator.join(client_id, device=request.device[:64], num_tasks=request.num_tasks)
+            config = self.coordinator.join(client_id, device=clip(request.device, 64), num_tasks=request.num_tasks)
         except Rejected as exc:
             _abort(context, exc.code, exc.message)
         response = pb.JoinResponse(config=run_config_to_proto(config))
@@ -220,13 +256,13 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                    "an evaluation update is a header and an end message, with no chunks")
             duplicate = self.coordinator.accept(meta, None)
         except Rejected as exc:
-            log.warning("update from %s refused (%s): %s", _peer_client(first), exc.code.name, exc.message)
-            _abort(context, exc.code, exc.message)
+            self._log_refusal(context, first, exc.code.name, exc.message)
+            _abort(context, exc.code, clip(exc.message, MAX_MESSAGE_CHARS))
         except TensorSetTooLarge as exc:
-            _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, clip(exc, MAX_MESSAGE_CHARS))
         except TensorSetError as exc:
-            log.warning("update from %s refused (INVALID_ARGUMENT): %s", _peer_client(first), exc)
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            self._log_refusal(context, first, "INVALID_ARGUMENT", str(exc))
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, clip(exc, MAX_MESSAGE_CHARS))
         finally:
             self.coordinator.count_bytes(received=received)
         return pb.SubmitUpdateResponse(accepted=True, duplicate=duplicate)

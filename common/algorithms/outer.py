@@ -6,7 +6,35 @@ import math
 
 import torch
 
-from common.algorithms.base import OuterConfig
+from common.algorithms.base import OuterConfig, OuterStep
+from common.codec import abs_max
+
+# The largest |update value| any outer step accepts. Adam squares each meta-gradient
+# coordinate: g^2 must stay finite in float32 (|g| < sqrt(3.4e38) ~ 1.8e19), and the
+# coordinator's float32 running sum adds up to (clients x tasks) such values; 1e18 leaves
+# g^2 ~ 1e36, a factor ~340 under float32's maximum. No honest update comes near it.
+MAX_UPDATE_ABS = 1e18
+
+
+def is_finite(t: torch.Tensor) -> bool:
+    return not t.is_floating_point() or math.isfinite(abs_max(t))
+
+
+def guarded_step(outer: OuterStep, theta: torch.Tensor, update: torch.Tensor, round_index: int) -> float | None:
+    """outer.step(theta, update), undone unless theta and the optimiser state are all finite after it.
+
+    Returns the step's learning rate, or None when the step was undone: theta (stepped in
+    place) and the optimiser state are then exactly what they were before. Costs one copy of
+    theta and of the optimiser state (O(model)) per step.
+    """
+    theta_before = theta.clone()
+    state_before = {k: v.clone() for k, v in outer.state_dict().items()}
+    lr = outer.step(theta, update, round_index)
+    if is_finite(theta) and all(is_finite(v) for v in outer.state_dict().values()):
+        return lr
+    theta.copy_(theta_before)
+    outer.load_state_dict(state_before)
+    return None
 
 
 class AdamOuter:

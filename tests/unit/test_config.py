@@ -95,6 +95,12 @@ def test_build_derived_defaults() -> None:
         ({"first_order_rounds": -1}, "--first-order-rounds"),
         ({"perfedavg_variant": "so"}, "--perfedavg-variant"),
         ({"eval_steps": -1}, "--eval-steps"),
+        ({"norm_clip_factor": -1.0}, "--norm-clip-factor"),
+        ({"norm_clip_factor": 0.5}, "--norm-clip-factor"),
+        ({"norm_clip_factor": float("nan")}, "--norm-clip-factor"),
+        ({"norm_clip_window": 0}, "--norm-clip-window"),
+        ({"norm_clip_warmup": 0}, "--norm-clip-warmup"),
+        ({"norm_clip_warmup": 9, "norm_clip_window": 8}, "--norm-clip-warmup"),
     ],
     ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={v[k]!r}" for k in v),
 )

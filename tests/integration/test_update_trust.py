@@ -169,8 +169,9 @@ def test_adam_poison_is_refused_and_200_honest_rounds_follow_the_control_traject
 
 
 def test_finite_but_huge_update_is_scaled_down_and_training_goes_on(inprocess_server, caplog) -> None:
-    """1e15 passes the hard bound; unclipped, Adam's second moment would hold 1e27 and every later
-    step would be ~1e-13 of a normal one. The median-norm clip scales it to 10x a typical norm."""
+    """1e15 in every coordinate passes the hard bound; unclipped, Adam's second moment would hold 1e27
+    and every later step would be ~1e-13 of a normal one. The median-norm clip scales it to 10x a
+    typical norm."""
     rounds = 100
     server = inprocess_server(**(FAST | {"rounds": rounds}))
     c = server.coordinator
@@ -187,8 +188,7 @@ def test_finite_but_huge_update_is_scaled_down_and_training_goes_on(inprocess_se
             g, metrics = alice.meta_gradient(s.params, r)
             if r == attacked:
                 assert c._norm_filter.limit() is not None, "the clip should be warmed up"
-                g = {k: v.clone() for k, v in g.items()}
-                g["net.2.weight"][3, 7] = 1e15
+                g = {k: torch.full_like(v, 1e15) for k, v in g.items()}  # every coordinate
             alice.submit(s, g, metrics)
             # the control run: the same client without the attack, on its own theta
             cg, _ = alice.meta_gradient(c.layout.views(control.clone()), r)
@@ -202,8 +202,9 @@ def test_finite_but_huge_update_is_scaled_down_and_training_goes_on(inprocess_se
     final, control_final = alice.held_out_loss(c.layout.flatten(c.parameters()), c.layout), alice.held_out_loss(
         control, c.layout)
     assert control_final < initial, "the control run should learn"
-    # as much as the control learned, give or take a tenth of it
-    assert final - control_final < 0.1 * (initial - control_final), (initial, final, control_final)
+    # About as much as the control learned: the clipped update counts like ~10 honest ones and costs ~11%
+    # of the progress; unclipped it freezes Adam (v ~ 1e27) and ~75% of the progress is lost.
+    assert final - control_final < 0.25 * (initial - control_final), (initial, final, control_final)
 
 
 # ---- Part 4: the coordinator decides weights --------------------------------------------------------

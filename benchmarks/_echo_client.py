@@ -16,6 +16,7 @@ import time
 import torch
 
 from client.worker import ClientConfig, Worker
+from common.metrics import placeholder_metrics
 from common.proto import pb
 
 
@@ -61,7 +62,7 @@ class EchoWorker(Worker):
         assert run is not None
         header = pb.UpdateHeader(
             run_id=run.run_id, round=round_index, client_id=self.config.client_id, base_version=version,
-            kind=pb.UPDATE_KIND_EVALUATION, weight=1.0, metrics={"loss_pre": 0.0, "loss_post": 0.0},
+            kind=pb.UPDATE_KIND_EVALUATION, weight=1.0, metrics=placeholder_metrics(run, evaluation=True),
         )
         self._submit(header, None)
 

@@ -47,6 +47,7 @@ from common.codec import (  # noqa: E402
     header_to_proto,
     iter_chunks,
 )
+from common.metrics import placeholder_metrics  # noqa: E402
 from common.proto import pb, pb_grpc, tensor_pb  # noqa: E402
 from common.wire import run_config_from_proto  # noqa: E402
 
@@ -206,8 +207,7 @@ class LoadClient:
                 header_msg = pb.UpdateHeader(
                     run_id=self.run.run_id, round=a.round, client_id=self.client_id,
                     base_version=a.parameter_version, kind=self.kind if train else pb.UPDATE_KIND_EVALUATION,
-                    weight=1.0, metrics={"loss_pre": 1.0, "loss_post": 0.5} if train else
-                    {"loss_pre": 1.0, "loss_post": 0.5, "curve_0": 1.0, "curve_1": 0.5},
+                    weight=1.0, metrics=placeholder_metrics(self.run, evaluation=not train),
                 )
                 update = self.updates.get(specs, scale) if train else None
                 reply = self._submit(header_msg, update)

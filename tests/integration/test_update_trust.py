@@ -8,6 +8,7 @@ real MAML meta-gradients with common.algorithms on the sinusoid MLP.
 from __future__ import annotations
 
 import io
+import json
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -205,6 +206,36 @@ def test_finite_but_huge_update_is_scaled_down_and_training_goes_on(inprocess_se
     # About as much as the control learned: the clipped update counts like ~10 honest ones and costs ~11%
     # of the progress; unclipped it freezes Adam (v ~ 1e27) and ~75% of the progress is lost.
     assert final - control_final < 0.25 * (initial - control_final), (initial, final, control_final)
+
+
+def test_an_outer_step_to_non_finite_theta_is_undone_and_the_run_goes_on(inprocess_server, caplog) -> None:
+    """Reptile at --outer-lr 1e25: a delta of 1e18 (at the hard bound) takes theta past float32's
+    range. The step is undone, the round's largest update is named, and the run goes on."""
+    server = inprocess_server(algorithm="reptile", outer_lr=1e25, rounds=3, clients_per_round=1, min_clients=1,
+                              round_deadline_s=60.0)
+    c = server.coordinator
+    s = session(server, "alice", join(server, "alice").run_id)
+    before = snapshot(s)
+    huge = {k: torch.full_like(v, 1e18) for k, v in s.params.items()}
+    with caplog.at_level(logging.ERROR, logger="fedmeta"):
+        reply = submit(s, stream(*encoded(s, huge, kind=pb.UPDATE_KIND_PARAMETER_DELTA)))
+        assert reply.accepted
+        wait_for(lambda: c.next_round == 1, timeout_s=20, what="round 0 to close")
+    assert any("undone" in r.getMessage() and "alice (norm 4.2e+19)" in r.getMessage() for r in caplog.records), \
+        [r.getMessage() for r in caplog.records]
+    assert c.version == before.version and not c.finished.is_set()
+    assert all(torch.equal(c.parameters()[k], v) for k, v in before.theta.items())
+    path = c.rundir.metrics_path
+    wait_for(lambda: path.exists() and path.read_text().endswith("\n"), timeout_s=20, what="round 0's record")
+    record = json.loads(path.read_text().splitlines()[0])
+    assert record["round"] == 0 and record["step_undone"] is True and record["outer_lr"] is None
+    # round 1 trains the same version, and a sane delta moves theta
+    s1 = session(server, "alice", s.run_id)
+    assert (s1.round, s1.version) == (1, before.version)
+    small = {k: torch.full_like(v, 1e-27) for k, v in s.params.items()}
+    assert submit(s1, stream(*encoded(s1, small, kind=pb.UPDATE_KIND_PARAMETER_DELTA))).accepted
+    wait_for(lambda: c.version != before.version, timeout_s=20, what="round 1 to close")
+    assert finite(c.parameters())
 
 
 # ---- Part 4: the coordinator decides weights --------------------------------------------------------

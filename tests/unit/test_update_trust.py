@@ -13,7 +13,7 @@ from common.algorithms import ALGORITHMS, OuterConfig, get_algorithm, meta_param
 from common.algorithms.outer import MAX_UPDATE_ABS, AdamOuter, AverageOuter, ReptileOuter, guarded_step
 from common.config import RunConfig
 from common.evaluation import evaluate_holder
-from common.metrics import MAX_NAME_CHARS, allowed_metrics, check_metrics, required_metrics
+from common.metrics import MAX_NAME_CHARS, allowed_metrics, check_metrics, placeholder_metrics, required_metrics
 from common.models import ModelSpec, build_model
 from common.tasks import make_tasks
 from common.textsafe import RateLimit, clip
@@ -137,6 +137,12 @@ def test_the_schema_names_exactly_what_a_sinusoid_evaluation_can_report() -> Non
         "loss_pre", "loss_post", "loss_pre_sq", "loss_post_sq", "curve_0", "curve_1", "curve_2", "curve_3",
         "shots_5", "shots_10"}
     assert allowed_metrics(SINUSOID, evaluation=False) == {"loss_pre", "loss_post", "compute_s"}
+
+
+@pytest.mark.parametrize("run", [SINUSOID, GAUSSIAN], ids=["sinusoid", "gaussian"])
+def test_placeholder_reports_fit_the_schema(run: RunConfig) -> None:
+    for evaluation in (False, True):
+        check_metrics(run, placeholder_metrics(run, evaluation=evaluation), evaluation=evaluation)
 
 
 def _eval(**overrides: float) -> dict[str, float]:

@@ -6,7 +6,8 @@ evaluate_holder): `loss_{pre,post}` and their means of squares `loss_{pre,post}_
 classification also `accuracy_{pre,post}` and `accuracy_{pre,post}_sq`; the adaptation curve
 `curve_0` ... `curve_<eval_steps>` (a prefix of it: ProtoNets adapt nothing and send
 `curve_0` only); and, when a second number of shots differs from --eval-shots, `shots_<k>`
-for k in {eval_shots, 1 (classification) or 2 * eval_shots (regression)}.
+for k in {eval_shots, 1 (classification) or 2 * eval_shots (regression)}. Validation during
+training (--eval-every, validate_holder): the same without `shots_<k>`.
 
 Anything else is refused before it reaches the round's sums, the summary or the log.
 """
@@ -38,14 +39,15 @@ def other_shots(run: RunConfig) -> int:
     return 1 if is_classification(run.task) else 2 * run.eval_shots
 
 
-def allowed_metrics(run: RunConfig, *, evaluation: bool) -> frozenset[str]:
-    """Every metric name an update of this run may carry."""
+def allowed_metrics(run: RunConfig, *, evaluation: bool, validation: bool = False) -> frozenset[str]:
+    """Every metric name an update of this run may carry (validation: a validation during training)."""
     if not evaluation:
         return TRAIN_METRICS
-    return required_metrics(run, evaluation=True) | {f"curve_{k}" for k in range(run.eval_steps + 1)}
+    required = required_metrics(run, evaluation=True, validation=validation)
+    return required | {f"curve_{k}" for k in range(run.eval_steps + 1)}
 
 
-def required_metrics(run: RunConfig, *, evaluation: bool) -> frozenset[str]:
+def required_metrics(run: RunConfig, *, evaluation: bool, validation: bool = False) -> frozenset[str]:
     """The names every update must carry: the evaluation's pooled loss, accuracy and shots metrics.
 
     Training metrics are optional (they only feed metrics.jsonl, averaged over the clients that
@@ -57,26 +59,26 @@ def required_metrics(run: RunConfig, *, evaluation: bool) -> frozenset[str]:
     if is_classification(run.task):
         names |= {"accuracy_pre", "accuracy_post", "accuracy_pre_sq", "accuracy_post_sq"}
     other = other_shots(run)
-    if other != run.eval_shots:
+    if other != run.eval_shots and not validation:
         names |= {f"shots_{run.eval_shots}", f"shots_{other}"}
     return frozenset(names)
 
 
-def check_metrics(run: RunConfig, metrics: Mapping[str, float], *, evaluation: bool) -> None:
+def check_metrics(run: RunConfig, metrics: Mapping[str, float], *, evaluation: bool, validation: bool = False) -> None:
     """Raise ValueError (one line, peer text clipped) unless metrics fit the schema.
 
     Ranges: losses (loss_*, regression curve_* and shots_*) are finite and >= 0; accuracies
     (accuracy_*, classification curve_* and shots_*) lie in [0, 1]; a mean of squares m2 and its
     mean m satisfy m2 >= m^2 (and m2 <= m for accuracies); 0 <= compute_s <= MAX_COMPUTE_S.
     """
-    allowed = allowed_metrics(run, evaluation=evaluation)
-    what = "an evaluation" if evaluation else "a training update"
+    allowed = allowed_metrics(run, evaluation=evaluation, validation=validation)
+    what = "a validation" if validation else "an evaluation" if evaluation else "a training update"
     for name in metrics:
         if len(name) > MAX_NAME_CHARS or name not in allowed:
             raise ValueError(f"metric {clip(name, 40)!r} is not one {what} of this run reports "
                              f"(expected names from {', '.join(sorted(allowed)[:12])}"
                              f"{', ...' if len(allowed) > 12 else ''})")
-    missing = required_metrics(run, evaluation=evaluation) - metrics.keys()
+    missing = required_metrics(run, evaluation=evaluation, validation=validation) - metrics.keys()
     if missing:
         raise ValueError(f"metrics: {what} must report {', '.join(sorted(missing))}")
     curve = sorted(int(k[len("curve_"):]) for k in metrics if k.startswith("curve_"))
@@ -105,7 +107,8 @@ def check_metrics(run: RunConfig, metrics: Mapping[str, float], *, evaluation: b
                                  f"given {name[:-3]} = {m!r}, got {m2!r}")
 
 
-def placeholder_metrics(run: RunConfig, *, evaluation: bool) -> dict[str, float]:
+def placeholder_metrics(run: RunConfig, *, evaluation: bool, validation: bool = False) -> dict[str, float]:
     """A report that fits the schema, every mean 0.5 (squares 0.25): for load generators and protocol tests."""
-    names = required_metrics(run, evaluation=True) if evaluation else frozenset({"loss_pre", "loss_post"})
+    names = (required_metrics(run, evaluation=True, validation=validation) if evaluation
+             else frozenset({"loss_pre", "loss_post"}))
     return {k: 0.25 if k.endswith("_sq") else 0.5 for k in sorted(names)}

@@ -387,19 +387,20 @@ class Coordinator:
                 return True
             rnd = self._round
             self._check_round(rnd, meta)
-        evaluation = meta.kind is None
-        assigned = self.assigned_tasks(evaluation=evaluation)
+        evaluation, validation = meta.kind is None, meta.validation
+        assigned = self.assigned_tasks(meta)
         if not (0 < meta.weight <= assigned):
-            flag = "--eval-tasks-per-client" if evaluation else "--tasks-per-client"
+            flag = ("--val-tasks-per-client" if validation else "--eval-tasks-per-client" if evaluation
+                    else "--tasks-per-client")
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
                            f"weight: expected a number of tasks in (0, {assigned}] (the {assigned} tasks this "
                            f"coordinator assigned, {flag}), got {meta.weight!r}")
-        allowed = allowed_metrics(self.run, evaluation=evaluation)
+        allowed = allowed_metrics(self.run, evaluation=evaluation, validation=validation)
         if len(meta.metrics) > len(allowed):
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
                            f"metrics: expected at most {len(allowed)} entries, got {len(meta.metrics)}")
         try:
-            check_metrics(self.run, meta.metrics, evaluation=evaluation)
+            check_metrics(self.run, meta.metrics, evaluation=evaluation, validation=validation)
         except ValueError as exc:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         if meta.kind is None:
@@ -418,9 +419,11 @@ class Coordinator:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         return False
 
-    def assigned_tasks(self, *, evaluation: bool) -> int:
+    def assigned_tasks(self, meta: UpdateMeta) -> int:
         """The most an update may weigh: the tasks the coordinator assigned a client for the round."""
-        return self.run.eval_tasks_per_client if evaluation else self.run.tasks_per_client
+        if meta.kind is not None:
+            return self.run.tasks_per_client
+        return self.run.val_tasks_per_client if meta.validation else self.run.eval_tasks_per_client
 
     def _check_round(self, rnd: Round | None, meta: UpdateMeta) -> None:
         if rnd is None or meta.round != rnd.index:
@@ -456,7 +459,7 @@ class Coordinator:
         Its weight is min(claimed, assigned) tasks (check_update refused larger claims); its
         tensors are scaled down if NormFilter finds their norm an outlier.
         """
-        weight = min(meta.weight, float(self.assigned_tasks(evaluation=meta.kind is None)))
+        weight = min(meta.weight, float(self.assigned_tasks(meta)))
         norm = update_norm(tensors) if tensors is not None else 0.0  # O(model): outside the lock
         with self._cond:
             if meta.client_id in self._accepted.get((meta.round, meta.validation), ()):

@@ -12,7 +12,7 @@ from common.aggregation import NormFilter, update_norm
 from common.algorithms import ALGORITHMS, OuterConfig, get_algorithm, meta_parameters
 from common.algorithms.outer import MAX_UPDATE_ABS, AdamOuter, AverageOuter, ReptileOuter, guarded_step
 from common.config import RunConfig
-from common.evaluation import evaluate_holder
+from common.evaluation import evaluate_holder, validate_holder
 from common.metrics import MAX_NAME_CHARS, allowed_metrics, check_metrics, placeholder_metrics, required_metrics
 from common.models import ModelSpec, build_model
 from common.tasks import make_tasks
@@ -130,6 +130,10 @@ def test_what_evaluate_holder_reports_fits_the_schema(name: str, task: str) -> N
     check_metrics(run, metrics, evaluation=True)
     assert required_metrics(run, evaluation=True) <= metrics.keys() <= allowed_metrics(run, evaluation=True)
     assert max(len(k) for k in allowed_metrics(run, evaluation=True)) <= MAX_NAME_CHARS
+    validation = validate_holder(algorithm, build_model(run.model), params, make_tasks(run), run, data_seed=0,
+                                 rounds_trained=5)
+    check_metrics(run, validation, evaluation=True, validation=True)
+    assert required_metrics(run, evaluation=True, validation=True) <= validation.keys()
 
 
 def test_the_schema_names_exactly_what_a_sinusoid_evaluation_can_report() -> None:
@@ -141,8 +145,9 @@ def test_the_schema_names_exactly_what_a_sinusoid_evaluation_can_report() -> Non
 
 @pytest.mark.parametrize("run", [SINUSOID, GAUSSIAN], ids=["sinusoid", "gaussian"])
 def test_placeholder_reports_fit_the_schema(run: RunConfig) -> None:
-    for evaluation in (False, True):
-        check_metrics(run, placeholder_metrics(run, evaluation=evaluation), evaluation=evaluation)
+    for evaluation, validation in ((False, False), (True, False), (True, True)):
+        report = placeholder_metrics(run, evaluation=evaluation, validation=validation)
+        check_metrics(run, report, evaluation=evaluation, validation=validation)
 
 
 def _eval(**overrides: float) -> dict[str, float]:

@@ -66,7 +66,7 @@ def certificate_names(context: grpc.ServicerContext) -> list[str]:
     return [n.decode(errors="replace") for n in raw]
 
 
-def check_magnitude(tensors: dict[str, torch.Tensor], weight: float) -> None:
+def check_magnitude(tensors: dict[str, torch.Tensor]) -> None:
     """Refuse updates with a value over MAX_UPDATE_ABS: more than a float32 outer step can absorb.
 
     Adam squares every coordinate (g^2 overflows float32 for |g| > 1.8e19, after which every
@@ -129,7 +129,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         try:
             check_client_id(client_id)
         except ValueError as exc:
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"client_id: {exc}")
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"client_id: {clip(exc, MAX_MESSAGE_CHARS)}")
         if self.tokens:
             authenticated = dict(context.invocation_metadata()).get(CLIENT_ID_KEY)
             if client_id != authenticated:
@@ -242,7 +242,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                         raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
                                        "the update stream ended without its end message; the update is not counted")
                     tensors = decode(assembler.finish())
-                    check_magnitude(tensors, meta.weight)
+                    check_magnitude(tensors)
                     self._check_norm(tensors)
                     duplicate = self.coordinator.accept(meta, tensors)
                 finally:

@@ -18,6 +18,7 @@ import grpc
 import pytest
 import torch
 
+from common import PROTOCOL_VERSION
 from common.algorithms import InnerConfig, OuterConfig, get_algorithm
 from common.algorithms.outer import AdamOuter
 from common.codec import Reassembler, decode, header_from_proto
@@ -362,10 +363,18 @@ def test_fifty_refusals_with_1_mib_metric_names_add_little_to_the_log(inprocess_
             err = refused(lambda: submit(s, flood(i)))
             assert err.code() == Code.INVALID_ARGUMENT, err.details()[:200]
             assert len(err.details()) < 1200
+        # other peer-supplied text quoted in a refusal: a 1 MiB client id, run id, device string
+        for fields, code in (({"client_id": "c" * (1 << 20)}, Code.INVALID_ARGUMENT),
+                             ({"run_id": "r\n" * (1 << 19)}, Code.FAILED_PRECONDITION)):
+            err = refused(lambda: submit(s, stream(*encoded(s, gradient(s), **fields))))
+            assert err.code() == code and len(err.details()) < 1200, (code, err.details()[:200])
+        server.stub.Join(pb.JoinRequest(client_id="bob", protocol_version=PROTOCOL_VERSION,
+                                        device="gpu\n" * (1 << 18)), timeout=TIMEOUT_S)
+    assert len(server.coordinator._clients["bob"].device) < 100
     text = log.getvalue()
     assert len(text.encode()) < 100_000, f"the log grew by {len(text.encode())} bytes"
     lines = text.splitlines()
-    assert sum("refused (INVALID_ARGUMENT)" in line for line in lines) == 10, text[:3000]
+    assert sum("refused (" in line for line in lines) == 10, text[:3000]
     assert sum("not logging more" in line for line in lines) == 1, text[:3000]
     assert all(len(line) < 2000 for line in lines), "a log line is unbounded"
     assert_untouched(s, before)

@@ -118,8 +118,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if earlier:
             log.warning("suppressed %d more refused updates from %s in the minute before", earlier, peer)
         if allowed:
-            log.warning("update from %s (%s) refused (%s): %s", _peer_client(first), peer, code,
-                        clip(message, MAX_MESSAGE_CHARS))
+            log.warning("update from %s refused (%s): %s (peer %s)", _peer_client(first), code,
+                        clip(message, MAX_MESSAGE_CHARS), peer)
         elif self._refusals.suppressed(peer) == 1:
             log.warning("over %d refused updates from %s this minute: not logging more of them until it ends",
                         REFUSAL_LOG_BURST, peer)

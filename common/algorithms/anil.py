@@ -12,9 +12,10 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad
+from torch.func import functional_call
 
 from common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, Params, UpdateKind
+from common.algorithms.inner import inner_path, sgd_path
 from common.algorithms.maml import make_outer, meta_gradient
 from common.models import MLP, head_parameters
 from common.tasks import LossFn, TaskBatch
@@ -53,24 +54,14 @@ def adapt(
     parts = split(model)
     names = head_parameters(model)
     if parts is None:  # a model ANIL cannot split: full forward passes, head-only gradients
-        from common.algorithms.inner import loss_at
-
-        p = params
-        for _ in range(steps):
-            g = grad(lambda h: loss_at(model, {**p, **h}, x, y, loss_fn))({k: p[k] for k in names})
-            p = {**p, **{k: p[k] - lr * g[k] for k in names}}
-        return p
+        return inner_path(model, params, x, y, loss_fn, steps=steps, lr=lr, only=names)
     body, head_module, prefix = parts
     feats = body(params, x)
-    head = {k: params[k] for k in names}
 
-    def head_loss(h: Params) -> torch.Tensor:
-        return loss_fn(functional_call(head_module, _sub(h, prefix), (feats,)), y)
+    def head_loss(p: Params) -> torch.Tensor:
+        return loss_fn(functional_call(head_module, _sub({k: p[k] for k in names}, prefix), (feats,)), y)
 
-    for _ in range(steps):
-        g = grad(head_loss)(head)
-        head = {k: head[k] - lr * g[k] for k in head}
-    return {**params, **head}
+    return sgd_path(head_loss, params, steps=steps, lr=lr, only=names)
 
 
 def client_step(model: nn.Module, params: Params, batch: TaskBatch, loss_fn: LossFn, inner: InnerConfig) -> ClientUpdate:

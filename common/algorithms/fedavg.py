@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.func import grad
 
 from common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, OuterConfig, Params, UpdateKind
-from common.algorithms.inner import loss_at
+from common.algorithms.inner import client_update, inner_path, query_losses
 from common.algorithms.maml import adapt
 from common.algorithms.outer import AverageOuter
 from common.tasks import LossFn, TaskBatch
@@ -24,20 +23,12 @@ from common.tasks import LossFn, TaskBatch
 def client_step(model: nn.Module, params: Params, batch: TaskBatch, loss_fn: LossFn, inner: InnerConfig) -> ClientUpdate:
     x = torch.cat([batch.x_support, batch.x_query], 1)
     y = torch.cat([batch.y_support, batch.y_query], 1)
-    loss_pre = torch.stack([loss_at(model, params, batch.x_query[t], batch.y_query[t], loss_fn)
-                            for t in range(batch.num_tasks)]).mean()
     p = {k: v.detach() for k, v in params.items()}
     for _ in range(inner.local_steps):
         for t in range(batch.num_tasks):
-            g = grad(loss_at, argnums=1)(model, p, x[t], y[t], loss_fn)
-            p = {k: p[k] - inner.local_lr * g[k] for k in p}
-    loss_post = torch.stack([loss_at(model, p, batch.x_query[t], batch.y_query[t], loss_fn)
-                             for t in range(batch.num_tasks)]).mean()
-    return ClientUpdate(
-        tensors={k: (p[k] - params[k]).detach() for k in params},
-        weight=float(batch.num_tasks),
-        metrics={"loss_pre": float(loss_pre), "loss_post": float(loss_post)},
-    )
+            p = inner_path(model, p, x[t], y[t], loss_fn, steps=1, lr=inner.local_lr, first_order=True)
+    return client_update({k: p[k] - params[k] for k in params}, batch, query_losses(model, params, batch, loss_fn),
+                         query_losses(model, p, batch, loss_fn))
 
 
 def make_outer(config: OuterConfig) -> AverageOuter:

@@ -1,18 +1,46 @@
-"""Pieces shared by the algorithms: functional losses, the SGD inner loop, task mapping."""
+"""The one inner-loop kernel and the pieces around it: functional losses, task mapping, the update tail.
+
+Every gradient-based algorithm here adapts with the same differentiable SGD path
+
+    theta_0 = theta,    theta_{j+1}[n] = theta_j[n] - a_j[n] * g_j[n],    g_j = grad_theta_j L(theta_j)
+
+over the parameter names n it adapts, and differs only in what it passes (cf. learn2learn, whose
+`maml_update` and `meta_sgd_update` differ only in their learning rate):
+
+    algorithm   step size a_j[n]               first_order       only      keep_path
+    MAML        --inner-lr                      no                all       no
+    FOMAML      --inner-lr                      (outside grad)    all       no
+    Meta-SGD    alpha[n], learned (dict)        no                all       no
+    MAML++      lslr_j[n], learned (callable)   first rounds      all       yes (MSL)
+    ANIL        --inner-lr                      no                head      no
+    Reptile     --inner-lr                      yes               all       no
+    FedAvg      --local-lr, one step per task   yes               all       no
+    Per-FedAvg  alpha then beta (one step each) yes               all       no
+
+Under `torch.func.grad` the path is differentiated end to end, which gives MAML's second-order
+term (Hessian-vector products through each g_j); `first_order` treats every g_j as a constant
+(Finn et al. 2017, section 5.2), which keeps the learned step sizes' gradients (MAML++'s first
+rounds) and makes the path plain SGD where nothing differentiates it (Reptile, FedAvg).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Collection
+from typing import Any, Literal, overload
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from common.algorithms.base import ClientUpdate
 from common.tasks import LossFn, TaskBatch
 
 Params = dict[str, torch.Tensor]
 EXTRA = "meta."  # prefix of meta-parameters that are not the model's (e.g. Meta-SGD's step sizes)
+# a_j[n]: one float for every step and name (MAML), one tensor per name shaped like it
+# (Meta-SGD's alpha), or a rule (step j, name n) -> scalar or tensor (MAML++'s per-step per-layer rates).
+StepSize = float | Params | Callable[[int, str], torch.Tensor | float]
+Objective = Callable[[Params], torch.Tensor]
 
 
 def model_part(params: Params) -> Params:
@@ -30,26 +58,59 @@ def loss_at(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, 
     return loss_fn(forward(model, params, x), y)
 
 
-def sgd_adapt(
-    model: nn.Module,
-    params: Params,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    loss_fn: LossFn,
-    *,
-    steps: int,
-    lr: float,
-) -> Params:
-    """k steps of plain SGD on one task: p <- p - lr * grad_p L(f_p(x), y).
+def step_size(lr: StepSize, step: int, name: str) -> torch.Tensor | float:
+    """a_step[name] under the rule `lr`."""
+    if callable(lr):
+        return lr(step, name)
+    if isinstance(lr, dict):
+        return lr[name]
+    return lr
 
-    Differentiable: when called under ``torch.func.grad`` the inner gradients are
-    themselves differentiated, which gives MAML's second-order term.
+
+def sgd_step(params: Params, g: Params, lr: StepSize, step: int = 0) -> Params:
+    """theta[n] - a_step[n] * g[n] for the names in g; every other entry of params as it is."""
+    return {**params, **{k: params[k] - step_size(lr, step, k) * g[k] for k in g}}
+
+
+@overload
+def sgd_path(objective: Objective, params: Params, *, steps: int, lr: StepSize, first_order: bool = ...,
+             only: Collection[str] | None = ..., keep_path: Literal[False] = ...) -> Params: ...
+@overload
+def sgd_path(objective: Objective, params: Params, *, steps: int, lr: StepSize, first_order: bool = ...,
+             only: Collection[str] | None = ..., keep_path: Literal[True]) -> list[Params]: ...
+def sgd_path(objective: Objective, params: Params, *, steps: int, lr: StepSize, first_order: bool = False,
+             only: Collection[str] | None = None, keep_path: bool = False) -> Params | list[Params]:
+    """`steps` SGD steps on objective(theta), the kernel: theta_steps, or [theta_0, ..., theta_steps].
+
+    objective maps the full parameter dict to a scalar loss; the gradient is taken over the names
+    in `only` (default: the model's own, not the "meta." extras), the rest held fixed and returned
+    untouched. first_order detaches each g_j from any enclosing differentiation.
     """
-    p = params
-    for _ in range(steps):
-        g = grad(loss_at, argnums=1)(model, model_part(p), x, y, loss_fn)
-        p = {**p, **{k: p[k] - lr * g[k] for k in g}}
-    return p
+    names = [k for k in params if not k.startswith(EXTRA)] if only is None else list(only)
+    path = [params]
+    for j in range(steps):
+        p = path[-1]
+        g = grad(lambda sub, p=p: objective({**p, **sub}))({k: p[k] for k in names})
+        if first_order:
+            g = {k: v.detach() for k, v in g.items()}
+        path.append(sgd_step(p, g, lr, j))
+    return path if keep_path else path[-1]
+
+
+@overload
+def inner_path(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, *, steps: int,
+               lr: StepSize, first_order: bool = ..., only: Collection[str] | None = ...,
+               keep_path: Literal[False] = ...) -> Params: ...
+@overload
+def inner_path(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, *, steps: int,
+               lr: StepSize, first_order: bool = ..., only: Collection[str] | None = ...,
+               keep_path: Literal[True]) -> list[Params]: ...
+def inner_path(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, *, steps: int,
+               lr: StepSize, first_order: bool = False, only: Collection[str] | None = None,
+               keep_path: bool = False) -> Params | list[Params]:
+    """The kernel on one task's support loss L(f_theta(x), y): see `sgd_path`."""
+    return sgd_path(lambda p: loss_at(model, p, x, y, loss_fn), params, steps=steps, lr=lr,  # type: ignore[call-overload]
+                    first_order=first_order, only=only, keep_path=keep_path)
 
 
 def _stack(results: list[Any]) -> Any:
@@ -75,3 +136,29 @@ def map_tasks(
     if vectorize:
         return vmap(fn, in_dims=(None, 0, 0, 0, 0))(params, *tensors)
     return _stack([fn(params, *(t[i] for t in tensors)) for i in range(batch.num_tasks)])
+
+
+def client_update(tensors: Params, batch: TaskBatch, loss_pre: torch.Tensor, loss_post: torch.Tensor) -> ClientUpdate:
+    """The update a client sends: detached tensors, weighted by its task count, with mean query losses."""
+    return ClientUpdate(
+        tensors={k: v.detach() for k, v in tensors.items()},
+        weight=float(batch.num_tasks),
+        metrics={"loss_pre": float(loss_pre.detach().mean()), "loss_post": float(loss_post.detach().mean())},
+    )
+
+
+def mean_over_tasks(per_task: Callable[..., tuple[Params, torch.Tensor, torch.Tensor]], params: Params,
+                    batch: TaskBatch, *, vectorize: bool) -> ClientUpdate:
+    """(1/T) sum_t u_t over the batch's T tasks, with per_task(theta, xs, ys, xq, yq) = (u_t, pre_t, post_t).
+
+    u_t is a task's meta-gradient (MAML family) or parameter delta (Reptile); pre_t / post_t its
+    query loss before / after adaptation, averaged into the metrics.
+    """
+    tensors, loss_pre, loss_post = map_tasks(per_task, params, batch, vectorize=vectorize)
+    return client_update({k: v.mean(0) for k, v in tensors.items()}, batch, loss_pre, loss_post)
+
+
+def query_losses(model: nn.Module, params: Params, batch: TaskBatch, loss_fn: LossFn) -> torch.Tensor:
+    """[L(f_params(xq_t), yq_t) for each task t], looped (for the sequential algorithms' metrics)."""
+    return torch.stack([loss_at(model, params, batch.x_query[t], batch.y_query[t], loss_fn)
+                        for t in range(batch.num_tasks)])

@@ -15,53 +15,50 @@ from torch import nn
 from torch.func import grad
 
 from common.algorithms.base import Adapt, Algorithm, ClientUpdate, InnerConfig, OuterConfig, Params, UpdateKind
-from common.algorithms.inner import loss_at, map_tasks, sgd_adapt
+from common.algorithms.inner import inner_path, loss_at, mean_over_tasks
 from common.algorithms.outer import AdamOuter
 from common.tasks import LossFn, TaskBatch
-
-
-def meta_gradient(
-    model: nn.Module, params: Params, batch: TaskBatch, loss_fn: LossFn, inner: InnerConfig, *, first_order: bool,
-    adapt_fn: Adapt = sgd_adapt,
-) -> ClientUpdate:
-    """Mean over tasks of the MAML meta-gradient; first_order drops the inner loop's graph.
-
-    adapt_fn is the inner loop (plain SGD for MAML; Meta-SGD and ANIL pass their own).
-    """
-
-    def query_loss_after(p: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor):
-        adapted = adapt_fn(model, p, xs, ys, loss_fn, steps=inner.steps, lr=inner.lr)
-        loss = loss_at(model, adapted, xq, yq, loss_fn)
-        return loss, loss
-
-    def per_task(p: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor):
-        loss_pre = loss_at(model, p, xq, yq, loss_fn)
-        if first_order:
-            adapted = adapt_fn(model, p, xs, ys, loss_fn, steps=inner.steps, lr=inner.lr)
-            g, loss_post = grad(lambda a: (lambda l: (l, l))(loss_at(model, a, xq, yq, loss_fn)), has_aux=True)(
-                adapted
-            )
-        else:
-            g, loss_post = grad(query_loss_after, has_aux=True)(p, xs, ys, xq, yq)
-        return g, loss_pre, loss_post
-
-    grads, loss_pre, loss_post = map_tasks(per_task, params, batch, vectorize=inner.vectorize)
-    return ClientUpdate(
-        tensors={k: v.mean(0).detach() for k, v in grads.items()},
-        weight=float(batch.num_tasks),
-        metrics={"loss_pre": float(loss_pre.mean()), "loss_post": float(loss_post.mean())},
-    )
-
-
-def client_step(model: nn.Module, params: Params, batch: TaskBatch, loss_fn: LossFn, inner: InnerConfig) -> ClientUpdate:
-    return meta_gradient(model, params, batch, loss_fn, inner, first_order=False)
 
 
 def adapt(
     model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, *, steps: int, lr: float
 ) -> Params:
-    """theta' = SGD^steps(theta; x, y): the personalisation rule MAML meta-learns for."""
-    return sgd_adapt(model, params, x, y, loss_fn, steps=steps, lr=lr)
+    """theta' = SGD^steps(theta; x, y), one step size: the personalisation rule MAML meta-learns for."""
+    return inner_path(model, params, x, y, loss_fn, steps=steps, lr=lr)
+
+
+def meta_gradient(
+    model: nn.Module, params: Params, batch: TaskBatch, loss_fn: LossFn, inner: InnerConfig, *, first_order: bool,
+    adapt_fn: Adapt = adapt,
+) -> ClientUpdate:
+    """Mean over tasks of grad_theta L_query(adapt_fn(theta; support)).
+
+    adapt_fn is the inner loop (plain SGD for MAML; Meta-SGD and ANIL pass their own). first_order
+    (FOMAML) runs it outside the gradient and returns grad_{theta'} L_query(theta') instead: the
+    inner loop's Jacobian replaced by the identity, and no graph kept through it.
+    """
+
+    def query_loss(p: Params, xq: torch.Tensor, yq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = loss_at(model, p, xq, yq, loss_fn)
+        return loss, loss
+
+    def query_loss_after(p: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor):
+        return query_loss(adapt_fn(model, p, xs, ys, loss_fn, steps=inner.steps, lr=inner.lr), xq, yq)
+
+    def per_task(p: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor):
+        loss_pre = loss_at(model, p, xq, yq, loss_fn)
+        if first_order:
+            adapted = adapt_fn(model, p, xs, ys, loss_fn, steps=inner.steps, lr=inner.lr)
+            g, loss_post = grad(query_loss, has_aux=True)(adapted, xq, yq)
+        else:
+            g, loss_post = grad(query_loss_after, has_aux=True)(p, xs, ys, xq, yq)
+        return g, loss_pre, loss_post
+
+    return mean_over_tasks(per_task, params, batch, vectorize=inner.vectorize)
+
+
+def client_step(model: nn.Module, params: Params, batch: TaskBatch, loss_fn: LossFn, inner: InnerConfig) -> ClientUpdate:
+    return meta_gradient(model, params, batch, loss_fn, inner, first_order=False)
 
 
 def make_outer(config: OuterConfig) -> AdamOuter:

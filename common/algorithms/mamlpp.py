@@ -16,13 +16,14 @@ batch statistics and keeps no running statistics to specialise per step.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.func import grad
 
 from common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, OuterConfig, Params, UpdateKind
-from common.algorithms.inner import EXTRA, loss_at, map_tasks, model_part
+from common.algorithms.inner import EXTRA, inner_path, loss_at, mean_over_tasks
 from common.algorithms.outer import AdamOuter
 from common.tasks import LossFn, TaskBatch
 
@@ -36,29 +37,31 @@ def extra_parameters(params: Params, run) -> Params:  # type: ignore[no-untyped-
     return {f"{LSLR}{j}.{k}": torch.tensor(float(run.inner_lr)) for j in range(steps) for k in params}
 
 
-def _step_lr(p: Params, name: str, step: int, lr: float) -> torch.Tensor | float:
-    if f"{LSLR}0.{name}" not in p:
-        return lr
-    j = step
-    while j > 0 and f"{LSLR}{j}.{name}" not in p:
-        j -= 1
-    return p[f"{LSLR}{j}.{name}"]
+def lslr(params: Params, lr: float) -> Callable[[int, str], torch.Tensor | float]:
+    """The kernel's step-size rule: (step j, name) -> meta.lslr.<j>.<name>, the last trained step's
+    beyond them, or `lr` when the run learns no rates (--no-lslr)."""
+
+    def rate(step: int, name: str) -> torch.Tensor | float:
+        if f"{LSLR}0.{name}" not in params:
+            return lr
+        j = step
+        while j > 0 and f"{LSLR}{j}.{name}" not in params:
+            j -= 1
+        return params[f"{LSLR}{j}.{name}"]
+
+    return rate
 
 
-def inner_path(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, *,
-               steps: int, lr: float) -> list[Params]:
+def adapt_path(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, *,
+               steps: int, lr: float, first_order: bool = False) -> list[Params]:
     """theta_0 = theta, theta_{j+1} = theta_j - lr_{j, layer} grad L_support(theta_j)."""
-    path = [params]
-    for j in range(steps):
-        p = path[-1]
-        g = grad(loss_at, argnums=1)(model, model_part(p), x, y, loss_fn)
-        path.append({**p, **{k: p[k] - _step_lr(p, k, j, lr) * g[k] for k in g}})
-    return path
+    return inner_path(model, params, x, y, loss_fn, steps=steps, lr=lslr(params, lr), first_order=first_order,
+                      keep_path=True)
 
 
 def adapt(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, *,
           steps: int, lr: float) -> Params:
-    return inner_path(model, params, x, y, loss_fn, steps=steps, lr=lr)[-1]
+    return adapt_path(model, params, x, y, loss_fn, steps=steps, lr=lr)[-1]
 
 
 def msl_weights(steps: int, round_index: int, rounds: int, *, enabled: bool) -> list[float]:
@@ -78,13 +81,7 @@ def client_step(model: nn.Module, params: Params, batch: TaskBatch, loss_fn: Los
     first_order = inner.round_index < inner.first_order_rounds
 
     def objective(p: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor):
-        path = [p]
-        for j in range(steps):
-            q = path[-1]
-            g = grad(loss_at, argnums=1)(model, model_part(q), xs, ys, loss_fn)
-            if first_order:
-                g = {k: v.detach() for k, v in g.items()}
-            path.append({**q, **{k: q[k] - _step_lr(q, k, j, inner.lr) * g[k] for k in g}})
+        path = adapt_path(model, p, xs, ys, loss_fn, steps=steps, lr=inner.lr, first_order=first_order)
         losses = [loss_at(model, path[j + 1], xq, yq, loss_fn) for j in range(steps)]
         total = sum(w * loss for w, loss in zip(weights, losses))
         return total, losses[-1]
@@ -93,12 +90,7 @@ def client_step(model: nn.Module, params: Params, batch: TaskBatch, loss_fn: Los
         g, loss_post = grad(objective, has_aux=True)(p, xs, ys, xq, yq)
         return g, loss_at(model, p, xq, yq, loss_fn), loss_post
 
-    grads, loss_pre, loss_post = map_tasks(per_task, params, batch, vectorize=inner.vectorize)
-    return ClientUpdate(
-        tensors={k: v.mean(0).detach() for k, v in grads.items()},
-        weight=float(batch.num_tasks),
-        metrics={"loss_pre": float(loss_pre.mean()), "loss_post": float(loss_post.mean())},
-    )
+    return mean_over_tasks(per_task, params, batch, vectorize=inner.vectorize)
 
 
 def make_outer(config: OuterConfig) -> AdamOuter:
@@ -113,6 +105,6 @@ ALGORITHM = Algorithm(
     default_outer_lr=3e-3,
     adapt=adapt,
     extra_parameters=extra_parameters,
-    adapt_path=inner_path,
+    adapt_path=adapt_path,
     learned_steps=True,
 )

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.func import grad
 
 from common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, Params, UpdateKind
-from common.algorithms.inner import EXTRA, loss_at, model_part
+from common.algorithms.inner import EXTRA, inner_path, model_part
 from common.algorithms.maml import make_outer, meta_gradient
 from common.tasks import LossFn, TaskBatch
 
@@ -28,11 +27,8 @@ def adapt(
     model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, *, steps: int, lr: float
 ) -> Params:
     """theta' = theta - alpha * grad, `steps` times; `lr` is unused (alpha is learned)."""
-    p = params
-    for _ in range(steps):
-        g = grad(loss_at, argnums=1)(model, model_part(p), x, y, loss_fn)
-        p = {**p, **{k: p[k] - p[ALPHA + k] * g[k] for k in g}}
-    return p
+    alpha = {k: params[ALPHA + k] for k in model_part(params)}
+    return inner_path(model, params, x, y, loss_fn, steps=steps, lr=alpha)
 
 
 def client_step(model: nn.Module, params: Params, batch: TaskBatch, loss_fn: LossFn, inner: InnerConfig) -> ClientUpdate:

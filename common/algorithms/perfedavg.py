@@ -18,7 +18,7 @@ from torch.func import grad
 
 from common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, Params, UpdateKind
 from common.algorithms.fedavg import make_outer
-from common.algorithms.inner import loss_at
+from common.algorithms.inner import client_update, inner_path, loss_at, query_losses, sgd_step
 from common.algorithms.maml import adapt
 from common.tasks import LossFn, TaskBatch
 
@@ -26,8 +26,7 @@ from common.tasks import LossFn, TaskBatch
 def local_step(model: nn.Module, w: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor,
                loss_fn: LossFn, *, alpha: float, beta: float, variant: str) -> Params:
     """One Per-FedAvg step on one task."""
-    g_support = grad(loss_at, argnums=1)(model, w, xs, ys, loss_fn)
-    w_tilde = {k: w[k] - alpha * g_support[k] for k in w}
+    w_tilde = inner_path(model, w, xs, ys, loss_fn, steps=1, lr=alpha, first_order=True)
     g = grad(loss_at, argnums=1)(model, w_tilde, xq, yq, loss_fn)
     if variant == "hf":
         v = {k: t.detach() for k, t in g.items()}
@@ -38,28 +37,20 @@ def local_step(model: nn.Module, w: Params, xs: torch.Tensor, ys: torch.Tensor, 
 
         hv = grad(grad_dot_v)(w)  # H(w, D'') g by reverse-over-reverse (forward-over-reverse hits ZeroTensors)
         g = {k: g[k] - alpha * hv[k] for k in g}
-    return {k: w[k] - beta * g[k] for k in w}
+    return sgd_step(w, g, beta)
 
 
 def client_step(model: nn.Module, params: Params, batch: TaskBatch, loss_fn: LossFn, inner: InnerConfig) -> ClientUpdate:
-    def query_losses(p: Params) -> torch.Tensor:
-        return torch.stack([loss_at(model, adapt(model, p, batch.x_support[t], batch.y_support[t], loss_fn,
-                                                 steps=1, lr=inner.lr), batch.x_query[t], batch.y_query[t], loss_fn)
-                            for t in range(batch.num_tasks)])
-
     w = {k: v.detach() for k, v in params.items()}
-    loss_pre = torch.stack([loss_at(model, w, batch.x_query[t], batch.y_query[t], loss_fn)
-                            for t in range(batch.num_tasks)]).mean()
-    loss_post = query_losses(w).mean()  # F(theta): the query loss after one adaptation step
+    loss_pre = query_losses(model, w, batch, loss_fn)
+    loss_post = torch.stack([loss_at(model, adapt(model, w, batch.x_support[t], batch.y_support[t], loss_fn, steps=1,
+                                                  lr=inner.lr), batch.x_query[t], batch.y_query[t], loss_fn)
+                             for t in range(batch.num_tasks)])  # F(theta): the query loss after one adaptation step
     for step in range(inner.local_steps):
         t = step % batch.num_tasks
         w = local_step(model, w, batch.x_support[t], batch.y_support[t], batch.x_query[t], batch.y_query[t],
                        loss_fn, alpha=inner.lr, beta=inner.local_lr, variant=inner.variant)
-    return ClientUpdate(
-        tensors={k: (w[k] - params[k]).detach() for k in params},
-        weight=float(batch.num_tasks),
-        metrics={"loss_pre": float(loss_pre.detach()), "loss_post": float(loss_post.detach())},
-    )
+    return client_update({k: w[k] - params[k] for k in params}, batch, loss_pre, loss_post)
 
 
 ALGORITHM = Algorithm(

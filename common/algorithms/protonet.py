@@ -16,7 +16,7 @@ from torch import nn
 from torch.func import grad
 
 from common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, Params, UpdateKind
-from common.algorithms.inner import forward, map_tasks
+from common.algorithms.inner import forward, mean_over_tasks
 from common.algorithms.maml import make_outer
 from common.tasks import LossFn, TaskBatch, is_classification
 
@@ -46,15 +46,9 @@ def client_step(model: nn.Module, params: Params, batch: TaskBatch, loss_fn: Los
 
     def per_task(p: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor):
         g, loss = grad(task_loss, has_aux=True)(p, xs, ys, xq, yq)
-        return g, loss
+        return g, loss, loss  # nothing is adapted: the loss before is the loss after
 
-    grads, loss = map_tasks(per_task, params, batch, vectorize=inner.vectorize)
-    mean_loss = float(loss.mean())
-    return ClientUpdate(
-        tensors={k: v.mean(0).detach() for k, v in grads.items()},
-        weight=float(batch.num_tasks),
-        metrics={"loss_pre": mean_loss, "loss_post": mean_loss},
-    )
+    return mean_over_tasks(per_task, params, batch, vectorize=inner.vectorize)
 
 
 def adapt(

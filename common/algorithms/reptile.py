@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, OuterConfig, Params, UpdateKind
-from common.algorithms.inner import loss_at, map_tasks, sgd_adapt
+from common.algorithms.inner import inner_path, loss_at, mean_over_tasks
 from common.algorithms.maml import adapt
 from common.algorithms.outer import ReptileOuter
 from common.tasks import LossFn, TaskBatch
@@ -19,19 +19,12 @@ from common.tasks import LossFn, TaskBatch
 
 def client_step(model: nn.Module, params: Params, batch: TaskBatch, loss_fn: LossFn, inner: InnerConfig) -> ClientUpdate:
     def per_task(p: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor):
-        x = torch.cat([xs, xq])
-        y = torch.cat([ys, yq])
-        adapted = sgd_adapt(model, p, x, y, loss_fn, steps=inner.steps, lr=inner.lr)
-        loss_pre = loss_at(model, p, xq, yq, loss_fn)
-        loss_post = loss_at(model, adapted, xq, yq, loss_fn)
-        return {k: adapted[k] - p[k] for k in p}, loss_pre, loss_post
+        adapted = inner_path(model, p, torch.cat([xs, xq]), torch.cat([ys, yq]), loss_fn, steps=inner.steps,
+                             lr=inner.lr, first_order=True)
+        delta = {k: adapted[k] - p[k] for k in p}
+        return delta, loss_at(model, p, xq, yq, loss_fn), loss_at(model, adapted, xq, yq, loss_fn)
 
-    deltas, loss_pre, loss_post = map_tasks(per_task, params, batch, vectorize=inner.vectorize)
-    return ClientUpdate(
-        tensors={k: v.mean(0).detach() for k, v in deltas.items()},
-        weight=float(batch.num_tasks),
-        metrics={"loss_pre": float(loss_pre.mean()), "loss_post": float(loss_post.mean())},
-    )
+    return mean_over_tasks(per_task, params, batch, vectorize=inner.vectorize)
 
 
 def make_outer(config: OuterConfig) -> ReptileOuter:

@@ -14,11 +14,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, Params, UpdateKind
+from common.algorithms.base import Params
 from common.algorithms.inner import inner_path, sgd_path
-from common.algorithms.maml import make_outer, meta_gradient
+from common.algorithms.maml import meta_algorithm
 from common.models import MLP, head_parameters
-from common.tasks import LossFn, TaskBatch
+from common.tasks import LossFn
 
 Body = Callable[[Params, torch.Tensor], torch.Tensor]
 
@@ -64,16 +64,4 @@ def adapt(
     return sgd_path(head_loss, params, steps=steps, lr=lr, only=names)
 
 
-def client_step(model: nn.Module, params: Params, batch: TaskBatch, loss_fn: LossFn, inner: InnerConfig) -> ClientUpdate:
-    return meta_gradient(model, params, batch, loss_fn, inner, first_order=False, adapt_fn=adapt)
-
-
-ALGORITHM = Algorithm(
-    name="anil",
-    update_kind=UpdateKind.META_GRADIENT,
-    client_step=client_step,
-    make_outer=make_outer,
-    default_outer_lr=3e-3,
-    adapt=adapt,
-    head_only=True,
-)
+ALGORITHM = meta_algorithm("anil", adapt_fn=adapt, head_only=True)

@@ -7,22 +7,6 @@ loop's Jacobian replaced by the identity. Server: Adam, as MAML.
 
 from __future__ import annotations
 
-from torch import nn
+from common.algorithms.maml import meta_algorithm
 
-from common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, Params, UpdateKind
-from common.algorithms.maml import adapt, make_outer, meta_gradient
-from common.tasks import LossFn, TaskBatch
-
-
-def client_step(model: nn.Module, params: Params, batch: TaskBatch, loss_fn: LossFn, inner: InnerConfig) -> ClientUpdate:
-    return meta_gradient(model, params, batch, loss_fn, inner, first_order=True)
-
-
-ALGORITHM = Algorithm(
-    name="fomaml",
-    update_kind=UpdateKind.META_GRADIENT,
-    client_step=client_step,
-    make_outer=make_outer,
-    default_outer_lr=3e-3,
-    adapt=adapt,
-)
+ALGORITHM = meta_algorithm("fomaml", first_order=True)

@@ -9,6 +9,7 @@ Server: Adam on the weighted mean meta-gradient.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,19 +58,23 @@ def meta_gradient(
     return mean_over_tasks(per_task, params, batch, vectorize=inner.vectorize)
 
 
-def client_step(model: nn.Module, params: Params, batch: TaskBatch, loss_fn: LossFn, inner: InnerConfig) -> ClientUpdate:
-    return meta_gradient(model, params, batch, loss_fn, inner, first_order=False)
-
-
 def make_outer(config: OuterConfig) -> AdamOuter:
     return AdamOuter(dataclasses.replace(config, cosine=False))  # a constant lr; MAML++ anneals
 
 
-ALGORITHM = Algorithm(
-    name="maml",
-    update_kind=UpdateKind.META_GRADIENT,
-    client_step=client_step,
-    make_outer=make_outer,
-    default_outer_lr=3e-3,
-    adapt=adapt,
-)
+def meta_algorithm(name: str, *, first_order: bool = False, adapt_fn: Adapt = adapt, **options: Any) -> Algorithm:
+    """A member of the MAML family: `meta_gradient` over adapt_fn, Adam on the server, adapt_fn to personalise.
+
+    What differs between members is adapt_fn (the inner loop), first_order, and the Algorithm
+    options they add (options: extra_parameters, head_only, learned_steps, ...).
+    """
+
+    def client_step(model: nn.Module, params: Params, batch: TaskBatch, loss_fn: LossFn,
+                    inner: InnerConfig) -> ClientUpdate:
+        return meta_gradient(model, params, batch, loss_fn, inner, first_order=first_order, adapt_fn=adapt_fn)
+
+    return Algorithm(name=name, update_kind=UpdateKind.META_GRADIENT, client_step=client_step, make_outer=make_outer,
+                     default_outer_lr=3e-3, adapt=adapt_fn, **options)
+
+
+ALGORITHM = meta_algorithm("maml")

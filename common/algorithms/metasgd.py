@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, Params, UpdateKind
+from common.algorithms.base import Params
 from common.algorithms.inner import EXTRA, inner_path, model_part
-from common.algorithms.maml import make_outer, meta_gradient
-from common.tasks import LossFn, TaskBatch
+from common.algorithms.maml import meta_algorithm
+from common.tasks import LossFn
 
 ALPHA = EXTRA + "lr."
 
@@ -31,17 +31,4 @@ def adapt(
     return inner_path(model, params, x, y, loss_fn, steps=steps, lr=alpha)
 
 
-def client_step(model: nn.Module, params: Params, batch: TaskBatch, loss_fn: LossFn, inner: InnerConfig) -> ClientUpdate:
-    return meta_gradient(model, params, batch, loss_fn, inner, first_order=False, adapt_fn=adapt)
-
-
-ALGORITHM = Algorithm(
-    name="metasgd",
-    update_kind=UpdateKind.META_GRADIENT,
-    client_step=client_step,
-    make_outer=make_outer,
-    default_outer_lr=3e-3,
-    adapt=adapt,
-    extra_parameters=extra_parameters,
-    learned_steps=True,
-)
+ALGORITHM = meta_algorithm("metasgd", adapt_fn=adapt, extra_parameters=extra_parameters, learned_steps=True)

@@ -26,7 +26,7 @@ def client_step(model: nn.Module, params: Params, batch: TaskBatch, loss_fn: Los
     p = {k: v.detach() for k, v in params.items()}
     for _ in range(inner.local_steps):
         for t in range(batch.num_tasks):
-            p = inner_path(model, p, x[t], y[t], loss_fn, steps=1, lr=inner.local_lr, first_order=True)
+            p = inner_path(model, p, x[t], y[t], loss_fn, steps=1, lr=inner.local_lr)
     return client_update({k: p[k] - params[k] for k in params}, batch, query_losses(model, params, batch, loss_fn),
                          query_losses(model, p, batch, loss_fn))
 

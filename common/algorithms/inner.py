@@ -7,20 +7,23 @@ Every gradient-based algorithm here adapts with the same differentiable SGD path
 over the parameter names n it adapts, and differs only in what it passes (cf. learn2learn, whose
 `maml_update` and `meta_sgd_update` differ only in their learning rate):
 
-    algorithm   step size a_j[n]               first_order       only      keep_path
-    MAML        --inner-lr                      no                all       no
-    FOMAML      --inner-lr                      (outside grad)    all       no
-    Meta-SGD    alpha[n], learned (dict)        no                all       no
-    MAML++      lslr_j[n], learned (callable)   first rounds      all       yes (MSL)
-    ANIL        --inner-lr                      no                head      no
-    Reptile     --inner-lr                      yes               all       no
-    FedAvg      --local-lr, one step per task   yes               all       no
-    Per-FedAvg  alpha then beta (one step each) yes               all       no
+    algorithm   step size a_j[n]                first_order     only    keep_path
+    MAML        --inner-lr                       no              all     no
+    FOMAML      --inner-lr                       (see below)     all     no
+    Meta-SGD    alpha[n], learned (dict)         no              all     no
+    MAML++      lslr_j[n], learned (callable)    first rounds    all     yes (multi-step loss)
+    ANIL        --inner-lr, on cached features   no              head    no
+    Reptile     --inner-lr, support + query      (see below)     all     no
+    FedAvg      --local-lr, one step per task    (see below)     all     no
+    Per-FedAvg  alpha, then a beta `sgd_step`    (see below)     all     no
 
 Under `torch.func.grad` the path is differentiated end to end, which gives MAML's second-order
 term (Hessian-vector products through each g_j); `first_order` treats every g_j as a constant
-(Finn et al. 2017, section 5.2), which keeps the learned step sizes' gradients (MAML++'s first
-rounds) and makes the path plain SGD where nothing differentiates it (Reptile, FedAvg).
+(Finn et al. 2017, section 5.2) while the path stays differentiable in theta and the step sizes,
+which MAML++'s first-order rounds need for their learned rates. Where nothing differentiates the
+path it is plain SGD and first order already, so FOMAML (the path run outside the meta-gradient,
+which is then taken at theta'), Reptile, FedAvg and Per-FedAvg leave the flag off: detaching would
+cost a few per cent per step (sinusoid MLP, one thread) and change nothing.
 """
 
 from __future__ import annotations

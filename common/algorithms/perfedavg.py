@@ -26,7 +26,7 @@ from common.tasks import LossFn, TaskBatch
 def local_step(model: nn.Module, w: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor,
                loss_fn: LossFn, *, alpha: float, beta: float, variant: str) -> Params:
     """One Per-FedAvg step on one task."""
-    w_tilde = inner_path(model, w, xs, ys, loss_fn, steps=1, lr=alpha, first_order=True)
+    w_tilde = inner_path(model, w, xs, ys, loss_fn, steps=1, lr=alpha)
     g = grad(loss_at, argnums=1)(model, w_tilde, xq, yq, loss_fn)
     if variant == "hf":
         v = {k: t.detach() for k, t in g.items()}

@@ -20,7 +20,7 @@ from common.tasks import LossFn, TaskBatch
 def client_step(model: nn.Module, params: Params, batch: TaskBatch, loss_fn: LossFn, inner: InnerConfig) -> ClientUpdate:
     def per_task(p: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor):
         adapted = inner_path(model, p, torch.cat([xs, xq]), torch.cat([ys, yq]), loss_fn, steps=inner.steps,
-                             lr=inner.lr, first_order=True)
+                             lr=inner.lr)
         delta = {k: adapted[k] - p[k] for k in p}
         return delta, loss_at(model, p, xq, yq, loss_fn), loss_at(model, adapted, xq, yq, loss_fn)
 

@@ -112,8 +112,11 @@ def inner_path(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tenso
                lr: StepSize, first_order: bool = False, only: Collection[str] | None = None,
                keep_path: bool = False) -> Params | list[Params]:
     """The kernel on one task's support loss L(f_theta(x), y): see `sgd_path`."""
-    return sgd_path(lambda p: loss_at(model, p, x, y, loss_fn), params, steps=steps, lr=lr,  # type: ignore[call-overload]
-                    first_order=first_order, only=only, keep_path=keep_path)
+    def support_loss(p: Params) -> torch.Tensor:
+        return loss_at(model, p, x, y, loss_fn)
+
+    path = sgd_path(support_loss, params, steps=steps, lr=lr, first_order=first_order, only=only, keep_path=True)
+    return path if keep_path else path[-1]
 
 
 def _stack(results: list[Any]) -> Any:

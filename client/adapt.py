@@ -26,7 +26,7 @@ from torch import nn
 from common.algorithms import get_algorithm
 from common.algorithms.inner import EXTRA, forward
 from common.cli import OneLineErrorParser, add_model_import_argument, model_imports
-from common.images import load_image_folder
+from common.images import IMAGE_SUFFIXES, load_image, load_image_folder
 from common.models import ModelSpec, build_model, check_model_spec, uses_batch_statistics
 from common.tasks import is_classification, loss_for
 
@@ -76,6 +76,8 @@ def load_exported(path: Path, *, allowed_imports: Collection[str] = ()) -> Expor
     try:
         meta = json.loads((folder / "model.json").read_text())
         spec = ModelSpec(str(meta["model"]["name"]), dict(meta["model"].get("kwargs", {})))
+        if spec.name == "conv4" and "norm" not in spec.kwargs:  # exported before Conv4 had a choice: batch norm
+            spec = ModelSpec(spec.name, spec.kwargs | {"norm": "batch"})
         algorithm, task = str(meta["algorithm"]), str(meta["task"])
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError,
             ValueError) as exc:
@@ -194,6 +196,13 @@ def read_examples(path: Path, *, exported: Exported, support: Examples | None) -
         return Examples(torch.from_numpy(images.pixels), y, images.names, images.classes)
     if not path.is_file():
         raise ValueError(f"{flag} {path}: no such file or folder")
+    if support is not None and path.suffix.lower() in IMAGE_SUFFIXES:  # one drawing to predict
+        if not classification:
+            raise ValueError(f"--query {path}: an image needs a classification model; this one is for "
+                             f"{exported.task!r} regression: give a CSV")
+        size = int(exported.spec.kwargs.get("image_size", 28))
+        pixels = torch.from_numpy(load_image(path, size)).to(torch.float32).div(255.0).reshape(1, 1, size, size)
+        return Examples(pixels, None, (path.name,), support.classes)
     inputs = exported.spec.kwargs.get("in_features")
     if support is not None:
         inputs = support.x.shape[1]
@@ -205,10 +214,12 @@ def read_examples(path: Path, *, exported: Exported, support: Examples | None) -
 
 # ---------------------------------------------------------------------------- adaptation
 
-def _forward(model: nn.Module, params: Params, x: torch.Tensor) -> torch.Tensor:
+def _forward(model: nn.Module, params: Params, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
     try:
         with torch.no_grad():
-            return forward(model, params, x)  # the model's own parameters; "meta.*" extras are the algorithm's
+            # The model's own parameters ("meta.*" extras are the algorithm's); `context`: the support set,
+            # whose statistics a support-norm model normalises the queries with.
+            return forward(model, params, x, context)
     except RuntimeError as exc:
         raise ValueError(f"the model cannot take inputs of shape {list(x.shape[1:])}: {exc}") from exc
 
@@ -262,7 +273,7 @@ def personalise(exported: Exported, model: nn.Module, theta: Params, support: Ex
         if algorithm.predict is not None:
             with torch.no_grad():
                 return algorithm.predict(model, params, xs, ys, x)
-        return _forward(model, params, x)
+        return _forward(model, params, x, xs)
 
     report: dict[str, Any] = {
         "model": str(exported.folder), "algorithm": exported.algorithm, "task": exported.task,
@@ -273,7 +284,8 @@ def personalise(exported: Exported, model: nn.Module, theta: Params, support: Ex
         "query": {"examples": len(query.names), "labelled": query.y is not None},
         "transductive_bn": uses_batch_statistics(model),
     }
-    # One forward pass over the whole query set: batch-statistics models normalise it together, as in evaluation.
+    # One forward pass over the whole query set. Only a transductive model (--norm batch) normalises it
+    # together, as in its evaluation; every other model predicts each query alone, the same in any batch.
     pred = predict(adapted, xq).cpu()
     if query.y is not None:
         metric = "query_accuracy" if classification else "query_mse"
@@ -325,8 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--support", required=True, type=Path, metavar="PATH",
                         help="labelled examples to adapt on: a folder of class sub-folders of images, or a CSV")
     parser.add_argument("--query", required=True, type=Path, metavar="PATH",
-                        help="examples to predict: a folder of images (flat, or class sub-folders to also score "
-                             "accuracy), or a CSV (without the target column, or with it to also score)")
+                        help="examples to predict: one image, a folder of images (flat, or class sub-folders to "
+                             "also score accuracy), or a CSV (without the target column, or with it to also score); "
+                             "each is predicted as if alone (unless the model uses --norm batch)")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR",
                         help="folder for personalised.safetensors, predictions.csv and adapt.json")
     parser.add_argument("--steps", type=int, help="adaptation SGD steps (default: model.json adapt.steps)")

@@ -58,6 +58,10 @@ class RunConfig:
     perfedavg_variant: str = "fo"
     eval_every: int = 0
     val_tasks_per_client: int = 20
+    # Classes per held-out task in the final evaluation; None: `ways` (set in __post_init__).
+    eval_ways: int | None = None
+    # Held-out tasks per client whose adaptation curve is measured (the first ones); 0: no curve.
+    eval_curve_tasks: int = 10
 
     def __post_init__(self) -> None:
         from common.algorithms import ALGORITHMS
@@ -77,7 +81,7 @@ class RunConfig:
         for name in ("shots", "queries", "tasks_per_client", "eval_shots", "eval_tasks_per_client", "rounds",
                      "eval_queries", "dim", "shards", "local_steps", "val_tasks_per_client"):
             _positive_int(name, getattr(self, name))
-        for name in ("inner_steps", "eval_steps", "eval_every"):
+        for name in ("inner_steps", "eval_steps", "eval_every", "eval_curve_tasks"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 0, got {value!r}")
@@ -89,6 +93,15 @@ class RunConfig:
             raise ValueError(f"--local-lr: expected a positive finite number, got {self.local_lr!r}")
         if is_classification(self.task) and not (isinstance(self.ways, int) and 2 <= self.ways <= 1000):
             raise ValueError(f"--ways: expected an integer from 2 to 1000, got {self.ways!r}")
+        if self.eval_ways is None:
+            object.__setattr__(self, "eval_ways", self.ways)
+        if is_classification(self.task):
+            if not (isinstance(self.eval_ways, int) and 2 <= self.eval_ways <= 1000):
+                raise ValueError(f"--eval-ways: expected an integer from 2 to 1000, got {self.eval_ways!r}")
+            if self.eval_ways != self.ways and ALGORITHMS[self.algorithm].predict is None:
+                raise ValueError(f"--eval-ways {self.eval_ways}: {self.algorithm} adapts a head with --ways "
+                                 f"{self.ways} outputs, one per class, so it is tested {self.ways}-way; only "
+                                 "protonet (no head) can test with other ways than it trains with")
         if not (self.inner_lr > 0 and self.inner_lr < float("inf")):
             raise ValueError(f"--inner-lr: expected a positive finite number, got {self.inner_lr!r}")
         if not (1024 <= self.chunk_bytes <= 3 << 20):

@@ -37,4 +37,5 @@ def run_config_to_proto(config: RunConfig) -> pb.RunConfig:
 
 def run_config_from_proto(msg: pb.RunConfig) -> RunConfig:
     plain = {f.name: getattr(msg, f.name) for f in fields(RunConfig) if f.name not in _CONVERTED}
+    plain["eval_ways"] = plain["eval_ways"] or None  # 0: unset (an older coordinator), the same as ways
     return RunConfig(**plain, model=model_spec_from_proto(msg.model), encoding=encoding_from_proto(msg.encoding))

@@ -76,9 +76,11 @@ def run(config: ServerConfig, on_round: Callable[[dict[str, Any]], None] | None 
     params = centralized.train(run_cfg, outer_lr=config.outer_lr, data_seeds=seeds, on_round=record,
                                data_dir=config.data_dir, after_step=validate)
     per_client = {}
+    eval_started = time.monotonic()
     for s in seeds:
         m = centralized.evaluate_held_out(run_cfg, params, data_seeds=[s], data_dir=config.data_dir)
         per_client[local_client_id(s)] = {"tasks": float(run_cfg.eval_tasks_per_client), **m}
+    eval_s = time.monotonic() - eval_started
     pooled = {k: sum(m[k] for m in per_client.values()) / len(seeds) for k in per_client[local_client_id(seeds[0])]
               if k != "tasks"}
     version = version_of(params)
@@ -91,6 +93,7 @@ def run(config: ServerConfig, on_round: Callable[[dict[str, Any]], None] | None 
         "rounds_completed": config.rounds,
         "clients_seen": len(seeds),
         "wall_s": time.monotonic() - started,
+        "eval_s": eval_s,
         "bytes_sent": 0,
         "bytes_received": 0,
         "parameter_version": version,

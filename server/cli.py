@@ -95,12 +95,17 @@ def print_summary(summary: dict[str, Any], run_dir: str) -> None:
     ci = ev.get("ci95")
     pm = f" ± {ci:.3f}" if isinstance(ci, float) and ci == ci else ""
     setting = f"{ev['ways']}-way {ev['shots']}-shot" if "ways" in ev else f"{ev['shots']}-shot"
+    if ev.get("train_ways") not in (None, ev.get("ways")):
+        setting += f", trained {ev['train_ways']}-way"
+    steps = f"{ev['steps']} steps" if ev["steps"] else "no adaptation steps"
+    eval_s = summary.get("eval_s")
+    timing = f" ({eval_s:.1f} s of it evaluating)" if isinstance(eval_s, float) else ""
     lines = [
         "",
         f"fedmeta run {summary['run_id']} finished: {summary['algorithm']} on {summary['task']}, "
-        f"{summary['rounds_completed']} rounds, {summary['clients_seen']} clients, {summary['wall_s']:.1f} s, "
+        f"{summary['rounds_completed']} rounds, {summary['clients_seen']} clients, {summary['wall_s']:.1f} s{timing}, "
         f"{summary['bytes_sent'] / mb:.1f} MB sent, {summary['bytes_received'] / mb:.1f} MB received",
-        f"Few-shot adaptation on {ev['tasks']} held-out tasks ({setting}, {ev['steps']} steps, "
+        f"Few-shot adaptation on {ev['tasks']} held-out tasks ({setting}, {steps}, "
         f"{ev['queries']} queries{' per class' if 'ways' in ev else ''}):",
         f"  {'metric':<12}{'before':>10}{'after':>10}",
     ]

@@ -15,7 +15,7 @@ from common.aggregation import AGGREGATORS
 from common.algorithms import ALGORITHMS, get_algorithm
 from common.codec import DEFAULT_CHUNK_BYTES, ENCODINGS
 from common.config import RunConfig
-from common.models import ZOO, default_model
+from common.models import NORMS, ZOO, default_model
 from common.net import is_loopback
 from common.tasks import PARTITIONS, TASK_DEFAULTS, TASKS
 
@@ -43,6 +43,10 @@ OPTIONS: tuple[Option, ...] = (
            choices=tuple(sorted(TASKS))),
     Option("model", str, None, "model (default: mlp for sinusoid and gaussian, conv4 for omniglot)",
            choices=tuple(sorted(ZOO))),
+    Option("norm", str, None,
+           "conv4's normalisation: support (default; batch norm with the support set's statistics, queries "
+           "predicted one by one), group or layer (per example), batch (each batch's own statistics: "
+           "transductive, a prediction depends on the other queries)", choices=NORMS),
     Option("ways", int, 5, "classes per classification task (N in N-way)", minimum=2, maximum=1000),
     Option("dim", int, 16, "gaussian: input dimension", minimum=1, maximum=100000),
     Option("partition", str, "alphabet",
@@ -79,11 +83,18 @@ OPTIONS: tuple[Option, ...] = (
            minimum=0.0),
     Option("outer_lr", float, None, "outer learning rate (default: Adam 3e-3 for maml, fomaml, metasgd, anil, mamlpp; 1e-3 for "
            "protonet; 1.0 for reptile (annealed), perfedavg and fedavg (averaging))", minimum=0.0),
-    Option("eval_shots", int, 5, "support examples per held-out task in the final evaluation", minimum=1),
+    Option("eval_shots", int, None, "support examples per held-out task in the final evaluation (default: --shots)",
+           minimum=1),
+    Option("eval_ways", int, None, "classes per held-out task in the final evaluation (default: --ways); "
+           "protonet may test with other ways than it trained with, models with a head need --ways",
+           minimum=2, maximum=1000),
     Option("eval_queries", int, None, "query examples per held-out task (per class) in the final evaluation "
            "(default: 100 for sinusoid, 20 for gaussian, 15 for omniglot)", minimum=1),
     Option("eval_steps", int, None, "adaptation steps in the final evaluation (default: 10; --inner-steps for "
            "metasgd and mamlpp, whose step sizes are learned for that many)", minimum=0),
+    Option("eval_curve_tasks", int, 10,
+           "held-out tasks per client on which the adaptation curve (the metric after each step) is measured; "
+           "it costs a query pass per step, so not on all of them (0: no curve)", minimum=0),
     Option("eval_tasks_per_client", int, 150, "held-out tasks each client adapts on in the final evaluation (4 clients: 600)", minimum=1),
     Option("eval_every", int, 0, "validate every this many rounds on held-out validation tasks (disjoint from "
            "the training and the final test classes), export the best-validation θ to model-best/; 0: never",
@@ -272,6 +283,10 @@ def build(values: dict[str, Any]) -> ServerConfig:
     for name, value in TASK_DEFAULTS[v["task"]].items():
         if v[name] is None:
             v[name] = value
+    if v["eval_shots"] is None:
+        v["eval_shots"] = v["shots"]
+    if v["eval_ways"] is None:
+        v["eval_ways"] = v["ways"]
     if v["eval_steps"] is None:
         v["eval_steps"] = v["inner_steps"] if algorithm.learned_steps else 10
     clients_per_round = v["clients_per_round"] or v["local_clients"] or 4
@@ -291,12 +306,15 @@ def build(values: dict[str, Any]) -> ServerConfig:
         encoding=v["encoding"],
         chunk_bytes=v["chunk_bytes"],
         eval_shots=v["eval_shots"],
+        eval_ways=v["eval_ways"],
         eval_steps=v["eval_steps"],
         eval_tasks_per_client=v["eval_tasks_per_client"],
+        eval_curve_tasks=v["eval_curve_tasks"],
         eval_queries=v["eval_queries"],
         poll_timeout_s=v["poll_timeout_s"],
         rounds=v["rounds"],
-        model=default_model(v["task"], ways=v["ways"], dim=v["dim"], name=v["model"], algorithm=v["algorithm"]),
+        model=default_model(v["task"], ways=v["ways"], dim=v["dim"], name=v["model"], algorithm=v["algorithm"],
+                            norm=v["norm"]),
         ways=v["ways"],
         dim=v["dim"],
         partition=v["partition"],

@@ -174,8 +174,13 @@ class Coordinator:
         keys = ("algorithm", "task", "model", "seed", "rounds", "shots", "queries", "tasks_per_client",
                 "inner_steps", "inner_lr", "outer_lr", "ways", "dim", "partition", "shards", "rotations",
                 "first_order_rounds", "msl", "lslr", "cosine_outer", "local_steps", "local_lr", "perfedavg_variant",
-                "eval_every")  # eval_every carves Omniglot's validation classes out of the training ones
-        stored = {"eval_every": 0, **stored}  # checkpoints from before validation existed
+                "eval_every", "eval_ways")  # eval_every carves Omniglot's validation classes out of the training ones
+        # Checkpoints from before validation and --eval-ways existed.
+        stored = {"eval_every": 0, "eval_ways": stored.get("ways"), **stored}
+        model = stored.get("model")
+        if isinstance(model, dict) and model.get("name") == "conv4" and "norm" not in (model.get("kwargs") or {}):
+            # Conv4 before --norm: transductive batch norm. Resuming needs --norm batch.
+            stored["model"] = {**model, "kwargs": {**(model.get("kwargs") or {}), "norm": "batch"}}
         differ = [k for k in keys if stored.get(k) != current.get(k)]
         if differ:
             pairs = ", ".join(f"{k}: checkpoint {stored.get(k)!r}, now {current.get(k)!r}" for k in differ)
@@ -670,6 +675,7 @@ class Coordinator:
             "rounds_completed": self.next_round,
             "clients_seen": len(self._clients_seen),
             "wall_s": self.wall_s,
+            "eval_s": time.monotonic() - rnd.started,  # the evaluation round, from its opening to its last answer
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
             "parameter_version": self.version,

@@ -6,7 +6,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from common.config import RunConfig
-from common.evaluation import summarize
+from common.algorithms import get_algorithm
+from common.evaluation import eval_steps, summarize
 from common.models import build_model, uses_batch_statistics
 from common.tasks import is_classification
 
@@ -17,24 +18,42 @@ def eval_summary(run: RunConfig, metrics: Mapping[str, float], tasks: float,
     classification = is_classification(run.task)
     out: dict[str, Any] = {
         "shots": run.eval_shots,
-        "steps": run.eval_steps,
+        "steps": eval_steps(get_algorithm(run.algorithm), run),
         "queries": run.eval_queries,
         "tasks": int(round(tasks)),
         "clients": len(client_metrics),
         "transductive_bn": uses_batch_statistics(build_model(run.model)),
     }
     if classification:
-        out["ways"] = run.ways
-    out |= summarize(metrics, tasks, classification=classification)
+        out["ways"] = run.eval_ways
+        out["train_ways"] = run.ways
+    pre_tasks = _count(client_metrics, "pre_tasks") if client_metrics else tasks
+    out |= summarize(metrics, tasks, classification=classification, pre_tasks=pre_tasks)
+    out["pre_tasks"] = int(round(pre_tasks))  # "pre" is over the curve's tasks: theta before adaptation
+    curve_tasks = _count(client_metrics, "curve_tasks")
+    if out.get("curve") and curve_tasks:
+        out["curve_tasks"] = int(round(curve_tasks))  # the curve is over this many (--eval-curve-tasks per client)
+    else:  # no curve measured (protonet takes no steps; --eval-curve-tasks 0)
+        out.pop("curve", None)
+        out.pop("curve_metric", None)
     out["per_client"] = {cid: _client_report(m, classification=classification)
                          for cid, m in sorted(client_metrics.items())}
     return out
 
 
+def _count(client_metrics: Mapping[str, dict[str, float]], key: str) -> float:
+    """Tasks summed over clients that a metric subset covers (each client's count capped at its tasks)."""
+    return sum(min(m.get(key, m.get("tasks", 0.0)), m.get("tasks", 0.0)) for m in client_metrics.values())
+
+
 def _client_report(m: dict[str, float], *, classification: bool) -> dict[str, Any]:
     """One held-out client's onboarding report: its metric before/after and how many steps it needed."""
     tasks = m.get("tasks", 0.0)
-    report = {"tasks": int(round(tasks))} | summarize(m, tasks, classification=classification)
+    pre_tasks = min(m.get("pre_tasks", tasks), tasks)
+    report = {"tasks": int(round(tasks))} | summarize(m, tasks, classification=classification, pre_tasks=pre_tasks)
+    if not report.get("curve"):
+        report.pop("curve", None)
+        report.pop("curve_metric", None)
     curve = report.get("curve")
     curve = curve if isinstance(curve, list) else []
     report["steps_to_90pct"] = steps_to_fraction(curve, 0.9, higher_is_better=classification)

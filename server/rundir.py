@@ -12,7 +12,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from common.algorithms import get_algorithm
 from common.config import RunConfig
+from common.evaluation import eval_steps
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
@@ -87,7 +89,9 @@ class RunDir:
             "algorithm": run.algorithm,
             "task": run.task,
             "parameter_version": version,
-            "adapt": {"steps": run.eval_steps, "lr": run.inner_lr, "shots": run.eval_shots},
+            "adapt": {"steps": eval_steps(get_algorithm(run.algorithm), run), "lr": run.inner_lr, "shots": run.eval_shots},
+            # Trained --ways-way, tested --eval-ways-way (ProtoNets may differ; a head has `ways` outputs).
+            "ways": {"train": run.ways, "eval": run.eval_ways},
             "run": {k: v for k, v in asdict(run).items() if k != "model"},
         }
         _write_json_atomic(folder / "model.json", spec)

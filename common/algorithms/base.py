@@ -108,3 +108,6 @@ class Algorithm:
     # The step sizes are meta-learned for --inner-steps steps (Meta-SGD, MAML++): evaluation
     # adapts that many steps unless --eval-steps says otherwise; more can diverge.
     learned_steps: bool = False
+    # False: no adaptation steps at all (ProtoNets predict from the support set's prototypes), so
+    # evaluation takes none, reports steps 0 and no adaptation curve.
+    adapts: bool = True

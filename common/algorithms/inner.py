@@ -51,14 +51,21 @@ def model_part(params: Params) -> Params:
     return {k: v for k, v in params.items() if not k.startswith(EXTRA)}
 
 
-def forward(model: nn.Module, params: Params, x: torch.Tensor) -> torch.Tensor:
-    """f_params(x), the model evaluated functionally on its own parameters."""
+def forward(model: nn.Module, params: Params, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    """f_params(x), the model evaluated functionally on its own parameters.
+
+    `context` is the task's support set when x is its queries: models that normalise with
+    the support set's statistics (Conv4 norm="support") use it, the others ignore it.
+    """
+    if context is not None and getattr(model, "takes_context", False):
+        return functional_call(model, model_part(params), (x,), {"context": context})
     return functional_call(model, model_part(params), (x,))
 
 
-def loss_at(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
-    """L(f_params(x), y) with the model evaluated functionally."""
-    return loss_fn(forward(model, params, x), y)
+def loss_at(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
+            context: torch.Tensor | None = None) -> torch.Tensor:
+    """L(f_params(x), y) with the model evaluated functionally (`context`: see `forward`)."""
+    return loss_fn(forward(model, params, x, context), y)
 
 
 def step_size(lr: StepSize, step: int, name: str) -> torch.Tensor | float:
@@ -165,6 +172,7 @@ def mean_over_tasks(per_task: Callable[..., tuple[Params, torch.Tensor, torch.Te
 
 
 def query_losses(model: nn.Module, params: Params, batch: TaskBatch, loss_fn: LossFn) -> torch.Tensor:
-    """[L(f_params(xq_t), yq_t) for each task t], looped (for the sequential algorithms' metrics)."""
-    return torch.stack([loss_at(model, params, batch.x_query[t], batch.y_query[t], loss_fn)
+    """[L(f_params(xq_t), yq_t) for each task t], looped (for the sequential algorithms' metrics);
+    queries normalised with their support set where the model does so (`forward`'s context)."""
+    return torch.stack([loss_at(model, params, batch.x_query[t], batch.y_query[t], loss_fn, batch.x_support[t])
                         for t in range(batch.num_tasks)])

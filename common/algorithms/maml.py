@@ -39,18 +39,18 @@ def meta_gradient(
     inner loop's Jacobian replaced by the identity, and no graph kept through it.
     """
 
-    def query_loss(p: Params, xq: torch.Tensor, yq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loss = loss_at(model, p, xq, yq, loss_fn)
+    def query_loss(p: Params, xs: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = loss_at(model, p, xq, yq, loss_fn, xs)  # xs: the support set whose statistics Conv4 may use
         return loss, loss
 
     def query_loss_after(p: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor):
-        return query_loss(adapt_fn(model, p, xs, ys, loss_fn, steps=inner.steps, lr=inner.lr), xq, yq)
+        return query_loss(adapt_fn(model, p, xs, ys, loss_fn, steps=inner.steps, lr=inner.lr), xs, xq, yq)
 
     def per_task(p: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor):
-        loss_pre = loss_at(model, p, xq, yq, loss_fn)
+        loss_pre = loss_at(model, p, xq, yq, loss_fn, xs)
         if first_order:
             adapted = adapt_fn(model, p, xs, ys, loss_fn, steps=inner.steps, lr=inner.lr)
-            g, loss_post = grad(query_loss, has_aux=True)(adapted, xq, yq)
+            g, loss_post = grad(query_loss, has_aux=True)(adapted, xs, xq, yq)
         else:
             g, loss_post = grad(query_loss_after, has_aux=True)(p, xs, ys, xq, yq)
         return g, loss_pre, loss_post

@@ -82,13 +82,13 @@ def client_step(model: nn.Module, params: Params, batch: TaskBatch, loss_fn: Los
 
     def objective(p: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor):
         path = adapt_path(model, p, xs, ys, loss_fn, steps=steps, lr=inner.lr, first_order=first_order)
-        losses = [loss_at(model, path[j + 1], xq, yq, loss_fn) for j in range(steps)]
+        losses = [loss_at(model, path[j + 1], xq, yq, loss_fn, xs) for j in range(steps)]
         total = sum(w * loss for w, loss in zip(weights, losses))
         return total, losses[-1]
 
     def per_task(p: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor):
         g, loss_post = grad(objective, has_aux=True)(p, xs, ys, xq, yq)
-        return g, loss_at(model, p, xq, yq, loss_fn), loss_post
+        return g, loss_at(model, p, xq, yq, loss_fn, xs), loss_post
 
     return mean_over_tasks(per_task, params, batch, vectorize=inner.vectorize)
 

@@ -27,7 +27,7 @@ def local_step(model: nn.Module, w: Params, xs: torch.Tensor, ys: torch.Tensor, 
                loss_fn: LossFn, *, alpha: float, beta: float, variant: str) -> Params:
     """One Per-FedAvg step on one task."""
     w_tilde = inner_path(model, w, xs, ys, loss_fn, steps=1, lr=alpha)
-    g = grad(loss_at, argnums=1)(model, w_tilde, xq, yq, loss_fn)
+    g = grad(loss_at, argnums=1)(model, w_tilde, xq, yq, loss_fn, xs)
     if variant == "hf":
         v = {k: t.detach() for k, t in g.items()}
 
@@ -44,7 +44,8 @@ def client_step(model: nn.Module, params: Params, batch: TaskBatch, loss_fn: Los
     w = {k: v.detach() for k, v in params.items()}
     loss_pre = query_losses(model, w, batch, loss_fn)
     loss_post = torch.stack([loss_at(model, adapt(model, w, batch.x_support[t], batch.y_support[t], loss_fn, steps=1,
-                                                  lr=inner.lr), batch.x_query[t], batch.y_query[t], loss_fn)
+                                                  lr=inner.lr), batch.x_query[t], batch.y_query[t], loss_fn,
+                                     batch.x_support[t])
                              for t in range(batch.num_tasks)])  # F(theta): the query loss after one adaptation step
     for step in range(inner.local_steps):
         t = step % batch.num_tasks

@@ -5,7 +5,8 @@ support examples, and a query's logits are minus its squared Euclidean distances
 prototypes. The client sends the gradient of the query cross-entropy (mean over tasks);
 the server steps with Adam. `adapt` leaves the parameters as they are: prototypes are
 computed from the support set at prediction time, so accuracy "before" and "after"
-adaptation coincide and the adaptation curve has one point. Classification only.
+adaptation coincide, evaluation takes no steps and reports no adaptation curve.
+Classification only.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def predict(model: nn.Module, params: Params, xs: torch.Tensor, ys: torch.Tensor
     on the classes that keeps shapes static under vmap), and columns without examples get
     a very low logit.
     """
-    zs, zq = forward(model, params, xs), forward(model, params, xq)
+    zs, zq = forward(model, params, xs), forward(model, params, xq, xs)
     columns = torch.arange(xs.shape[0], device=ys.device)
     onehot = (ys.unsqueeze(1) == columns).to(zs.dtype)  # [support, columns]; one_hot cannot be vmapped
     counts = onehot.sum(0)
@@ -79,4 +80,5 @@ ALGORITHM = Algorithm(
     predict=predict,
     check=check,
     adapt_path=adapt_path,
+    adapts=False,
 )

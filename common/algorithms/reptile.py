@@ -22,7 +22,7 @@ def client_step(model: nn.Module, params: Params, batch: TaskBatch, loss_fn: Los
         adapted = inner_path(model, p, torch.cat([xs, xq]), torch.cat([ys, yq]), loss_fn, steps=inner.steps,
                              lr=inner.lr)
         delta = {k: adapted[k] - p[k] for k in p}
-        return delta, loss_at(model, p, xq, yq, loss_fn), loss_at(model, adapted, xq, yq, loss_fn)
+        return delta, loss_at(model, p, xq, yq, loss_fn, xs), loss_at(model, adapted, xq, yq, loss_fn, xs)
 
     return mean_over_tasks(per_task, params, batch, vectorize=inner.vectorize)
 

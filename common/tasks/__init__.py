@@ -53,8 +53,9 @@ class TaskFamily(Protocol):
 
     classification: bool
 
-    def sample(self, split: Split, *, num_tasks: int, shots: int, queries: int, seed: int) -> TaskBatch:
-        """A meta-batch; for classification, shots and queries are per class."""
+    def sample(self, split: Split, *, num_tasks: int, shots: int, queries: int, seed: int,
+               ways: int | None = None) -> TaskBatch:
+        """A meta-batch; for classification, shots and queries are per class, `ways` overrides the family's."""
         ...
 
 

@@ -52,9 +52,11 @@ class GaussianTasks:
         self.basis = _basis(dim)
         self.offset = client_offset(client_seed, dim)
 
-    def sample(self, split: Split, *, num_tasks: int, shots: int, queries: int, seed: int) -> TaskBatch:
+    def sample(self, split: Split, *, num_tasks: int, shots: int, queries: int, seed: int,
+               ways: int | None = None) -> TaskBatch:
+        """`ways` overrides the family's (--eval-ways: test with other ways than training)."""
         gen = torch.Generator().manual_seed(seed)
-        n, d = self.ways, self.dim
+        n, d = ways or self.ways, self.dim
         if split in ("val", "eval"):
             offset = OFFSET * torch.randn(num_tasks, 1, d, generator=gen)  # a new data holder per task
         else:

@@ -176,14 +176,21 @@ class OmniglotTasks:
     def num_classes(self, split: Split) -> int:
         return len(self._pools[split].names) * (4 if self.rotations else 1)
 
-    def sample(self, split: Split, *, num_tasks: int, shots: int, queries: int, seed: int) -> TaskBatch:
-        """x: float32 [tasks, ways * shots|queries, 1, 28, 28], y: int64 class n -> label n, classes drawn at random."""
+    def sample(self, split: Split, *, num_tasks: int, shots: int, queries: int, seed: int,
+               ways: int | None = None) -> TaskBatch:
+        """x: float32 [tasks, ways * shots|queries, 1, 28, 28], y: int64 class n -> label n, classes drawn at random.
+
+        `ways` overrides the family's (--eval-ways: test with other ways than training).
+        """
         if split not in self._pools:
             raise ValueError(f"split: expected one of {sorted(self._pools)}, got {split!r}"
                              + (" (validation classes are set aside only with --eval-every)" if split == "val" else ""))
         if shots < 1 or queries < 0 or num_tasks < 1:
             raise ValueError(f"expected num_tasks >= 1, shots >= 1, queries >= 0, got {num_tasks}, {shots}, {queries}")
-        pool, t, n, per = self._pools[split], num_tasks, self.ways, shots + queries
+        pool, t, n, per = self._pools[split], num_tasks, ways or self.ways, shots + queries
+        if not 2 <= n <= self.num_classes(split):
+            flag = "--eval-ways" if ways else "--ways"
+            raise ValueError(f"{flag} {n}: the {split} pool has {self.num_classes(split)} classes; expected 2 to that")
         least = int(pool.counts.min())
         if per > least:
             why = f" (--partition iid splits each character's drawings over --shards {self.shards})" \

@@ -29,7 +29,9 @@ class SinusoidTasks:
 
     classification = False
 
-    def sample(self, split: str, *, num_tasks: int, shots: int, queries: int, seed: int) -> TaskBatch:
+    def sample(self, split: str, *, num_tasks: int, shots: int, queries: int, seed: int,
+               ways: int | None = None) -> TaskBatch:
+        """`ways` is for classification families; regression ignores it."""
         from common.tasks import TaskBatch
 
         generator = torch.Generator().manual_seed(seed)

@@ -28,6 +28,7 @@ def test_three_clients_run_each_algorithm(processes, tmp_path: Path, algorithm: 
     assert summary["eval"]["tasks"] == 15
     assert summary["eval"]["loss_pre"] > 0 and summary["eval"]["loss_post"] > 0
     assert summary["bytes_sent"] > 0 and summary["bytes_received"] > 0
+    assert 0 < summary["eval_s"] < summary["wall_s"]  # the evaluation round's share of the run
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == list(range(5))
     assert all(r["clients_answered"] == 3 and r["seed"] == 0 for r in records)

@@ -35,11 +35,12 @@ def test_omniglot_run_with_conv4(processes, tmp_path: Path, omniglot_dir: Path, 
     summary = json.loads((run_dir / "summary.json").read_text())
     ev = summary["eval"]
     assert summary["rounds_completed"] == 2 and ev["tasks"] == 8 and ev["ways"] == 3
-    assert ev["transductive_bn"] is True  # Conv4 normalises with batch statistics
+    assert ev["transductive_bn"] is False  # Conv4 normalises queries with the support set's statistics
     assert 0.0 <= ev["accuracy_pre"] <= 1.0 and 0.0 <= ev["accuracy_post"] <= 1.0
     assert len(ev["curve"]) == 3 and sorted(ev["per_client"]) == ["site-0", "site-1"]
     model = json.loads((run_dir / "model" / "model.json").read_text())
     assert model["model"]["name"] == "conv4" and model["model"]["kwargs"]["ways"] == 3
+    assert model["model"]["kwargs"]["norm"] == "support" and model["ways"] == {"train": 3, "eval": 3}
 
 
 def test_client_without_data_dir_gets_a_clear_error(processes, tmp_path: Path) -> None:

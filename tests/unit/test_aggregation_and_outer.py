@@ -271,7 +271,7 @@ def test_evaluate_held_out_averages_each_clients_held_out_tasks() -> None:
         for k in m:
             expected[k] = expected.get(k, 0.0) + m[k] / len(data_seeds)
     assert set(got) == {"loss_pre", "loss_post", "loss_pre_sq", "loss_post_sq", "curve_0", "curve_1", "curve_2",
-                        "shots_4", "shots_8"}  # onboarding: regression also adapts on twice the shots
+                        "shots_4", "shots_8", "pre_tasks", "curve_tasks"}  # onboarding: regression also adapts on twice the shots
     assert {k: got[k] for k in expected} == pytest.approx(expected, rel=1e-6)
     assert got["shots_4"] == got["loss_post"]
     assert got["loss_post"] != got["loss_pre"]  # adaptation ran (from a random init it may overfit 4 shots)

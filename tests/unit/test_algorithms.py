@@ -356,7 +356,9 @@ def test_evaluate_measures_query_loss_before_and_after_adapt(name: str, vectoriz
             adapted = ref.sgd(ref.theta(), batch.x_support[t], batch.y_support[t], steps=k, lr=0.05, create_graph=False)
             curve[k].append(float(ref.loss(adapted, batch.x_query[t], batch.y_query[t]).detach()))
         post.append(curve[4][-1])
-    assert set(metrics) == {"loss_pre", "loss_post", "loss_pre_sq", "loss_post_sq", *(f"curve_{k}" for k in range(5))}
+    assert set(metrics) == {"loss_pre", "loss_post", "loss_pre_sq", "loss_post_sq", *(f"curve_{k}" for k in range(5)),
+                            "pre_tasks", "curve_tasks"}
+    assert metrics["pre_tasks"] == metrics["curve_tasks"] == batch.num_tasks  # curve_tasks None: every task
     assert metrics["loss_pre"] == pytest.approx(sum(pre) / len(pre), rel=1e-9)
     assert metrics["loss_post"] == pytest.approx(sum(post) / len(post), rel=1e-9)
     assert metrics["loss_post_sq"] == pytest.approx(sum(v * v for v in post) / len(post), rel=1e-9)

@@ -38,6 +38,19 @@ def test_build_defaults_are_valid() -> None:
         assert o.flag.startswith("--") and o.help
 
 
+def test_eval_shots_and_ways_default_to_training_and_norm_reaches_the_model() -> None:
+    one_shot = build({"task": "omniglot", "shots": 1, "run_dir": "runs/x"})
+    assert (one_shot.run.eval_shots, one_shot.run.eval_ways, one_shot.run.ways) == (1, 5, 5)
+    assert one_shot.run.model.kwargs["norm"] == "support"  # Conv4's inductive default
+    assert one_shot.run.eval_curve_tasks == 10
+    snell = build({"task": "omniglot", "algorithm": "protonet", "ways": 20, "eval_ways": 5, "run_dir": "runs/x"})
+    assert (snell.run.ways, snell.run.eval_ways) == (20, 5)
+    assert describe(snell)["eval_ways"] == 5
+    batch = build({"task": "omniglot", "norm": "batch", "run_dir": "runs/x"})
+    assert batch.run.model.kwargs["norm"] == "batch"
+    assert RunConfig(run_id="r", ways=7, task="gaussian").eval_ways == 7
+
+
 def test_build_derived_defaults() -> None:
     local = build({"local_clients": 3, "run_dir": "runs/x"})
     assert local.clients_per_round == 3 and local.port == 0
@@ -101,6 +114,13 @@ def test_build_derived_defaults() -> None:
         ({"norm_clip_window": 0}, "--norm-clip-window"),
         ({"norm_clip_warmup": 0}, "--norm-clip-warmup"),
         ({"norm_clip_warmup": 9, "norm_clip_window": 8}, "--norm-clip-warmup"),
+        ({"eval_shots": 0}, "--eval-shots"),
+        ({"eval_curve_tasks": -1}, "--eval-curve-tasks"),
+        ({"eval_ways": 1, "task": "omniglot"}, "--eval-ways"),
+        ({"eval_ways": 10, "task": "omniglot"}, "--eval-ways 10"),
+        ({"eval_ways": 10, "task": "gaussian", "algorithm": "anil"}, "--eval-ways 10"),
+        ({"norm": "instance", "task": "omniglot"}, "--norm"),
+        ({"norm": "group", "task": "gaussian"}, "--norm group"),
     ],
     ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={v[k]!r}" for k in v),
 )
@@ -357,6 +377,7 @@ NON_DEFAULT = dict(
     chunk_bytes=4096, eval_shots=2, eval_steps=0, eval_tasks_per_client=9, poll_timeout_s=0.75, rounds=33, eval_queries=17,
     ways=7, dim=3, partition="characters", shards=9, rotations=False,
     first_order_rounds=4, msl=False, lslr=False, cosine_outer=False, local_steps=2, local_lr=0.25, perfedavg_variant="hf", eval_every=7, val_tasks_per_client=9,
+    eval_ways=7, eval_curve_tasks=3,
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -32,10 +33,13 @@ def batch() -> TaskBatch:
                      torch.rand(TASKS, WAYS * QUERIES, 1, 28, 28, generator=gen), yq)
 
 
-def test_conv4_declares_its_head_and_transductive_batch_norm() -> None:
-    model = build_model(conv_run("maml").model)
+def test_conv4_declares_its_head_and_its_norm() -> None:
+    spec = conv_run("maml").model
+    model = build_model(spec)
     assert isinstance(model, Conv4) and head_parameters(model) == ("head.weight", "head.bias")
-    assert uses_batch_statistics(model) and split(model) is not None
+    assert not uses_batch_statistics(model) and split(model) is not None  # support-set statistics: inductive
+    transductive = build_model(dataclasses.replace(spec, kwargs=spec.kwargs | {"norm": "batch"}))
+    assert uses_batch_statistics(transductive) and head_parameters(transductive) == ("head.weight", "head.bias")
 
 
 @pytest.mark.parametrize("vectorize", [False, True], ids=["loop", "vmap"])

@@ -69,7 +69,7 @@ def test_norms_report_what_they_do() -> None:
     names = {n: [(k, tuple(v.shape)) for k, v in conv(n).named_parameters()] for n in NORMS}
     assert all(names[n] == names["batch"] for n in NORMS)  # checkpoints and ANIL's head names do not move
     assert ("head.weight", (5, 8)) in names["support"]
-    with pytest.raises(ValueError, match="--norm"):
+    with pytest.raises(ValueError, match="norm: expected one of support, group, layer, batch"):
         conv("instance")
 
 

@@ -103,7 +103,8 @@ class Conv4(nn.Module):
       (C, H, W) (GroupNorm with one group): per example, no batch dependence. Inductive.
     - "batch": batch norm with the statistics of whatever batch it is given, no running
       statistics (MAML's reference code): transductive, a prediction depends on the other
-      queries, and a lone query is normalised to nothing after the last pooling.
+      queries, and a lone query is normalised with its own statistics (instance norm), which
+      erases much of what tells drawings apart.
 
     The head is `head.weight` and `head.bias` (ANIL adapts only it); parameter names and
     shapes are the same for every norm.

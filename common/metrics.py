@@ -3,11 +3,13 @@
 Training (client/worker.py): the algorithm's `loss_pre`, `loss_post` (every algorithm in
 common/algorithms) plus the worker's `compute_s`. Evaluation (common/evaluation.py
 evaluate_holder): `loss_{pre,post}` and their means of squares `loss_{pre,post}_sq`; for
-classification also `accuracy_{pre,post}` and `accuracy_{pre,post}_sq`; the adaptation curve
-`curve_0` ... `curve_<eval_steps>` (a prefix of it: ProtoNets adapt nothing and send
-`curve_0` only); and, when a second number of shots differs from --eval-shots, `shots_<k>`
-for k in {eval_shots, 1 (classification) or 2 * eval_shots (regression)}. Validation during
-training (--eval-every, validate_holder): the same without `shots_<k>`.
+classification also `accuracy_{pre,post}` and `accuracy_{pre,post}_sq`; optionally the
+adaptation curve `curve_0` ... `curve_<eval_steps>` (absent for ProtoNets, which take no
+steps, and with --eval-curve-tasks 0) and the task counts `pre_tasks` and `curve_tasks` (how
+many of the holder's tasks "pre" and the curve are over, 0 ... its tasks); and, when a second
+number of shots differs from --eval-shots, `shots_<k>` for k in {eval_shots, 1
+(classification) or 2 * eval_shots (regression)}. Validation during training (--eval-every,
+validate_holder): the same without `shots_<k>` and the curve.
 
 Anything else is refused before it reaches the round's sums, the summary or the log.
 """
@@ -30,6 +32,8 @@ MAX_VALUE = 1e30
 # A client step longer than this many seconds (11.6 days) is a lie, not a measurement.
 MAX_COMPUTE_S = 1e6
 TRAIN_METRICS = frozenset({"loss_pre", "loss_post", "compute_s"})
+# Task counts an evaluation reports: how many of its tasks "pre" and the curve are over.
+COUNTS = ("pre_tasks", "curve_tasks")
 # Jensen: a mean of squares is at least the square of the mean; slack for float64 rounding.
 _SLACK = 1e-9
 
@@ -44,7 +48,7 @@ def allowed_metrics(run: RunConfig, *, evaluation: bool, validation: bool = Fals
     if not evaluation:
         return TRAIN_METRICS
     required = required_metrics(run, evaluation=True, validation=validation)
-    return required | {f"curve_{k}" for k in range(run.eval_steps + 1)}
+    return required | set(COUNTS) | {f"curve_{k}" for k in range(run.eval_steps + 1)}
 
 
 def required_metrics(run: RunConfig, *, evaluation: bool, validation: bool = False) -> frozenset[str]:
@@ -55,7 +59,7 @@ def required_metrics(run: RunConfig, *, evaluation: bool, validation: bool = Fal
     """
     if not evaluation:
         return frozenset()
-    names = {"loss_pre", "loss_post", "loss_pre_sq", "loss_post_sq", "curve_0"}
+    names = {"loss_pre", "loss_post", "loss_pre_sq", "loss_post_sq"}
     if is_classification(run.task):
         names |= {"accuracy_pre", "accuracy_post", "accuracy_pre_sq", "accuracy_post_sq"}
     other = other_shots(run)
@@ -67,7 +71,8 @@ def required_metrics(run: RunConfig, *, evaluation: bool, validation: bool = Fal
 def check_metrics(run: RunConfig, metrics: Mapping[str, float], *, evaluation: bool, validation: bool = False) -> None:
     """Raise ValueError (one line, peer text clipped) unless metrics fit the schema.
 
-    Ranges: losses (loss_*, regression curve_* and shots_*) are finite and >= 0; accuracies
+    Ranges: losses (loss_*, regression curve_* and shots_*) are finite and >= 0; task counts
+    (pre_tasks, curve_tasks) in [0, the holder's tasks]; accuracies
     (accuracy_*, classification curve_* and shots_*) lie in [0, 1]; a mean of squares m2 and its
     mean m satisfy m2 >= m^2 (and m2 <= m for accuracies); 0 <= compute_s <= MAX_COMPUTE_S.
     """
@@ -81,14 +86,17 @@ def check_metrics(run: RunConfig, metrics: Mapping[str, float], *, evaluation: b
     missing = required_metrics(run, evaluation=evaluation, validation=validation) - metrics.keys()
     if missing:
         raise ValueError(f"metrics: {what} must report {', '.join(sorted(missing))}")
-    curve = sorted(int(k[len("curve_"):]) for k in metrics if k.startswith("curve_"))
+    curve = sorted(int(k[len("curve_"):]) for k in metrics if k.startswith("curve_") and k[len("curve_"):].isdigit())
     if curve != list(range(len(curve))):
         raise ValueError(f"metrics: the curve must be curve_0 ... curve_k without gaps, got steps {curve[:12]}")
     accuracy_like = is_classification(run.task)
     for name, value in metrics.items():
-        accuracy = name.startswith("accuracy_") or (accuracy_like and name.startswith(("curve_", "shots_")))
+        accuracy = name.startswith("accuracy_") or (accuracy_like and name.startswith(("curve_", "shots_"))
+                                                     and name not in COUNTS)
         if name == "compute_s":
             low, high = 0.0, MAX_COMPUTE_S
+        elif name in COUNTS:
+            low, high = 0.0, float(run.val_tasks_per_client if validation else run.eval_tasks_per_client)
         elif accuracy:
             low, high = 0.0, 1.0
         else:

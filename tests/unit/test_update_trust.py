@@ -139,7 +139,7 @@ def test_what_evaluate_holder_reports_fits_the_schema(name: str, task: str) -> N
 def test_the_schema_names_exactly_what_a_sinusoid_evaluation_can_report() -> None:
     assert allowed_metrics(SINUSOID, evaluation=True) == {
         "loss_pre", "loss_post", "loss_pre_sq", "loss_post_sq", "curve_0", "curve_1", "curve_2", "curve_3",
-        "shots_5", "shots_10"}
+        "shots_5", "shots_10", "pre_tasks", "curve_tasks"}
     assert allowed_metrics(SINUSOID, evaluation=False) == {"loss_pre", "loss_post", "compute_s"}
 
 
@@ -163,6 +163,8 @@ def _eval(**overrides: float) -> dict[str, float]:
     ({"curve_4": 1.0}, True, "curve_4"),  # past --eval-steps
     ({"shots_7": 1.0}, True, "shots_7"),
     ({"tasks": 1e9}, True, "tasks"),
+    ({"curve_tasks": 1e9}, True, "curve_tasks"),  # more than the holder's --eval-tasks-per-client
+    ({"pre_tasks": -1.0}, True, "pre_tasks"),
     ({"curve_2": 1.0}, False, "curve_2"),  # an evaluation name in a training update
     ({"loss_post": -1.0}, True, "loss_post"),
     ({"loss_post": float("nan")}, True, "loss_post"),
@@ -186,6 +188,9 @@ def test_an_evaluation_must_report_every_pooled_metric_and_a_curve_without_gaps(
     with pytest.raises(ValueError, match="gaps"):
         check_metrics(SINUSOID, {k: v for k, v in _eval().items() if k != "curve_1"}, evaluation=True)
     check_metrics(SINUSOID, {}, evaluation=False)  # training metrics only feed metrics.jsonl
+    # The curve is optional (ProtoNets take no steps; --eval-curve-tasks 0), and so are the task counts.
+    check_metrics(SINUSOID, {k: v for k, v in _eval().items() if not k.startswith("curve_")}, evaluation=True)
+    check_metrics(SINUSOID, _eval(pre_tasks=3.0, curve_tasks=2.0), evaluation=True)  # of its 3 tasks
 
 
 def test_accuracies_lie_in_the_unit_interval() -> None:

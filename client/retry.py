@@ -1,6 +1,8 @@
 """Retries for transient gRPC failures: exponential backoff with full jitter.
 
-Only UNAVAILABLE and DEADLINE_EXCEEDED are retried; every other status is an answer.
+UNAVAILABLE and DEADLINE_EXCEEDED are retried; so is RESOURCE_EXHAUSTED where it means an
+overloaded coordinator (its RPC cap, the Join rate limit, a full registry), with a pause of at
+least a second; every other status is an answer.
 """
 
 from __future__ import annotations
@@ -18,6 +20,19 @@ import grpc
 log = logging.getLogger("fedmeta.client")
 T = TypeVar("T")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# What grpc's server answers past maximum_concurrent_rpcs (--max-concurrent-rpcs).
+RPC_LIMIT_DETAILS = "Concurrent RPC limit exceeded!"
+OVERLOAD_MIN_DELAY_S = 1.0
+
+
+def retryable(exc: grpc.RpcError, *, overload: bool = True) -> bool:
+    """Whether exc is transient; overload=False retries RESOURCE_EXHAUSTED only for the RPC cap."""
+    code = exc.code() if isinstance(exc, grpc.Call) else None
+    if code in RETRYABLE:
+        return True
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return overload or (isinstance(exc, grpc.Call) and exc.details() == RPC_LIMIT_DETAILS)
+    return False
 
 
 @dataclass(frozen=True)
@@ -37,7 +52,8 @@ class CoordinatorUnreachable(RuntimeError):
 
 
 def with_retry(
-    call: Callable[[], T], *, what: str, policy: RetryPolicy, stop: threading.Event, rng: random.Random
+    call: Callable[[], T], *, what: str, policy: RetryPolicy, stop: threading.Event, rng: random.Random,
+    overload: bool = True,
 ) -> T:
     """Run call(), retrying transient failures until it answers or policy.give_up_s passes."""
     start = time.monotonic()
@@ -47,7 +63,7 @@ def with_retry(
             return call()
         except grpc.RpcError as exc:
             code = exc.code() if isinstance(exc, grpc.Call) else None
-            if code not in RETRYABLE or stop.is_set():
+            if not retryable(exc, overload=overload) or stop.is_set():
                 raise
             elapsed = time.monotonic() - start
             if elapsed > policy.give_up_s:
@@ -55,6 +71,8 @@ def with_retry(
                     f"{what}: the coordinator has been unreachable for {elapsed:.0f} s ({code.name if code else '?'})"
                 ) from exc
             delay = policy.delay(attempt, rng)
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                delay = max(delay, OVERLOAD_MIN_DELAY_S * rng.uniform(1.0, 2.0))
             if attempt == 0 or attempt % 10 == 0:
                 log.warning("%s: %s (%s); retrying", what, code.name if code else "?", exc.details() if isinstance(exc, grpc.Call) else exc)
             attempt += 1

@@ -38,12 +38,21 @@ from common import CLIENT_ID_METADATA as CLIENT_ID_KEY
 log = logging.getLogger("fedmeta.client")
 _KIND = {UpdateKind.META_GRADIENT: pb.UPDATE_KIND_META_GRADIENT, UpdateKind.PARAMETER_DELTA: pb.UPDATE_KIND_PARAMETER_DELTA}
 _RPC_TIMEOUT_S = 60.0
+KEEPALIVE_PING_S = 60.0
 
 
 def _test_pause() -> None:
     """Test-only: FEDMETA_TEST_COMPUTE_PAUSE_S=SECONDS makes every client step that much slower
     (tests/integration/test_failures.py uses it for a slow-but-alive client). Never set it in a run."""
     pause = os.environ.get("FEDMETA_TEST_COMPUTE_PAUSE_S")
+    if pause:
+        time.sleep(float(pause))
+
+
+def _test_eval_pause() -> None:
+    """Test-only: FEDMETA_TEST_EVAL_PAUSE_S=SECONDS makes the final evaluation that much slower
+    (tests/integration/test_shutdown.py stops a coordinator during it). Never set it in a run."""
+    pause = os.environ.get("FEDMETA_TEST_EVAL_PAUSE_S")
     if pause:
         time.sleep(float(pause))
 
@@ -101,8 +110,7 @@ class ClientConfig:
 
     def channel(self) -> grpc.Channel:
         """A channel to the coordinator: TLS when --tls-ca is given, mutual TLS with --tls-cert/--tls-key."""
-        options: list[tuple[str, int | str]] = [
-            ("grpc.max_receive_message_length", 4 << 20), ("grpc.max_send_message_length", 4 << 20)]
+        options = channel_options()
         if self.tls_ca is None:
             return grpc.insecure_channel(self.server, options=options)
         credentials = grpc.ssl_channel_credentials(
@@ -113,6 +121,19 @@ class ClientConfig:
         if self.tls_server_name:
             options.append(("grpc.ssl_target_name_override", self.tls_server_name))
         return grpc.secure_channel(self.server, credentials, options=options)
+
+
+def channel_options() -> list[tuple[str, int | str]]:
+    """The client channel's arguments: message size caps and keepalive."""
+    return [
+        ("grpc.max_receive_message_length", 4 << 20), ("grpc.max_send_message_length", 4 << 20),
+        # Keepalive within the coordinator's policy (server/service.py connection_options): a ping
+        # every KEEPALIVE_PING_S >= its minimum, only while calls are open, so it never GOAWAYs us.
+        ("grpc.keepalive_time_ms", int(KEEPALIVE_PING_S * 1000)), ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 0),
+        # gRPC's own reconnect backoff grows to 120 s by default: a coordinator restarted after a
+        # minute would wait up to two more for its clients. Cap it like RetryPolicy.max_delay_s.
+        ("grpc.max_reconnect_backoff_ms", 5000)]
 
 
 class ClientError(RuntimeError):
@@ -250,7 +271,9 @@ class Worker:
                     yield pb.SubmitUpdateRequest(chunk=tensor_pb.TensorChunk(offset=offset, data=data))
             yield pb.SubmitUpdateRequest(end=pb.UpdateEnd())
 
-        return self._retry(lambda: self.stub.SubmitUpdate(messages(), timeout=_RPC_TIMEOUT_S, metadata=self.metadata), "SubmitUpdate")
+        # overload=False: RESOURCE_EXHAUSTED on an update is its size cap, which no retry fixes.
+        return with_retry(lambda: self.stub.SubmitUpdate(messages(), timeout=_RPC_TIMEOUT_S, metadata=self.metadata),
+                          what="SubmitUpdate", policy=self.config.retry, stop=self.stop, rng=self._rng, overload=False)
 
     def leave(self) -> None:
         if self.run is None:
@@ -349,6 +372,8 @@ class Worker:
         run = self.run
         assert run is not None
         params = self._fetch(version)
+        log.info("round %d: evaluating on %d held-out tasks", round_index, run.eval_tasks_per_client)
+        _test_eval_pause()
         metrics = evaluate_holder(self.algorithm, self.model, params, self.tasks, run, data_seed=self.config.data_seed,
                                   device=self.device, vectorize=self.vectorize)
         header = pb.UpdateHeader(
@@ -372,9 +397,15 @@ class Worker:
                 run_id=run.run_id, client_id=self.config.client_id, held_version=self._cached_version
             )
             try:
+                asked = time.monotonic()
                 a = self._retry(
                     lambda: self.stub.WaitForAssignment(request, timeout=run.poll_timeout_s + 10.0, metadata=self.metadata), "WaitForAssignment"
                 )
+                if a.action == pb.ACTION_WAIT and time.monotonic() - asked < run.poll_timeout_s / 2:
+                    # A long-poll answers WAIT only at its timeout; a quick WAIT means the coordinator
+                    # has no long-poll thread to spare (a short poll): pause before asking again.
+                    self.stop.wait(self._rng.uniform(0.5, 1.0) * min(2.0, run.poll_timeout_s))
+                    continue
                 if a.action == pb.ACTION_FINISHED:
                     log.info("the run is finished after %d rounds trained here; leaving", self.rounds_trained)
                     self.leave()

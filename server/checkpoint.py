@@ -12,10 +12,15 @@ Test-only hook: FEDMETA_TEST_CHECKPOINT_PAUSE_S=SECONDS makes save() sleep that 
 after the temporary file is written and fsynced and before the rename, whenever a
 previous checkpoint exists, so an integration test can kill the coordinator while the
 temporary file is on disk (tests/integration/test_failures.py). Never set it in a run.
+
+Test-only hook: FEDMETA_TEST_CHECKPOINT_ENOSPC_AT_ROUND=N makes save() fail with ENOSPC for
+the checkpoint whose next round is N, as a full disk would, where the test cannot mount a
+small tmpfs (tests/integration/test_shutdown.py, without root). Never set it in a run.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -36,6 +41,7 @@ FILENAME = "state.safetensors"
 DEFAULT_KEEP = 2
 _META_KEY = "fedmeta"
 _TEST_PAUSE_ENV = "FEDMETA_TEST_CHECKPOINT_PAUSE_S"
+_TEST_ENOSPC_ENV = "FEDMETA_TEST_CHECKPOINT_ENOSPC_AT_ROUND"
 
 
 @dataclass(frozen=True)
@@ -76,9 +82,18 @@ def save(directory: Path, checkpoint: Checkpoint, *, keep: int = DEFAULT_KEEP) -
     tmp = directory / f".{FILENAME}.tmp"
     tensors = {"theta": checkpoint.theta.contiguous()}
     tensors.update({f"outer.{k}": v.contiguous() for k, v in checkpoint.outer.items()})
-    save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(checkpoint.meta)})
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    try:
+        fail_at = os.environ.get(_TEST_ENOSPC_ENV)
+        if fail_at and checkpoint.meta.get("next_round") == int(fail_at):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+        save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(checkpoint.meta)})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)  # a full disk leaves the previous checkpoint and no partial file
+        if isinstance(exc, Exception) and not isinstance(exc, OSError):  # safetensors' own error type
+            raise OSError(f"cannot write checkpoint {tmp}: {exc}") from exc
+        raise
     _test_pause(path)
     # Shift older files down (oldest first); a crash in between leaves a gap that load() skips.
     for age in range(keep - 1, 0, -1):

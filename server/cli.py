@@ -10,6 +10,7 @@ import time
 from types import FrameType
 from typing import Any
 
+import grpc
 import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
+    # One signal starts an orderly stop; a second one during it must not cut it short.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise Shutdown(signal.Signals(signum).name)
 
 
@@ -143,6 +147,17 @@ def run_centralized(config: ServerConfig, *, progress_bar: bool) -> int:
     return 0
 
 
+def shutdown(server: grpc.Server, coordinator: Coordinator, *, grace_s: float = 2.0) -> None:
+    """Stop in the order that leaves nothing half-done and no thread racing interpreter exit:
+    1. the coordinator stops opening rounds, and its long-polls answer UNAVAILABLE (clients retry);
+    2. the gRPC server stops accepting calls, lets running ones end for grace_s, cancels the rest,
+       and this waits until it has stopped (so no RPC reaches a thread pool being torn down);
+    3. the round thread is joined: a checkpoint it is writing is completed, never cut."""
+    coordinator.begin_stop()
+    server.stop(grace=grace_s).wait()
+    coordinator.stop()
+
+
 def serve(config: ServerConfig, *, progress_bar: bool) -> int:
     progress: Progress | None = None
 
@@ -154,20 +169,20 @@ def serve(config: ServerConfig, *, progress_bar: bool) -> int:
     if config.local_clients:
         torch.set_num_threads(1)  # leave the cores to the client processes
     server, port = create_server(config, coordinator)
-    server.start()
-    print(f"listening on {config.host}:{port}", flush=True)
-    log.info("run %s: %s on %s, %d rounds, %d clients per round; run directory %s", config.run.run_id,
-             config.run.algorithm, config.run.task, config.rounds, config.clients_per_round, config.run_dir)
-    progress = Progress(config, coordinator.next_round, bar=progress_bar)
     procs: list = []
     try:
+        server.start()
+        print(f"listening on {config.host}:{port}", flush=True)
+        log.info("run %s: %s on %s, %d rounds, %d clients per round; run directory %s", config.run.run_id,
+                 config.run.algorithm, config.run.task, config.rounds, config.clients_per_round, config.run_dir)
+        progress = Progress(config, coordinator.next_round, bar=progress_bar)
         with logging_redirect_tqdm():
             coordinator.start()
             if config.local_clients:
                 procs = local.spawn(config.local_clients, port, config.run_dir / "logs", tls_ca=config.tls_ca,
                                     data_dir=config.data_dir, device=config.local_device)
                 log.info("started %d local client processes (logs in %s)", len(procs), config.run_dir / "logs")
-            while not coordinator.finished.wait(0.5):
+            while not coordinator.finished.wait(0.5) and not coordinator.failed.is_set():
                 if procs and all(p.poll() is not None for p in procs):
                     codes = sorted({p.returncode for p in procs})
                     raise RuntimeError(f"every local client exited (codes {codes}) before the run finished; "
@@ -175,12 +190,12 @@ def serve(config: ServerConfig, *, progress_bar: bool) -> int:
                                        f"(logs in {config.run_dir / 'logs'})")
             progress.close()
         deadline = time.monotonic() + 2 * config.run.poll_timeout_s
-        while coordinator.clients_pending_finish() and time.monotonic() < deadline:
+        while coordinator.finished.is_set() and coordinator.clients_pending_finish() and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
-        progress.close()
-        coordinator.stop()
-        server.stop(grace=1.0)
+        if progress is not None:
+            progress.close()
+        shutdown(server, coordinator)
         local.stop(procs, timeout_s=10.0 if coordinator.finished.is_set() else 0.0)
     if coordinator.summary is None:
         raise RuntimeError(f"the run stopped without finishing: {coordinator.error or 'see the log above'}")

@@ -14,7 +14,7 @@ from typing import Any
 from common.aggregation import AGGREGATORS
 from common.algorithms import ALGORITHMS, get_algorithm
 from common.codec import DEFAULT_CHUNK_BYTES, ENCODINGS
-from common.config import RunConfig
+from common.config import RunConfig, check_client_id
 from common.models import NORMS, ZOO, default_model
 from common.net import is_loopback
 from common.tasks import PARTITIONS, TASK_DEFAULTS, TASKS
@@ -129,7 +129,27 @@ OPTIONS: tuple[Option, ...] = (
            "non-finite falls back to the one before", minimum=1, maximum=1000),
     Option("host", str, "127.0.0.1", "address to bind (0.0.0.0 for every interface)"),
     Option("port", int, None, "port to bind, 0 picks a free one (default: 50051; with --local-clients, a free one)", minimum=0, maximum=65535),
-    Option("max_workers", int, 64, "gRPC worker threads (each waiting client holds one)", minimum=4),
+    Option("max_workers", int, 64, "gRPC worker threads: long-polls may hold half, update and parameter streams a "
+           "quarter, the rest stays free for Join, Heartbeat and Leave", minimum=4),
+    Option("max_concurrent_rpcs", int, 1024, "RPCs in flight or queued at once; more are refused with "
+           "RESOURCE_EXHAUSTED, which clients retry after a backoff", minimum=8),
+    Option("stream_idle_s", float, 5.0, "an update or parameter stream that moves no message for this long is "
+           "cancelled and its thread and upload slot freed; keep it above the time one --chunk-bytes chunk takes "
+           "on the slowest client's link (1 MiB in 5 s: 1.7 Mbit/s)", minimum=0.1, maximum=600),
+    Option("max_connection_idle_s", float, 300.0, "a connection with no RPC for this long is closed (clients "
+           "reconnect by themselves)", minimum=1.0),
+    Option("max_connection_age_s", float, 3600.0, "a connection older than this is closed after its RPCs end "
+           "(grace: 2 x --poll-timeout-s + 30 s; clients reconnect by themselves)", minimum=1.0),
+    Option("max_clients", int, 10000, "registered clients at most; a Join beyond it is refused with "
+           "RESOURCE_EXHAUSTED (left and long-silent clients are forgotten first)", minimum=1),
+    Option("allowed_clients", str, None, "file of client ids allowed to join, one per line (# comments); "
+           "others are refused with PERMISSION_DENIED"),
+    Option("joins_per_s", float, 10.0, "Join calls per second per peer address (bursts of 10 s worth); more "
+           "are refused with RESOURCE_EXHAUSTED", minimum=0.01),
+    Option("forget_client_s", float, 600.0, "a client silent this long (no call) is removed from the registry; "
+           "it rejoins by itself if it comes back", minimum=1.0),
+    Option("max_silent_rounds", int, 3, "a client sampled and silent in this many rounds in a row is not "
+           "sampled again for a while (3 rounds, doubling at each repeat)", minimum=1),
     Option("run_dir", str, None, "run directory (default: runs/<algorithm>-<task>-<time>); an existing one resumes"),
     Option("local_clients", int, 0, "also start this many client processes on 127.0.0.1", minimum=0),
     Option("local_device", str, "cpu", "device of the --local-clients: cpu, cuda or cuda:N (every client on that "
@@ -183,6 +203,15 @@ class ServerConfig:
     require_client_cert: bool = False
     insecure: bool = False
     no_reflection: bool = False
+    max_concurrent_rpcs: int = 1024
+    stream_idle_s: float = 5.0
+    max_connection_idle_s: float = 300.0
+    max_connection_age_s: float = 3600.0
+    max_clients: int = 10000
+    allowed_clients: str | None = None
+    joins_per_s: float = 10.0
+    forget_client_s: float = 600.0
+    max_silent_rounds: int = 3
 
     @property
     def tls(self) -> bool:
@@ -345,6 +374,8 @@ def build(values: dict[str, Any]) -> ServerConfig:
     if outer_lr <= 0:
         raise ValueError(f"--outer-lr: expected a positive number, got {outer_lr!r}")
     _check_transport(v)
+    if v["allowed_clients"] is not None:
+        read_allowed_clients(Path(v["allowed_clients"]))
     if v["aggregator"] == "clipped-mean" and not v["max_update_norm"]:
         raise ValueError("--aggregator clipped-mean: needs a positive --max-update-norm to clip to")
     if 0 < v["norm_clip_factor"] < 1:
@@ -366,6 +397,15 @@ def build(values: dict[str, Any]) -> ServerConfig:
         require_client_cert=v["require_client_cert"],
         insecure=v["insecure"],
         no_reflection=v["no_reflection"],
+        max_concurrent_rpcs=v["max_concurrent_rpcs"],
+        stream_idle_s=v["stream_idle_s"],
+        max_connection_idle_s=v["max_connection_idle_s"],
+        max_connection_age_s=v["max_connection_age_s"],
+        max_clients=v["max_clients"],
+        allowed_clients=v["allowed_clients"],
+        joins_per_s=v["joins_per_s"],
+        forget_client_s=v["forget_client_s"],
+        max_silent_rounds=v["max_silent_rounds"],
         run=run,
         rounds=v["rounds"],
         clients_per_round=clients_per_round,
@@ -386,6 +426,27 @@ def build(values: dict[str, Any]) -> ServerConfig:
         download=v["download"],
         mode=v["mode"],
     )
+
+
+def read_allowed_clients(path: Path) -> frozenset[str]:
+    """The client ids in an --allowed-clients file: one per line; blank lines and # comments ignored."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--allowed-clients: cannot read {path}: {exc}") from None
+    ids = set()
+    for number, line in enumerate(text.splitlines(), 1):
+        entry = line.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        try:
+            check_client_id(entry)
+        except ValueError as exc:
+            raise ValueError(f"--allowed-clients: {path} line {number}: {exc}") from None
+        ids.add(entry)
+    if not ids:
+        raise ValueError(f"--allowed-clients: {path} names no client id; every Join would be refused")
+    return frozenset(ids)
 
 
 def _check_transport(v: dict[str, Any]) -> None:

@@ -45,6 +45,15 @@ log = logging.getLogger("fedmeta.coordinator")
 # magnitudes: MAX_UPDATE_ABS (common/algorithms/outer.py) and NormFilter (--norm-clip-factor).
 
 
+def _few(ids: set[str], shown: int = 10) -> str:
+    """At most `shown` ids for a log line, and how many more (a log line stays short)."""
+    if not ids:
+        return "none"
+    names = sorted(ids)
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{names[:shown]}{more}"
+
+
 class Rejected(Exception):
     """A request refused with a gRPC status code and a sentence a person can act on."""
 
@@ -79,6 +88,14 @@ class ClientInfo:
     polling: int = 0
     left: bool = False
     told_finished: bool = False
+    answered: int = 0  # rounds this client answered: clients that have answered are sampled first
+    silent: int = 0  # rounds in a row it was sampled and did not answer
+    benched_until: int = -1  # not sampled before this round (after --max-silent-rounds silent ones)
+    benchings: int = 0
+
+    def record(self) -> dict[str, Any]:
+        return {"device": self.device, "num_tasks": self.num_tasks, "answered": self.answered,
+                "silent": self.silent, "benched_until": self.benched_until, "benchings": self.benchings}
 
 
 @dataclass
@@ -97,6 +114,8 @@ class Round:
     metric_weights: dict[str, float] = field(default_factory=dict)  # per name: the weight of who sent it
     norms: dict[str, float] = field(default_factory=dict)  # per client: its update's L2 norm as sent
     attempts: int = 0
+    proven: set[str] = field(default_factory=set)  # sampled clients that had answered a round before
+    proven_done: float | None = None  # when the last of them answered
     client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # evaluation rounds only
     validation: bool = False  # an evaluation round on validation tasks during training (--eval-every)
 
@@ -134,6 +153,12 @@ class Coordinator:
         self._waiting_since = time.monotonic()
         self._stopping = threading.Event()
         self.finished = threading.Event()
+        self.failed = threading.Event()  # the round thread stopped on an error: not a finished run
+        self._purged_at = 0.0
+        # Exploration: a round offers seats to clients that never answered only from round
+        # _explore_at on; each round whose newcomers all stayed silent doubles the gap (to 64).
+        self._explore_at = 0
+        self._explore_misses = 0
         self._thread: threading.Thread | None = None
         self._bytes_lock = threading.Lock()
         self.bytes_sent = 0
@@ -151,7 +176,7 @@ class Coordinator:
         self._wall_before = 0.0
         self._readers = 0
         self._stepping = False
-        self._clients_seen: set[str] = set()
+        self.clients_seen = 0  # registrations: distinct ids, unless one was forgotten and came back
         self._validated_through = 0  # rounds trained when θ was last validated
         self.best: Best | None = None
         self._norm_filter = NormFilter(factor=config.norm_clip_factor, window=config.norm_clip_window,
@@ -197,10 +222,14 @@ class Coordinator:
         self._wall_before = float(meta.get("wall_s", 0.0))
         self._validated_through = int(meta.get("validated_through", 0))
         self.best = Best.from_json(meta.get("best"))
-        self._clients_seen = set(meta.get("clients_seen", []))
+        seen = meta.get("clients_seen", 0)
+        self.clients_seen = len(seen) if isinstance(seen, list) else int(seen)  # a list in older checkpoints
         now = time.monotonic()
-        for cid, info in meta.get("clients", {}).items():
-            self._clients[cid] = ClientInfo(cid, info.get("device", ""), int(info.get("num_tasks", 0)), now)
+        for cid, info in list(meta.get("clients", {}).items())[: self.config.max_clients]:
+            self._clients[cid] = ClientInfo(
+                cid, str(info.get("device", ""))[:64], int(info.get("num_tasks", 0)), now,
+                answered=int(info.get("answered", 0)), silent=int(info.get("silent", 0)),
+                benched_until=int(info.get("benched_until", -1)), benchings=int(info.get("benchings", 0)))
         dropped = self.rundir.trim_metrics(self.next_round)
         if dropped:
             log.warning("dropped %d records of rounds after the checkpoint from metrics.jsonl: those rounds are "
@@ -210,9 +239,9 @@ class Coordinator:
 
     def _save_checkpoint(self) -> None:
         with self._cond:
-            clients = {c.client_id: {"device": c.device, "num_tasks": c.num_tasks}
-                       for c in self._clients.values() if not c.left}
-            seen = sorted(self._clients_seen)
+            # Bounded by --max-clients: the registry, not every id ever seen.
+            clients = {c.client_id: c.record() for c in self._clients.values() if not c.left}
+            seen = self.clients_seen
         meta = {
             "next_round": self.next_round,
             "version": self.version,
@@ -261,12 +290,26 @@ class Coordinator:
         self._thread = threading.Thread(target=self._round_loop, name="fedmeta-rounds", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def begin_stop(self) -> None:
+        """Stop opening rounds; waiting long-polls answer UNAVAILABLE (clients retry) at once."""
         self._stopping.set()
         with self._cond:
             self._cond.notify_all()
+
+    def stop(self) -> None:
+        """begin_stop(), then wait for the round thread (a checkpoint being written is finished)."""
+        self.begin_stop()
         if self._thread is not None:
             self._thread.join(timeout=30)
+
+    def _unavailable(self) -> Rejected:
+        if self.failed.is_set():
+            return Rejected(grpc.StatusCode.UNAVAILABLE,
+                            f"the coordinator stopped on an error ({self.error}); retry: a restarted coordinator "
+                            "resumes the run from its last checkpoint")
+        return Rejected(grpc.StatusCode.UNAVAILABLE,
+                        "the coordinator is shutting down; retry: a restarted coordinator resumes the run from its "
+                        "last checkpoint")
 
     def count_bytes(self, *, sent: int = 0, received: int = 0) -> None:
         with self._bytes_lock:
@@ -276,16 +319,43 @@ class Coordinator:
     # ---- RPC entry points ------------------------------------------------------------------
     def join(self, client_id: str, *, device: str, num_tasks: int) -> RunConfig:
         with self._cond:
+            if self._stopping.is_set() and not self.finished.is_set():
+                raise self._unavailable()
             info = self._clients.get(client_id)
             now = time.monotonic()
+            if info is None and len(self._clients) >= self.config.max_clients:
+                self._purge(now, left_too=True)
+                if len(self._clients) >= self.config.max_clients:
+                    raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"the coordinator has {len(self._clients)} registered clients, its limit "
+                                   "(--max-clients); retry later")
             if info is None or info.left:
-                self._clients[client_id] = ClientInfo(client_id, device, num_tasks, now)
+                fresh = ClientInfo(client_id, device, num_tasks, now)
+                if info is not None:  # rejoining keeps its record: leaving does not wipe silent rounds
+                    fresh.answered, fresh.silent = info.answered, info.silent
+                    fresh.benched_until, fresh.benchings = info.benched_until, info.benchings
+                else:
+                    self.clients_seen += 1
+                self._clients[client_id] = fresh
                 log.info("client %s joined (device %s)", client_id, device or "?")
             else:
                 info.device, info.num_tasks, info.last_seen = device, num_tasks, now
-            self._clients_seen.add(client_id)
             self._cond.notify_all()
         return self.run
+
+    def _purge(self, now: float, *, left_too: bool = False) -> None:
+        """Forget clients silent for --forget-client-s (and, when the registry is full, every one
+        that left); a forgotten client that comes back joins again (NOT_FOUND tells it to)."""
+        rnd = self._round
+        busy = rnd.sampled if rnd is not None else set()
+        old = [cid for cid, c in self._clients.items()
+               if c.polling == 0 and cid not in busy
+               and (now - c.last_seen > self.config.forget_client_s or (left_too and c.left))]
+        for cid in old:
+            del self._clients[cid]
+        if old:
+            log.info("forgot %d clients that left or were silent for over %g s (--forget-client-s)",
+                     len(old), self.config.forget_client_s)
 
     def leave(self, client_id: str) -> None:
         with self._cond:
@@ -328,13 +398,17 @@ class Coordinator:
         deadline = time.monotonic() + timeout_s
         with self._cond:
             info = self._known(client_id)
+            if info.polling > 0:
+                deadline = 0.0  # one long-poll per client id: a second one is answered at once
             info.polling += 1
             try:
                 while True:
+                    if self._stopping.is_set() and not self.finished.is_set():
+                        raise self._unavailable()
                     info.last_seen = time.monotonic()
                     assignment = self._assignment_for(client_id)
                     remaining = deadline - time.monotonic()
-                    if assignment.action != Action.WAIT or remaining <= 0 or self._stopping.is_set() or not is_active():
+                    if assignment.action != Action.WAIT or remaining <= 0 or not is_active():
                         if assignment.action == Action.FINISHED:
                             info.told_finished = True
                         return assignment
@@ -494,7 +568,7 @@ class Coordinator:
                 rnd.client_metrics[meta.client_id] = {**meta.metrics, "tasks": weight}
             rnd.answered.add(meta.client_id)
             self._accepted.setdefault((meta.round, meta.validation), set()).add(meta.client_id)
-            if not rnd.sampled - rnd.answered:
+            if not rnd.sampled - rnd.answered or (meta.client_id in rnd.proven and rnd.proven <= rnd.answered):
                 # Only the round thread cares, and only once every sampled client answered (it
                 # wakes at the deadline by itself): waking every waiting long-poll on every
                 # update cost 256 clients half the coordinator's CPU (benchmarks/load_clients.py).
@@ -513,78 +587,162 @@ class Coordinator:
                 closing = None
                 with self._cond:
                     now = time.monotonic()
+                    if now - self._purged_at > min(5.0, self.config.forget_client_s / 2):
+                        self._purged_at = now
+                        self._purge(now)
                     if self._round is None:
                         self._try_open(now)
                     rnd = self._round
+                    wake = None if rnd is None else rnd.deadline
                     if rnd is not None:
-                        complete = not rnd.sampled - rnd.answered and rnd.answered
+                        complete = bool(not rnd.sampled - rnd.answered and rnd.answered)
+                        early = self._early_close(rnd, now)
+                        if early is not None and not complete:
+                            complete = now >= early
+                            wake = min(early, rnd.deadline)
                         if complete or (now >= rnd.deadline and len(rnd.answered) >= self._quorum(rnd)):
                             closing, self._round = rnd, None
+                            self._tally(closing)
                         elif now >= rnd.deadline:
                             self._resample(rnd, now)
                     if closing is None:
-                        wait = 0.5 if rnd is None else max(0.0, rnd.deadline - now)
+                        wait = 0.5 if wake is None else max(0.0, wake - now)
                         self._cond.wait(timeout=min(wait, 0.5))
                 if closing is not None:
                     self._close(closing)
         except Exception as exc:
-            log.exception("the round thread failed; stopping the run")
+            # A failed run is not a finished run: waiting clients are told UNAVAILABLE and keep
+            # retrying (--give-up-s); the coordinator exits 1; restarted with the same --run-dir
+            # it resumes from the last checkpoint.
+            if isinstance(exc, OSError):
+                log.error("the round thread failed: %s; stopping the run (free the space or fix the run "
+                          "directory, then restart with the same --run-dir to resume)", exc)
+            else:
+                log.exception("the round thread failed; stopping the run")
             self.error = str(exc)
-            self._stopping.set()
-            self.finished.set()
-            raise
+            with self._cond:
+                self.failed.set()
+                self._stopping.set()
+                self._cond.notify_all()
 
     def _quorum(self, rnd: Round) -> int:
         return 1 if rnd.evaluation else self.config.min_clients
 
+    def _early_close(self, rnd: Round, now: float) -> float | None:
+        """When the round may close before its deadline although some sampled clients are silent.
+
+        Clients that have never answered a round are not waited for once every sampled client
+        that has answered before did (and the quorum is met), beyond a grace of half the time
+        those took: a fake id that joins and never trains costs a round at most 1.5x its pace,
+        while a first-time client up to 1.5x slower than the proven ones is still counted."""
+        if not rnd.proven or not rnd.proven <= rnd.answered or len(rnd.answered) < self._quorum(rnd):
+            return None
+        if rnd.proven_done is None:
+            rnd.proven_done = now
+        return rnd.proven_done + 0.5 * (rnd.proven_done - rnd.started)
+
+    def _tally(self, rnd: Round) -> None:
+        """Per client: answered rounds, and silent rounds in a row; --max-silent-rounds of them
+        bench a client for max_silent_rounds * 2**benchings rounds (it is not sampled)."""
+        limit = self.config.max_silent_rounds
+        newcomers = rnd.sampled - rnd.proven
+        if newcomers and not rnd.evaluation:
+            self._explore_misses = 0 if newcomers & rnd.answered else self._explore_misses + 1
+            self._explore_at = rnd.index + 2 ** min(self._explore_misses, 6)
+        for cid in rnd.answered:
+            info = self._clients.get(cid)
+            if info is not None:
+                info.answered += 1
+                info.silent = 0
+        for cid in (rnd.sampled | rnd.dropped) - rnd.answered:
+            info = self._clients.get(cid)
+            if info is None or info.left:
+                continue
+            info.silent += 1
+            if info.silent >= limit:
+                info.benched_until = rnd.index + 1 + limit * 2 ** min(info.benchings, 16)
+                info.benchings += 1
+                info.silent = 0
+                log.info("client %s was sampled and silent in %d rounds in a row: not sampled before round %d "
+                         "(--max-silent-rounds)", cid, limit, info.benched_until)
+
+    def _candidates(self, live: list[str], round_index: int) -> list[str]:
+        return [c for c in live if self._clients[c].benched_until <= round_index]
+
+    def _pick(self, candidates: list[str], n: int, rng: random.Random, *, explore: bool = True) -> list[str]:
+        """n of candidates (sorted): clients that have answered a round before first; newcomers fill
+        the seats left, and with explore one seat is kept for a newcomer when n >= 2. Without
+        explore, newcomers are picked only if no client has answered yet."""
+        proven = [c for c in candidates if self._clients[c].answered > 0]
+        fresh = [c for c in candidates if self._clients[c].answered == 0]
+        if not proven:
+            return rng.sample(fresh, min(n, len(fresh)))
+        if not explore:
+            return rng.sample(proven, min(n, len(proven)))
+        explore_seats = 1 if n >= 2 and fresh else 0
+        chosen = rng.sample(proven, min(len(proven), n - explore_seats))
+        return chosen + rng.sample(fresh, min(len(fresh), n - len(chosen)))
+
     def _try_open(self, now: float) -> None:
-        if self.evaluation_done:
+        if self.evaluation_done or self._stopping.is_set():
             return
         live = self._live(now)
         validation = self._validated_through != self.next_round and due(self.run, self.next_round, self.config.rounds)
         evaluation = validation or self.next_round >= self.config.rounds
         target = self.config.clients_per_round
         waited = now - self._waiting_since
-        enough = len(live) >= target or (len(live) >= self.config.min_clients and waited >= self.config.round_deadline_s)
+        candidates = self._candidates(live, self.next_round)
+        if len(candidates) < self.config.min_clients and waited >= self.config.round_deadline_s:
+            candidates = live  # too few unbenched clients: give benched ones another chance
+        enough = len(candidates) >= target or (len(candidates) >= self.config.min_clients
+                                               and waited >= self.config.round_deadline_s)
         if not enough:
             return
         if validation:  # cheap: the round's usual number of clients, val_tasks_per_client tasks each
             rng = random.Random(f"{self.run.seed}:{self.next_round}:validation")
-            sampled = set(rng.sample(live, min(target, len(live))))
+            sampled = set(self._pick(candidates, target, rng, explore=False))
             accumulator = None
         elif evaluation:
-            sampled = set(live)
+            sampled = set(candidates)
             accumulator = None
         else:
             rng = random.Random(f"{self.run.seed}:{self.next_round}:0")
-            sampled = set(rng.sample(live, min(target, len(live))))
+            sampled = set(self._pick(candidates, target, rng, explore=self.next_round >= self._explore_at))
             accumulator = make_aggregator(self.config.aggregator, self.layout,
                                           max_norm=self.config.max_update_norm, trim=self.config.trim_fraction)
         self._round = Round(self.next_round, evaluation, sampled, now, now + self.config.round_deadline_s,
                             self.version, accumulator, validation=validation)
-        if len(sampled) < target and not evaluation:
+        self._round.proven = {c for c in sampled if self._clients[c].answered > 0}
+        if len(sampled) < target and len(candidates) < target and not evaluation:
             log.info("round %d starts with %d of %d clients (only %d live after %.0f s)",
-                     self.next_round, len(sampled), target, len(live), waited)
+                     self.next_round, len(sampled), target, len(candidates), waited)
         self._cond.notify_all()
 
     def _resample(self, rnd: Round, now: float) -> None:
         """Too few answers at the deadline: drop silent clients whose lease expired (slow but
-        live ones may still answer), add live clients not yet sampled, extend the deadline."""
-        live = set(self._live(now))
+        live ones may still answer), add live clients not yet sampled, extend the deadline.
+
+        Each deadline missed widens the search: attempt k adds up to clients_per_round * 4**(k-1)
+        clients, so silent ids that keep their lease (join, heartbeat, never train) delay a round
+        by O(log(ids)) deadlines, not by one deadline per id."""
+        all_live = self._live(now)
+        live = set(all_live)
         silent = rnd.sampled - rnd.answered
         gone = silent - live
         rnd.attempts += 1
-        candidates = sorted(live - rnd.sampled)
+        candidates = self._candidates(sorted(live - rnd.sampled), rnd.index)
         rng = random.Random(f"{self.run.seed}:{rnd.index}:{rnd.attempts}")
-        need = max(0, self.config.clients_per_round - len(rnd.sampled - gone))
-        fresh = set(rng.sample(candidates, min(need, len(candidates))))
+        target = self.config.clients_per_round
+        need = max(target - len(rnd.sampled - gone), target * 4 ** min(rnd.attempts - 1, 8))
+        fresh = set(self._pick(candidates, min(need, len(candidates)), rng))
         rnd.sampled = (rnd.sampled - gone) | fresh
+        rnd.proven = (rnd.proven - gone) | {c for c in fresh if self._clients[c].answered > 0}
         rnd.dropped |= gone
         rnd.dropped -= rnd.sampled
         rnd.deadline = now + self.config.round_deadline_s
         log.warning("round %d: deadline passed with %d of %d answers (quorum %d); dropped unreachable %s, "
                     "added %s, waiting %g s more", rnd.index, len(rnd.answered), len(silent | rnd.answered),
-                    self._quorum(rnd), sorted(gone) or "none", sorted(fresh) or "none", self.config.round_deadline_s)
+                    self._quorum(rnd), _few(gone), _few(fresh), self.config.round_deadline_s)
         self._cond.notify_all()
 
     def _close(self, rnd: Round) -> None:
@@ -673,7 +831,7 @@ class Coordinator:
             "task": self.run.task,
             "seed": self.run.seed,
             "rounds_completed": self.next_round,
-            "clients_seen": len(self._clients_seen),
+            "clients_seen": self.clients_seen,
             "wall_s": self.wall_s,
             "eval_s": time.monotonic() - rnd.started,  # the evaluation round, from its opening to its last answer
             "bytes_sent": self.bytes_sent,

@@ -5,14 +5,14 @@ from __future__ import annotations
 import itertools
 import logging
 from pathlib import Path
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import NoReturn
 
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from common import PROTOCOL_VERSION
 from common.aggregation import update_norm
@@ -34,8 +34,9 @@ from common.proto import pb, pb_grpc, tensor_pb
 from common.textsafe import RateLimit, clip
 from common.wire import run_config_to_proto
 from server.auth import CLIENT_ID_KEY, TokenInterceptor, TokenStore
-from server.config import ServerConfig, is_loopback
+from server.config import ServerConfig, is_loopback, read_allowed_clients
 from server.coordinator import Action, Coordinator, Rejected, UpdateMeta
+from server.limits import Gate, JoinRateLimiter, KeyedGate, StreamWatchdog, peer_address
 
 log = logging.getLogger("fedmeta.service")
 
@@ -106,9 +107,17 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     def __init__(self, coordinator: Coordinator) -> None:
         self.coordinator = coordinator
         self.run = coordinator.run
-        self.require_client_cert = coordinator.config.require_client_cert
-        self.tokens = coordinator.config.tokens_file is not None
+        config = coordinator.config
+        self.require_client_cert = config.require_client_cert
+        self.tokens = config.tokens_file is not None
         self._refusals = RateLimit(burst=REFUSAL_LOG_BURST, window_s=REFUSAL_LOG_WINDOW_S)
+        self.allowed = read_allowed_clients(Path(config.allowed_clients)) if config.allowed_clients else None
+        # Thread budget (--max-workers W): long-polls W/2, streams W/4, the rest for short calls.
+        self.polls = Gate(max(1, config.max_workers // 2))
+        self.streams = Gate(max(1, config.max_workers // 4))
+        self.uploading = KeyedGate()
+        self.watchdog = StreamWatchdog(config.stream_idle_s)
+        self.joins = JoinRateLimiter(config.joins_per_s)
 
     def _log_refusal(self, context: grpc.ServicerContext, first: pb.SubmitUpdateRequest | None, code: str,
                      message: str) -> None:
@@ -130,6 +139,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             check_client_id(client_id)
         except ValueError as exc:
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"client_id: {clip(exc, MAX_MESSAGE_CHARS)}")
+        if self.allowed is not None and client_id not in self.allowed:
+            _abort(context, grpc.StatusCode.PERMISSION_DENIED,
+                   f"client id {client_id!r} is not in the coordinator's --allowed-clients list")
         if self.tokens:
             authenticated = dict(context.invocation_metadata()).get(CLIENT_ID_KEY)
             if client_id != authenticated:
@@ -145,6 +157,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
         client_id = self._client_id(context, request.client_id)
+        if not self.joins.allow(peer_address(context)):
+            _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                   f"too many Join calls from {peer_address(context)} (--joins-per-s "
+                   f"{self.coordinator.config.joins_per_s:g}); retry after a pause")
         if request.protocol_version != PROTOCOL_VERSION:
             _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
                    f"protocol version {request.protocol_version} is not supported; this coordinator speaks "
@@ -165,11 +181,17 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         remaining = context.time_remaining()
         if remaining is not None:
             timeout = max(0.0, min(timeout, remaining - 0.5))
+        # Over the long-poll budget the call becomes a short poll: it answers at once (work if
+        # there is some, else WAIT) and the client pauses before asking again (client/worker.py).
+        held = self.polls.try_enter()
         try:
             self.coordinator.check_run(request.run_id)
-            a = self.coordinator.wait(client_id, timeout, context.is_active)
+            a = self.coordinator.wait(client_id, timeout if held else 0.0, context.is_active)
         except Rejected as exc:
             _abort(context, exc.code, exc.message)
+        finally:
+            if held:
+                self.polls.leave()
         response = pb.WaitForAssignmentResponse(
             action=_ACTIONS[a.action], round=a.round, parameter_version=a.version, detail=a.detail,
             validation=a.validation,
@@ -183,6 +205,17 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return response
 
     def FetchParameters(
+        self, request: pb.FetchParametersRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.FetchParametersResponse]:
+        if not self.streams.try_enter():
+            _abort(context, grpc.StatusCode.UNAVAILABLE, "too many streams are open; retry shortly")
+        try:
+            with self.watchdog.watch(context) as w:
+                yield from self.watchdog.responses(w, self._fetch(request, context))
+        finally:
+            self.streams.leave()
+
+    def _fetch(
         self, request: pb.FetchParametersRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.FetchParametersResponse]:
         client_id = self._client_id(context, request.client_id)
@@ -210,6 +243,38 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     def SubmitUpdate(
         self, request_iterator: Iterator[pb.SubmitUpdateRequest], context: grpc.ServicerContext
     ) -> pb.SubmitUpdateResponse:
+        """Bounded per call: a stream slot (--max-workers / 4), one upload per client id, and
+        --stream-idle-s between messages (the watchdog cancels a stream that stalls)."""
+        if not self.streams.try_enter():
+            _abort(context, grpc.StatusCode.UNAVAILABLE, "too many streams are open; retry shortly")
+        claimed: list[str] = []
+        try:
+            with self.watchdog.watch(context) as w:
+                requests = self.watchdog.requests(w, request_iterator)
+                try:
+                    return self._submit(requests, context, lambda cid: self._claim(cid, claimed))
+                except grpc.RpcError:
+                    if w.cancelled:
+                        log.info("update stream from %s cancelled: no message for %g s (--stream-idle-s)",
+                                 context.peer(), self.watchdog.idle_s)
+                    raise
+        finally:
+            for cid in claimed:
+                self.uploading.leave(cid)
+            self.streams.leave()
+
+    def _claim(self, client_id: str, claimed: list[str]) -> None:
+        """One upload per client id at a time: a second one is refused with UNAVAILABLE, which an
+        honest client retries (its first attempt, still streaming, then ends as accepted or not)."""
+        if not self.uploading.try_enter(client_id):
+            raise Rejected(grpc.StatusCode.UNAVAILABLE,
+                           f"an update from client {client_id!r} is already streaming in; retry when it ends")
+        claimed.append(client_id)
+
+    def _submit(
+        self, request_iterator: Iterator[pb.SubmitUpdateRequest], context: grpc.ServicerContext,
+        claim: Callable[[str], None],
+    ) -> pb.SubmitUpdateResponse:
         received = 0
         first = None
         try:
@@ -218,7 +283,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "the first message of SubmitUpdate must be the header")
             received += first.ByteSize()
             meta = self._meta(first.header, context)
-            if self.coordinator.check_update(meta):
+            seen = self.coordinator.check_update(meta)
+            claim(meta.client_id)  # after the header checks: only a sampled client's id is held
+            if seen:
                 self._drain(request_iterator)
                 return pb.SubmitUpdateResponse(accepted=True, duplicate=True)
             if meta.tensors is not None and meta.kind is not None:
@@ -322,6 +389,56 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.HeartbeatResponse(still_needed=still_needed)
 
 
+# Keepalive: the coordinator accepts a client ping every KEEPALIVE_MIN_PING_S without data and
+# none without calls; client/worker.py pings every KEEPALIVE_CLIENT_PING_S (>= that), so honest
+# clients are never sent GOAWAY for "too many pings" (tests/unit/test_limits.py checks the pair).
+KEEPALIVE_MIN_PING_S = 30.0
+KEEPALIVE_SERVER_PING_S = 60.0  # the coordinator's own pings find dead peers of idle connections
+HANDSHAKE_TIMEOUT_S = 10.0
+
+
+def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """Channel arguments that bound a connection's idle time, age, handshake and pings."""
+    grace_s = 2 * config.run.poll_timeout_s + 30.0  # the longest honest call: a long-poll, an upload
+    return [
+        ("grpc.max_connection_idle_ms", int(config.max_connection_idle_s * 1000)),
+        ("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(grace_s * 1000)),
+        ("grpc.server_handshake_timeout_ms", int(HANDSHAKE_TIMEOUT_S * 1000)),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(KEEPALIVE_MIN_PING_S * 1000)),
+        ("grpc.keepalive_permit_without_calls", 0),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.keepalive_time_ms", int(KEEPALIVE_SERVER_PING_S * 1000)),
+        ("grpc.keepalive_timeout_ms", 20_000),
+    ]
+
+
+class _Reflection(reflection.ReflectionServicer):
+    """Server reflection whose streams take a stream slot and are cancelled when idle, like updates."""
+
+    def __init__(self, names: tuple[str, ...], service: CoordinatorService) -> None:
+        super().__init__(names)
+        self.service = service
+
+    def ServerReflectionInfo(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        service = self.service
+        if not service.streams.try_enter():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "too many streams are open; retry shortly")
+        try:
+            with service.watchdog.watch(context) as w:
+                yield from super().ServerReflectionInfo(service.watchdog.requests(w, request_iterator), context)
+        finally:
+            service.streams.leave()
+
+
+class _Health(health.HealthServicer):
+    """Health checking with Check only: a Watch stream would hold a worker thread for as long as
+    the peer likes (orchestrator probes and grpc_health_probe use Check)."""
+
+    def Watch(self, request, context, send_response_callback=None):  # type: ignore[no-untyped-def]
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "Health.Watch is not served; use Health.Check")
+
+
 def create_server(config: ServerConfig, coordinator: Coordinator) -> tuple[grpc.Server, int]:
     """A started-but-not-serving gRPC server bound to config.host:config.port; returns (server, port)."""
     max_message = config.run.chunk_bytes + _MESSAGE_OVERHEAD
@@ -329,6 +446,7 @@ def create_server(config: ServerConfig, coordinator: Coordinator) -> tuple[grpc.
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="fedmeta-rpc"),
         interceptors=interceptors,
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", max_message),
             ("grpc.max_send_message_length", max_message),
@@ -337,17 +455,19 @@ def create_server(config: ServerConfig, coordinator: Coordinator) -> tuple[grpc.
             # slot would otherwise buffer ever larger parts of their updates in the server
             # (+490 MB vs +172 MB for 64 clients x 4 MB, benchmarks/load_clients.py).
             ("grpc.http2.bdp_probe", 0),
+            *connection_options(config),
         ],
     )
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(coordinator), server)
-    health_servicer = health.HealthServicer()
+    service = CoordinatorService(coordinator)
+    pb_grpc.add_CoordinatorServicer_to_server(service, server)
+    health_servicer = _Health()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if not config.no_reflection:
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-        )
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(_Reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            service), server)
     address = f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"
     if config.tls_cert is not None and config.tls_key is not None:
         credentials = grpc.ssl_server_credentials(
@@ -363,4 +483,7 @@ def create_server(config: ServerConfig, coordinator: Coordinator) -> tuple[grpc.
         port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind {address}: is the port in use? pass --port 0 to pick a free one")
+    if config.tls_cert is not None and not config.require_client_cert and config.tokens_file is None:
+        log.warning("TLS WITHOUT CLIENT AUTHENTICATION: anyone who can reach %s can join under any client id and "
+                    "submit updates; pass --require-client-cert (with --tls-ca) or --tokens-file", address)
     return server, port

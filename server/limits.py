@@ -8,8 +8,10 @@ keep the coordinator answering:
 - StreamWatchdog: one thread for every stream of the process. A stream registers a
   Watch; while the handler waits on the peer (for the next request message, or for the
   peer to take a response) the watch records since when. Once that wait passes
-  --stream-idle-s the watchdog calls context.cancel(), which ends the blocked read with
-  an error in the handler, whose `finally` frees the slot. Cost: one thread in all and a
+  --stream-idle-s, or the stream has lasted max_s (120 s: twice the deadline fedmeta's
+  client gives a stream, so a peer trickling one byte per idle period still ends), the
+  watchdog calls context.cancel(), which ends the blocked read with an error in the
+  handler, whose `finally` frees the slot. Cost: one thread in all and a
   scan of the open streams every idle_s / 4, instead of a reader thread per stream.
 - Gate: at most `limit` handlers of one kind at once (long-polls, streams), so waiting
   calls can never take the threads Join, Heartbeat and SubmitUpdate need.
@@ -33,19 +35,21 @@ T = TypeVar("T")
 class Watch:
     """One stream's wait on its peer: since when (monotonic seconds), or None while not waiting."""
 
-    __slots__ = ("context", "waiting_since", "cancelled")
+    __slots__ = ("context", "waiting_since", "cancelled", "ends_by")
 
-    def __init__(self, context: grpc.ServicerContext) -> None:
+    def __init__(self, context: grpc.ServicerContext, ends_by: float) -> None:
         self.context = context
         self.waiting_since: float | None = None
         self.cancelled = False
+        self.ends_by = ends_by
 
 
 class StreamWatchdog:
     """Cancels streams that wait on their peer for longer than idle_s."""
 
-    def __init__(self, idle_s: float) -> None:
+    def __init__(self, idle_s: float, *, max_s: float = 120.0) -> None:
         self.idle_s = idle_s
+        self.max_s = max_s  # a stream that trickles a message just often enough still ends by then
         self._lock = threading.Lock()
         self._watches: set[Watch] = set()
         self._thread: threading.Thread | None = None
@@ -53,7 +57,7 @@ class StreamWatchdog:
 
     @contextmanager
     def watch(self, context: grpc.ServicerContext) -> Iterator[Watch]:
-        w = Watch(context)
+        w = Watch(context, time.monotonic() + self.max_s)
         with self._lock:
             self._watches.add(w)
             if self._thread is None:
@@ -92,8 +96,8 @@ class StreamWatchdog:
         while not self._stop.wait(max(0.05, self.idle_s / 4)):
             now = time.monotonic()
             with self._lock:
-                stale = [w for w in self._watches
-                         if not w.cancelled and w.waiting_since is not None and now - w.waiting_since > self.idle_s]
+                stale = [w for w in self._watches if not w.cancelled and (
+                    now > w.ends_by or (w.waiting_since is not None and now - w.waiting_since > self.idle_s))]
             for w in stale:
                 w.cancelled = True
                 w.context.cancel()

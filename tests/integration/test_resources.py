@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common import PROTOCOL_VERSION
 from common.proto import pb
@@ -110,6 +111,9 @@ def test_idle_streams_and_long_polls_leave_threads_for_join(inprocess_server) ->
         held = next(cid for cid, f in zip(ids, polls) if not f.done())
         again = server.stub.WaitForAssignment(pb.WaitForAssignmentRequest(run_id=run_id, client_id=held), timeout=2.0)
         assert again.action == pb.ACTION_WAIT
+        # Health.Watch would hold a thread for as long as the peer likes: only Check is served
+        watch = health_pb2_grpc.HealthStub(server.channel).Watch(health_pb2.HealthCheckRequest(), timeout=2.0)
+        assert _refused(lambda: next(watch)).code() == Code.UNIMPLEMENTED
     finally:
         release.set()
         for f in streams + polls:

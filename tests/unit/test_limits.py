@@ -14,7 +14,7 @@ from client import worker
 from client.retry import RPC_LIMIT_DETAILS, RetryPolicy, retryable, with_retry
 from server import service
 from server.config import build, read_allowed_clients
-from server.limits import Gate, JoinRateLimiter, KeyedGate
+from server.limits import Gate, JoinRateLimiter, KeyedGate, StreamWatchdog
 
 
 def test_join_bucket_allows_a_burst_then_the_rate() -> None:
@@ -94,3 +94,33 @@ def test_retry_rules() -> None:
     assert with_retry(call, what="Join", policy=RetryPolicy(initial_delay_s=0.0), stop=threading.Event(),
                       rng=random.Random(0)) == "ok"
     assert calls[1] - calls[0] >= 1.0  # overload is retried after a pause of at least a second, not at once
+
+
+class _Context:
+    """What the watchdog uses of a grpc.ServicerContext: cancel()."""
+
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+def test_watchdog_cancels_an_idle_stream_and_one_that_trickles_for_too_long() -> None:
+    dog = StreamWatchdog(0.2, max_s=1.0)
+    idle, trickle, busy = _Context(), _Context(), _Context()
+    with dog.watch(idle) as w:  # type: ignore[arg-type]
+        w.waiting_since = time.monotonic()
+        assert idle.cancelled.wait(5) and w.cancelled
+    with dog.watch(trickle) as w:  # type: ignore[arg-type]
+        start = time.monotonic()
+        while not trickle.cancelled.is_set() and time.monotonic() - start < 10:
+            w.waiting_since = time.monotonic()  # a message every 0.05 s: never idle
+            time.sleep(0.05)
+            w.waiting_since = None
+        assert trickle.cancelled.is_set() and time.monotonic() - start >= 1.0
+    with dog.watch(busy) as w:  # type: ignore[arg-type]
+        for message in dog.requests(w, iter(range(3))):  # a peer that keeps sending is left alone
+            time.sleep(0.1)
+        assert not busy.cancelled.is_set()
+    dog.stop()

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -96,10 +97,14 @@ def save(directory: Path, checkpoint: Checkpoint, *, keep: int = DEFAULT_KEEP) -
         raise
     _test_pause(path)
     # Shift older files down (oldest first); a crash in between leaves a gap that load() skips.
-    for age in range(keep - 1, 0, -1):
+    # The newest is hard-linked, not moved, to state.1 so that state.safetensors never
+    # disappears: the final rename replaces it atomically.
+    for age in range(keep - 1, 1, -1):
         older = path_of(directory, age - 1)
         if older.exists():
             os.replace(older, path_of(directory, age))
+    if keep > 1 and path.exists():
+        _link_or_copy(path, path_of(directory, 1))
     os.replace(tmp, path)
     for stale in candidates(directory):  # fewer kept than before: drop the surplus
         if (_age(stale) or 0) >= keep:
@@ -110,6 +115,17 @@ def save(directory: Path, checkpoint: Checkpoint, *, keep: int = DEFAULT_KEEP) -
     finally:
         os.close(dir_fd)
     return path
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """dst becomes src's content: a hard link where the file system has them, else a copy, then a rename."""
+    staging = dst.with_name(f".{dst.name}.tmp")
+    staging.unlink(missing_ok=True)
+    try:
+        os.link(src, staging)
+    except OSError:
+        shutil.copyfile(src, staging)
+    os.replace(staging, dst)
 
 
 def _test_pause(path: Path) -> None:

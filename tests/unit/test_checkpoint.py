@@ -241,3 +241,19 @@ def test_state_file_without_theta_is_an_actionable_error(tmp_path: Path) -> None
     save_file({"outer.step": torch.tensor(1)}, str(tmp_path / FILENAME), metadata={"fedmeta": json.dumps({"next_round": 1})})
     with pytest.raises(ValueError, match="move it away"):
         load(tmp_path)
+
+
+def test_the_newest_file_never_disappears_during_a_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    save(tmp_path, make_checkpoint(1, next_round=1))
+    seen: list[bool] = []
+    real_replace = checkpoint.os.replace
+
+    def watching(src, dst):  # type: ignore[no-untyped-def]
+        seen.append((tmp_path / FILENAME).exists())
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", watching)
+    save(tmp_path, make_checkpoint(2, next_round=2), keep=3)
+    save(tmp_path, make_checkpoint(3, next_round=3), keep=3)
+    assert seen and all(seen)
+    assert [read(p).meta["next_round"] for p in candidates(tmp_path)] == [3, 2, 1]

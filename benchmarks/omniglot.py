@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -51,7 +52,7 @@ ALGORITHMS = ("protonet", "maml", "fomaml", "reptile", "anil", "metasgd", "fedav
 # round, and what differs from the defaults. ProtoNets train 20-way for 5-way tests (Snell et
 # al. 2017) where --eval-ways allows it; gradient-based methods train on the test's ways.
 BUDGET: dict[str, dict[str, Any]] = {
-    "protonet": {"rounds": 400, "tasks": 2, "flags": []},
+    "protonet": {"rounds": 400, "tasks": 2, "flags": [], "train_ways": 20},
     "maml": {"rounds": 300, "tasks": 2, "flags": ["--inner-steps", "1", "--eval-steps", "10"]},
     "fomaml": {"rounds": 300, "tasks": 2, "flags": ["--inner-steps", "1", "--eval-steps", "10"]},
     "reptile": {"rounds": 300, "tasks": 2, "flags": ["--inner-steps", "5", "--inner-lr", "0.1", "--eval-steps", "10"]},
@@ -90,7 +91,8 @@ def run_row(algorithm: str, setting: str, mode: str, split: Path, workdir: Path,
     run_dir = workdir / f"{algorithm}-{setting}-{mode}"
     cmd = [sys.executable, "-m", "server", "--task", "omniglot", "--data-dir", str(split), "--algorithm", algorithm,
            "--mode", mode, "--local-clients", str(CLIENTS), "--shards", str(CLIENTS), "--partition", "alphabet",
-           "--ways", str(s["ways"]), "--shots", str(s["shots"]), "--eval-shots", str(s["shots"]),
+           "--ways", str(max(s["ways"], b.get("train_ways", 0))), "--eval-ways", str(s["ways"]),
+           "--shots", str(s["shots"]), "--eval-shots", str(s["shots"]),
            "--rounds", str(rounds), "--tasks-per-client", str(b["tasks"]),
            "--eval-tasks-per-client", str(EVAL_TASKS_PER_CLIENT), "--run-dir", str(run_dir), "--no-progress",
            "--seed", "0", *b["flags"]]
@@ -98,7 +100,14 @@ def run_row(algorithm: str, setting: str, mode: str, split: Path, workdir: Path,
         cmd += ["--local-device", device]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
     start = time.monotonic()
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=4 * 3600, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    try:
+        stdout, stderr = proc.communicate(timeout=4 * 3600)
+    finally:
+        if proc.poll() is None:  # interrupted or timed out: the coordinator stops its local clients on SIGTERM
+            proc.terminate()
+            proc.wait(timeout=60)
+    done = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     elapsed = time.monotonic() - start
     command = "python -m server " + " ".join(cmd[3:]).replace(str(split), "SPLIT").replace(str(run_dir), "RUN")
     if done.returncode != 0:
@@ -151,6 +160,7 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
 
 
 def main() -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the children's clean-up on SIGTERM too
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, help="folder with images_background_small1.zip and _small2.zip")
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS))

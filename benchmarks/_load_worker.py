@@ -1,11 +1,12 @@
 """A load-generator process for load_clients.py: many lightweight clients in threads, on the real protocol.
 
 Each client is a thread with its own channel (its own TCP connection: a local subchannel pool)
-and runs the client's side of the contract with the generated stubs and common.codec:
+and speaks the protocol through the client's own client.session.Session (stub, metadata,
+retries with client/retry.py's policy) and common/transfer.py:
 Join -> WaitForAssignment long-polls -> the parameters from the assignment when they are
-inlined, else FetchParameters (digest verified by Reassembler) -> SubmitUpdate (header,
-chunks, UpdateEnd) ... until FINISHED, then Leave. UNAVAILABLE and DEADLINE_EXCEEDED are
-retried with backoff and jitter; FAILED_PRECONDITION is recorded and the client asks for new work.
+inlined, else FetchParameters (digest verified) -> SubmitUpdate (header, chunks, UpdateEnd)
+... until FINISHED, then Leave. Transient errors are retried as client/retry.py says;
+FAILED_PRECONDITION is recorded and the client asks for new work.
 With --resend-every N, some accepted updates are sent a second time (as after a lost reply); the
 coordinator must acknowledge them as duplicates without counting them.
 
@@ -26,33 +27,23 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import CLIENT_ID_METADATA, PROTOCOL_VERSION  # noqa: E402
+from client.retry import RetryPolicy  # noqa: E402
+from client.session import Session  # noqa: E402
 from common.algorithms import UpdateKind, get_algorithm  # noqa: E402
-from common.codec import (  # noqa: E402
-    EncodedTensorSet,
-    Reassembler,
-    TensorSetHeader,
-    TensorSpec,
-    encode,
-    header_from_proto,
-    header_to_proto,
-    iter_chunks,
-)
+from common.codec import EncodedTensorSet, TensorSpec, encode, specs_of  # noqa: E402
 from common.metrics import placeholder_metrics  # noqa: E402
-from common.proto import pb, pb_grpc, tensor_pb  # noqa: E402
-from common.wire import run_config_from_proto  # noqa: E402
+from common.proto import pb  # noqa: E402
+from common.transfer import receive_inline  # noqa: E402
 
-T = TypeVar("T")
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _KIND = {UpdateKind.META_GRADIENT: pb.UPDATE_KIND_META_GRADIENT, UpdateKind.PARAMETER_DELTA: pb.UPDATE_KIND_PARAMETER_DELTA}
 _RPC_TIMEOUT_S = 120.0
 SCALES = 16
@@ -102,86 +93,37 @@ class LoadClient:
         self.resend_every = resend_every
         self.client_id = client_id(index)
         self.updates = updates
-        self.give_up_s = give_up_s
-        self.rng = random.Random(index)
-        self.channel = grpc.insecure_channel(server, options=[
+        channel = grpc.insecure_channel(server, options=[
             ("grpc.max_receive_message_length", 4 << 20), ("grpc.max_send_message_length", 4 << 20),
             ("grpc.use_local_subchannel_pool", 1)])  # a connection of its own, like a separate client process
-        self.stub = pb_grpc.CoordinatorStub(self.channel)
-        self.metadata = ((CLIENT_ID_METADATA, self.client_id),)
+        self.session = Session(channel, client_id=self.client_id, policy=RetryPolicy(give_up_s=give_up_s),
+                               rng=random.Random(index), rpc_timeout_s=_RPC_TIMEOUT_S)
         self.records: list[dict[str, Any]] = []
         self.errors: list[str] = []
-        self.retries = 0
         self.inlined = 0
         self.fetched = 0
         self.joined_at = 0.0
         self.finished = False
         self.leave_failed = ""
 
-    def _retry(self, call: Callable[[], T]) -> T:
-        start = time.monotonic()
-        attempt = 0
-        while True:
-            try:
-                return call()
-            except grpc.RpcError as exc:
-                code = exc.code() if isinstance(exc, grpc.Call) else None
-                if code not in RETRYABLE or time.monotonic() - start > self.give_up_s:
-                    raise
-                self.retries += 1
-                time.sleep(self.rng.uniform(0, min(5.0, 0.1 * 2**attempt)))
-                attempt += 1
-
     def join(self) -> None:
-        request = pb.JoinRequest(client_id=self.client_id, protocol_version=PROTOCOL_VERSION, device="cpu",
-                                 num_tasks=0, encodings=[tensor_pb.ENCODING_FLOAT32])
-        response = self._retry(lambda: self.stub.Join(request, timeout=_RPC_TIMEOUT_S, metadata=self.metadata))
-        self.run = run_config_from_proto(response.config)
+        self.run = self.session.join(device="cpu", encodings=["float32"])
         self.kind = _KIND[get_algorithm(self.run.algorithm).update_kind]
         self.joined_at = time.monotonic()
 
-    def _fetch(self, version: str) -> TensorSetHeader:
-        request = pb.FetchParametersRequest(run_id=self.run.run_id, client_id=self.client_id, parameter_version=version)
-
-        def fetch() -> TensorSetHeader:
-            stream: Iterator[pb.FetchParametersResponse] = self.stub.FetchParameters(
-                request, timeout=_RPC_TIMEOUT_S, metadata=self.metadata)
-            first = next(stream)
-            header = header_from_proto(first.header.tensors)
-            assembler = Reassembler(header, max_bytes=header.total_bytes)
-            for msg in stream:
-                assembler.add(msg.chunk.offset, msg.chunk.data)
-            assembler.finish()  # checks the size and the SHA-256 digest
-            return header
-
-        return self._retry(fetch)
-
     def _submit(self, header: pb.UpdateHeader, encoded: EncodedTensorSet | None) -> pb.SubmitUpdateResponse:
-        if encoded is not None:
-            header.tensors.CopyFrom(header_to_proto(encoded.header))
-
-        def messages() -> Iterator[pb.SubmitUpdateRequest]:
-            yield pb.SubmitUpdateRequest(header=header)
-            if encoded is not None:
-                for offset, data in iter_chunks(encoded.payload, self.run.chunk_bytes):
-                    yield pb.SubmitUpdateRequest(chunk=tensor_pb.TensorChunk(offset=offset, data=data))
-            yield pb.SubmitUpdateRequest(end=pb.UpdateEnd())
-
-        return self._retry(lambda: self.stub.SubmitUpdate(messages(), timeout=_RPC_TIMEOUT_S, metadata=self.metadata))
+        return self.session.submit(header, encoded, chunk_bytes=self.run.chunk_bytes)
 
     def loop(self) -> None:
-        held_version, specs = "", None
+        held_version: str = ""
+        specs: tuple[TensorSpec, ...] | None = None
         while True:
-            request = pb.WaitForAssignmentRequest(run_id=self.run.run_id, client_id=self.client_id,
-                                                  held_version=held_version)
-            a = self._retry(lambda request=request: self.stub.WaitForAssignment(  # type: ignore[misc]
-                request, timeout=self.run.poll_timeout_s + 10.0, metadata=self.metadata))
+            a = self.session.wait(self.run.run_id, held_version, timeout_s=self.run.poll_timeout_s + 10.0)
             assigned = time.monotonic()
             if a.action == pb.ACTION_FINISHED:
                 self.finished = True
                 try:  # best effort, as in client.worker: a finished coordinator may already be shutting down
-                    self.stub.Leave(pb.LeaveRequest(run_id=self.run.run_id, client_id=self.client_id), timeout=10.0,
-                                    metadata=self.metadata)
+                    self.session.leave(self.run.run_id, timeout_s=10.0)
                 except grpc.RpcError as exc:
                     self.leave_failed = exc.code().name if isinstance(exc, grpc.Call) else "error"
                 return
@@ -191,15 +133,13 @@ class LoadClient:
             record: dict[str, Any] = {"round": a.round, "action": "train" if train else "evaluate", "assigned": assigned}
             fetched = assigned
             try:
+                # max_bytes None: this benchmark trusts its own coordinator to send the model it runs.
                 if a.HasField("parameters"):
-                    header = header_from_proto(a.parameters.tensors)
-                    assembler = Reassembler(header, max_bytes=header.total_bytes)
-                    assembler.add(0, a.parameters.payload)
-                    assembler.finish()  # checks the size and the SHA-256 digest
-                    held_version, specs = a.parameter_version, header.specs
+                    specs = specs_of(receive_inline(a.parameters, max_bytes=None))  # checks size and SHA-256
+                    held_version = a.parameter_version
                     self.inlined += 1
                 elif a.parameter_version != held_version or specs is None:
-                    specs = self._fetch(a.parameter_version).specs
+                    specs = specs_of(self.session.fetch(self.run.run_id, a.parameter_version, max_bytes=None))
                     held_version = a.parameter_version
                     self.fetched += 1
                 fetched = time.monotonic()
@@ -233,7 +173,7 @@ class LoadClient:
         except Exception as exc:  # recorded for load_clients.py, which fails the run on any error
             self.errors.append(f"{type(exc).__name__}: {exc}")
         finally:
-            self.channel.close()
+            self.session.close()
 
 
 def run(server: str, indices: Sequence[int], give_up_s: float, resend_every: int) -> dict[str, Any]:
@@ -247,7 +187,7 @@ def run(server: str, indices: Sequence[int], give_up_s: float, resend_every: int
         t.join()
     return {"clients": [{"client_id": c.client_id, "index": c.index, "joined_at": c.joined_at, "finished": c.finished,
                          "leave_failed": c.leave_failed,
-                         "inlined": c.inlined, "fetched": c.fetched, "retries": c.retries, "errors": c.errors,
+                         "inlined": c.inlined, "fetched": c.fetched, "retries": c.session.retries, "errors": c.errors,
                          "records": c.records} for c in clients]}
 
 

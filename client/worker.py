@@ -21,23 +21,20 @@ from pathlib import Path
 import grpc
 import torch
 
-from client.retry import RetryPolicy, with_retry
-from common import PROTOCOL_VERSION
+from client.retry import RetryPolicy
+from client.session import Session
 from common.algorithms import InnerConfig, UpdateKind, get_algorithm, meta_parameters
-from common.codec import (Reassembler, TensorSetError, TensorSetHeader, abs_max, check_specs, decode, encode,
-                          header_from_proto, header_to_proto, iter_chunks, specs_of)
+from common.codec import ENCODINGS, TensorSetError, abs_max, encode, specs_of
 from common.config import RunConfig, check_client_id
 from common.evaluation import evaluate_holder, validate_holder
 from common.models import build_model, check_import_paths, prefers_vmap
 from common.net import host_of, is_loopback
-from common.proto import pb, pb_grpc, tensor_pb
+from common.proto import pb
 from common.tasks import STREAM_TRAIN, default_shard, is_classification, loss_for, make_tasks, task_seed
-from common.wire import run_config_from_proto
-from common import CLIENT_ID_METADATA as CLIENT_ID_KEY
+from common.transfer import receive_inline
 
 log = logging.getLogger("fedmeta.client")
 _KIND = {UpdateKind.META_GRADIENT: pb.UPDATE_KIND_META_GRADIENT, UpdateKind.PARAMETER_DELTA: pb.UPDATE_KIND_PARAMETER_DELTA}
-_RPC_TIMEOUT_S = 60.0
 KEEPALIVE_PING_S = 60.0
 
 
@@ -154,37 +151,26 @@ class Worker:
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is visible to this process")
-        self.channel = config.channel()
-        self.stub = pb_grpc.CoordinatorStub(self.channel)
-        self.metadata: tuple[tuple[str, str], ...] = ((CLIENT_ID_KEY, config.client_id),)
+        token = None
         if config.token_file is not None:
             token = Path(config.token_file).read_text().strip()
             if not token:
                 raise ValueError(f"--token-file: {config.token_file} is empty")
-            self.metadata += (("authorization", f"Bearer {token}"),)
+        self.session = Session(config.channel(), client_id=config.client_id, token=token, policy=config.retry,
+                               stop=self.stop, rng=self._rng)
+        self.channel = self.session.channel
         self.run: RunConfig | None = None
         self._cached_version = ""
         self._params: dict[str, torch.Tensor] = {}
         self.rounds_trained = 0
 
     # ---- RPCs -------------------------------------------------------------------------------
-    def _retry(self, call, what: str):  # type: ignore[no-untyped-def]
-        return with_retry(call, what=what, policy=self.config.retry, stop=self.stop, rng=self._rng)
-
     def join(self) -> RunConfig:
-        request = pb.JoinRequest(
-            client_id=self.config.client_id,
-            protocol_version=PROTOCOL_VERSION,
-            device=str(self.device),
-            num_tasks=0,
-            encodings=[tensor_pb.ENCODING_FLOAT32, tensor_pb.ENCODING_FLOAT16, tensor_pb.ENCODING_BFLOAT16],
-        )
-        response = self._retry(lambda: self.stub.Join(request, timeout=_RPC_TIMEOUT_S, metadata=self.metadata), "Join")
         allowed = self.config.allow_model_imports
         try:
             # Nothing the coordinator sends chooses code here: algorithm, task and model are looked up
             # in fixed tables, and an import-path model only if this client's operator allowed it.
-            run = run_config_from_proto(response.config)
+            run = self.session.join(device=str(self.device), encodings=ENCODINGS)
             fresh = self.run is None or self.run.run_id != run.run_id
             if fresh:
                 model = build_model(run.model, allowed_imports=allowed)
@@ -215,21 +201,15 @@ class Worker:
         self._cached_version = version
         return self._params
 
-    def _reassembler(self, header: TensorSetHeader) -> Reassembler:
-        """A buffer for a parameter stream, allocated only for the run's own model: the header must
-        list exactly its tensors and fit in their float32 size, whatever total it declares."""
-        check_specs(header.specs, self.specs)
-        return Reassembler(header, max_bytes=self.max_param_bytes)
-
+    # A parameter buffer is allocated only for the run's own model: the header must list exactly its
+    # tensors (self.specs) and fit in their float32 size (self.max_param_bytes), whatever total it declares.
     def _take_inline(self, a: pb.WaitForAssignmentResponse) -> None:
         """Keep parameters the coordinator inlined in the assignment (small models)."""
         if not a.HasField("parameters"):
             return
         try:
-            header = header_from_proto(a.parameters.tensors)
-            assembler = self._reassembler(header)
-            assembler.add(0, a.parameters.payload)
-            self._hold(a.parameter_version, decode(assembler.finish(), expected=self.specs))
+            self._hold(a.parameter_version,
+                       receive_inline(a.parameters, max_bytes=self.max_param_bytes, expected=self.specs))
         except TensorSetError as exc:
             log.warning("inlined parameters are unusable (%s); fetching them instead", exc)
 
@@ -237,49 +217,24 @@ class Worker:
         if version == self._cached_version:
             return self._params
         assert self.run is not None
-        request = pb.FetchParametersRequest(run_id=self.run.run_id, client_id=self.config.client_id, parameter_version=version)
-
-        def fetch() -> dict[str, torch.Tensor]:
-            stream: Iterator[pb.FetchParametersResponse] = self.stub.FetchParameters(request, timeout=_RPC_TIMEOUT_S, metadata=self.metadata)
-            first = next(stream)
-            if not first.HasField("header"):
-                raise TensorSetError("FetchParameters did not start with a header")
-            header = header_from_proto(first.header.tensors)
-            assembler = self._reassembler(header)
-            for msg in stream:
-                assembler.add(msg.chunk.offset, msg.chunk.data)
-            return decode(assembler.finish(), expected=self.specs)
-
         try:
-            return self._hold(version, self._retry(fetch, "FetchParameters"))
+            return self._hold(version, self.session.fetch(self.run.run_id, version, max_bytes=self.max_param_bytes,
+                                                          expected=self.specs))
         except TensorSetError as exc:
             raise ClientError(f"the coordinator's parameters for version {version[:12]} are unusable: {exc}") from None
 
     def _submit(self, header: pb.UpdateHeader, tensors: dict[str, torch.Tensor] | None) -> pb.SubmitUpdateResponse:
         assert self.run is not None
-        payload = memoryview(b"")
+        encoded = None
         if tensors is not None:
             encoded = encode({k: v.detach().cpu() for k, v in tensors.items()}, encoding=self.run.encoding)
-            header.tensors.CopyFrom(header_to_proto(encoded.header))
-            payload = encoded.payload
-        chunk_bytes = self.run.chunk_bytes
-
-        def messages() -> Iterator[pb.SubmitUpdateRequest]:
-            yield pb.SubmitUpdateRequest(header=header)
-            if tensors is not None:
-                for offset, data in iter_chunks(payload, chunk_bytes):
-                    yield pb.SubmitUpdateRequest(chunk=tensor_pb.TensorChunk(offset=offset, data=data))
-            yield pb.SubmitUpdateRequest(end=pb.UpdateEnd())
-
-        # overload=False: RESOURCE_EXHAUSTED on an update is its size cap, which no retry fixes.
-        return with_retry(lambda: self.stub.SubmitUpdate(messages(), timeout=_RPC_TIMEOUT_S, metadata=self.metadata),
-                          what="SubmitUpdate", policy=self.config.retry, stop=self.stop, rng=self._rng, overload=False)
+        return self.session.submit(header, encoded, chunk_bytes=self.run.chunk_bytes)
 
     def leave(self) -> None:
         if self.run is None:
             return
         try:
-            self.stub.Leave(pb.LeaveRequest(run_id=self.run.run_id, client_id=self.config.client_id), timeout=2.0, metadata=self.metadata)
+            self.session.leave(self.run.run_id, timeout_s=2.0)
         except grpc.RpcError:
             pass
 
@@ -294,13 +249,12 @@ class Worker:
         run = self.run
         assert run is not None
         done = threading.Event()
-        request = pb.HeartbeatRequest(run_id=run.run_id, client_id=self.config.client_id, round=round_index)
         interval = max(0.5, run.poll_timeout_s / 2)
 
         def beat() -> None:
             while not done.wait(interval):
                 try:
-                    self.stub.Heartbeat(request, timeout=interval, metadata=self.metadata)
+                    self.session.heartbeat(run.run_id, round_index, timeout_s=interval)
                 except grpc.RpcError as exc:  # the next long-poll or submit reports real trouble
                     log.debug("heartbeat failed: %s", exc)
 
@@ -393,14 +347,9 @@ class Worker:
         while not self.stop.is_set():
             run = self.run
             assert run is not None
-            request = pb.WaitForAssignmentRequest(
-                run_id=run.run_id, client_id=self.config.client_id, held_version=self._cached_version
-            )
             try:
                 asked = time.monotonic()
-                a = self._retry(
-                    lambda: self.stub.WaitForAssignment(request, timeout=run.poll_timeout_s + 10.0, metadata=self.metadata), "WaitForAssignment"
-                )
+                a = self.session.wait(run.run_id, self._cached_version, timeout_s=run.poll_timeout_s + 10.0)
                 if a.action == pb.ACTION_WAIT and time.monotonic() - asked < run.poll_timeout_s / 2:
                     # A long-poll answers WAIT only at its timeout; a quick WAIT means the coordinator
                     # has no long-poll thread to spare (a short poll): pause before asking again.

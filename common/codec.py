@@ -1,4 +1,4 @@
-"""Tensor sets on the wire: encode, chunk, reassemble, verify, and the proto conversions.
+"""Tensor sets on the wire: encode, chunk, reassemble, verify (pure: no generated protobuf code).
 
 A tensor set is an ordered list of named tensors. On the wire it is a header
 (names, wire dtypes, shapes, total size, SHA-256) followed by chunks of the
@@ -7,7 +7,8 @@ payload: every tensor's raw little-endian bytes, concatenated in header order.
     digest = SHA-256(spec_text || payload),  spec_text = "name\\tdtype\\td0,d1,...\\n" per tensor
 
 Floating-point tensors may travel as float16 or bfloat16 (the run's encoding) and
-are decoded back to float32. Nothing is ever unpickled.
+are decoded back to float32. Nothing is ever unpickled. The proto forms of headers and
+chunks are in common/wire.py; the chunked streams of the RPCs in common/transfer.py.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-
-from common.proto import tensor_pb
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -36,22 +35,6 @@ _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _FLOATING = ("float32", "float16", "bfloat16", "float64")
 ENCODINGS = ("float32", "float16", "bfloat16")
 
-_DTYPE_TO_PROTO: dict[str, int] = {
-    "float32": tensor_pb.DTYPE_FLOAT32,
-    "float16": tensor_pb.DTYPE_FLOAT16,
-    "bfloat16": tensor_pb.DTYPE_BFLOAT16,
-    "float64": tensor_pb.DTYPE_FLOAT64,
-    "int64": tensor_pb.DTYPE_INT64,
-    "int32": tensor_pb.DTYPE_INT32,
-    "uint8": tensor_pb.DTYPE_UINT8,
-}
-_DTYPE_FROM_PROTO: dict[int, str] = {v: k for k, v in _DTYPE_TO_PROTO.items()}
-_ENCODING_TO_PROTO: dict[str, int] = {
-    "float32": tensor_pb.ENCODING_FLOAT32,
-    "float16": tensor_pb.ENCODING_FLOAT16,
-    "bfloat16": tensor_pb.ENCODING_BFLOAT16,
-}
-_ENCODING_FROM_PROTO: dict[int, str] = {v: k for k, v in _ENCODING_TO_PROTO.items()}
 _NAME = re.compile(r"^[A-Za-z0-9_.:/-]{1,256}$")
 
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -101,6 +84,12 @@ class EncodedTensorSet:
     payload: memoryview
     # True when Reassembler.finish() already checked the digest, so decode() need not hash again.
     verified: bool = False
+
+
+def check_name(name: str) -> None:
+    """Fail unless name is 1-256 characters from [A-Za-z0-9_.:/-]."""
+    if not _NAME.match(name):
+        raise TensorSetError(f"tensor name {name!r} is not allowed (1-256 characters from [A-Za-z0-9_.:/-])")
 
 
 def _check_host() -> None:
@@ -179,8 +168,7 @@ def encode(tensors: Mapping[str, torch.Tensor], *, encoding: str = "float32") ->
     specs: list[TensorSpec] = []
     wire: list[torch.Tensor] = []
     for name, t in tensors.items():
-        if not _NAME.match(name):
-            raise TensorSetError(f"tensor name {name!r} is not allowed (1-256 characters from [A-Za-z0-9_.:/-])")
+        check_name(name)
         dtype = _wire_dtype(t.dtype, encoding)
         t = t.detach()
         if DTYPES[dtype] != t.dtype:
@@ -313,57 +301,6 @@ class Reassembler:
         if self._hash.digest() != self.header.sha256:
             raise TensorSetError("SHA-256 digest mismatch: the payload was corrupted or the header does not match it")
         return EncodedTensorSet(self.header, self._view, verified=True)
-
-
-def header_to_proto(header: TensorSetHeader) -> tensor_pb.TensorSetHeader:
-    return tensor_pb.TensorSetHeader(
-        tensors=[
-            tensor_pb.TensorSpec(name=s.name, dtype=_DTYPE_TO_PROTO[s.dtype], shape=s.shape)  # type: ignore[arg-type]
-            for s in header.specs
-        ],
-        total_bytes=header.total_bytes,
-        sha256=header.sha256,
-        encoding=_ENCODING_TO_PROTO[header.encoding],  # type: ignore[arg-type]
-    )
-
-
-def header_from_proto(msg: tensor_pb.TensorSetHeader) -> TensorSetHeader:
-    """Validate a wire header: known dtypes, sane shapes, unique names, consistent size."""
-    if len(msg.tensors) > MAX_TENSORS:
-        raise TensorSetTooLarge(f"header lists {len(msg.tensors)} tensors; at most {MAX_TENSORS} are allowed")
-    encoding = _ENCODING_FROM_PROTO.get(msg.encoding)
-    if encoding is None:
-        raise TensorSetError(f"unknown tensor encoding {msg.encoding}: expected one of {ENCODINGS}")
-    specs = []
-    seen = set()
-    for t in msg.tensors:
-        if not _NAME.match(t.name):
-            raise TensorSetError(f"tensor name {t.name!r} is not allowed (1-256 characters from [A-Za-z0-9_.:/-])")
-        if t.name in seen:
-            raise TensorSetError(f"tensor name {t.name!r} appears twice")
-        seen.add(t.name)
-        dtype = _DTYPE_FROM_PROTO.get(t.dtype)
-        if dtype is None:
-            raise TensorSetError(f"tensor {t.name!r}: unknown dtype {t.dtype}")
-        if len(t.shape) > 16 or any(d < 0 for d in t.shape):
-            raise TensorSetError(f"tensor {t.name!r}: invalid shape {list(t.shape)}")
-        specs.append(TensorSpec(t.name, dtype, tuple(t.shape)))
-    total = sum(s.nbytes for s in specs)
-    if total != msg.total_bytes:
-        raise TensorSetError(f"header declares {msg.total_bytes} bytes but its tensors need {total}")
-    if len(msg.sha256) != 32:
-        raise TensorSetError(f"sha256 must be 32 bytes, got {len(msg.sha256)}")
-    return TensorSetHeader(tuple(specs), total, bytes(msg.sha256), encoding)
-
-
-def encoding_to_proto(encoding: str) -> int:
-    return _ENCODING_TO_PROTO[encoding]
-
-
-def encoding_from_proto(value: int) -> str:
-    if value not in _ENCODING_FROM_PROTO:
-        raise TensorSetError(f"unknown tensor encoding {value}: expected one of {ENCODINGS}")
-    return _ENCODING_FROM_PROTO[value]
 
 
 def specs_of(tensors: Mapping[str, torch.Tensor]) -> tuple[TensorSpec, ...]:

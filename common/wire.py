@@ -1,4 +1,8 @@
-"""Conversions between domain types and protobuf messages, as x_to_proto / x_from_proto pairs."""
+"""Conversions between domain types and protobuf messages, as x_to_proto / x_from_proto pairs.
+
+Every use of generated protobuf code for tensor sets (headers, encodings, chunks) is here;
+common/codec.py stays pure (tensors <-> bytes).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,11 @@ import json
 from dataclasses import fields
 from typing import Any
 
-from common.codec import encoding_from_proto, encoding_to_proto
+from common.codec import (ENCODINGS, MAX_TENSORS, TensorSetError, TensorSetHeader, TensorSetTooLarge, TensorSpec,
+                          check_name)
 from common.config import RunConfig
 from common.models import ModelSpec
-from common.proto import pb
+from common.proto import pb, tensor_pb
 
 # RunConfig fields that need a conversion; every other field is copied as it is.
 _CONVERTED = ("model", "encoding")
@@ -39,3 +44,81 @@ def run_config_from_proto(msg: pb.RunConfig) -> RunConfig:
     plain = {f.name: getattr(msg, f.name) for f in fields(RunConfig) if f.name not in _CONVERTED}
     plain["eval_ways"] = plain["eval_ways"] or None  # 0: unset (an older coordinator), the same as ways
     return RunConfig(**plain, model=model_spec_from_proto(msg.model), encoding=encoding_from_proto(msg.encoding))
+
+
+# ---- tensor sets (protos/fedmeta/v1/tensor.proto) ------------------------------------------------
+_DTYPE_TO_PROTO: dict[str, int] = {
+    "float32": tensor_pb.DTYPE_FLOAT32,
+    "float16": tensor_pb.DTYPE_FLOAT16,
+    "bfloat16": tensor_pb.DTYPE_BFLOAT16,
+    "float64": tensor_pb.DTYPE_FLOAT64,
+    "int64": tensor_pb.DTYPE_INT64,
+    "int32": tensor_pb.DTYPE_INT32,
+    "uint8": tensor_pb.DTYPE_UINT8,
+}
+_DTYPE_FROM_PROTO: dict[int, str] = {v: k for k, v in _DTYPE_TO_PROTO.items()}
+_ENCODING_TO_PROTO: dict[str, int] = {
+    "float32": tensor_pb.ENCODING_FLOAT32,
+    "float16": tensor_pb.ENCODING_FLOAT16,
+    "bfloat16": tensor_pb.ENCODING_BFLOAT16,
+}
+_ENCODING_FROM_PROTO: dict[int, str] = {v: k for k, v in _ENCODING_TO_PROTO.items()}
+
+
+def encoding_to_proto(encoding: str) -> int:
+    return _ENCODING_TO_PROTO[encoding]
+
+
+def encoding_from_proto(value: int) -> str:
+    if value not in _ENCODING_FROM_PROTO:
+        raise TensorSetError(f"unknown tensor encoding {value}: expected one of {ENCODINGS}")
+    return _ENCODING_FROM_PROTO[value]
+
+
+def header_to_proto(header: TensorSetHeader) -> tensor_pb.TensorSetHeader:
+    return tensor_pb.TensorSetHeader(
+        tensors=[
+            tensor_pb.TensorSpec(name=s.name, dtype=_DTYPE_TO_PROTO[s.dtype], shape=s.shape)  # type: ignore[arg-type]
+            for s in header.specs
+        ],
+        total_bytes=header.total_bytes,
+        sha256=header.sha256,
+        encoding=_ENCODING_TO_PROTO[header.encoding],  # type: ignore[arg-type]
+    )
+
+
+def header_from_proto(msg: tensor_pb.TensorSetHeader) -> TensorSetHeader:
+    """Validate a wire header: known dtypes, sane shapes, unique names, consistent size."""
+    if len(msg.tensors) > MAX_TENSORS:
+        raise TensorSetTooLarge(f"header lists {len(msg.tensors)} tensors; at most {MAX_TENSORS} are allowed")
+    encoding = _ENCODING_FROM_PROTO.get(msg.encoding)
+    if encoding is None:
+        raise TensorSetError(f"unknown tensor encoding {msg.encoding}: expected one of {ENCODINGS}")
+    specs = []
+    seen = set()
+    for t in msg.tensors:
+        check_name(t.name)
+        if t.name in seen:
+            raise TensorSetError(f"tensor name {t.name!r} appears twice")
+        seen.add(t.name)
+        dtype = _DTYPE_FROM_PROTO.get(t.dtype)
+        if dtype is None:
+            raise TensorSetError(f"tensor {t.name!r}: unknown dtype {t.dtype}")
+        if len(t.shape) > 16 or any(d < 0 for d in t.shape):
+            raise TensorSetError(f"tensor {t.name!r}: invalid shape {list(t.shape)}")
+        specs.append(TensorSpec(t.name, dtype, tuple(t.shape)))
+    total = sum(s.nbytes for s in specs)
+    if total != msg.total_bytes:
+        raise TensorSetError(f"header declares {msg.total_bytes} bytes but its tensors need {total}")
+    if len(msg.sha256) != 32:
+        raise TensorSetError(f"sha256 must be 32 bytes, got {len(msg.sha256)}")
+    return TensorSetHeader(tuple(specs), total, bytes(msg.sha256), encoding)
+
+
+def chunk_to_proto(offset: int, data: bytes) -> tensor_pb.TensorChunk:
+    return tensor_pb.TensorChunk(offset=offset, data=data)
+
+
+def chunk_from_proto(msg: tensor_pb.TensorChunk) -> tuple[int, bytes]:
+    """(offset, data) of a payload chunk; the Reassembler checks both."""
+    return msg.offset, msg.data

@@ -18,21 +18,12 @@ from common import PROTOCOL_VERSION
 from common.aggregation import update_norm
 from common.algorithms import UpdateKind
 from common.algorithms.outer import MAX_UPDATE_ABS
-from common.codec import (
-    EncodedTensorSet,
-    Reassembler,
-    TensorSetError,
-    TensorSetTooLarge,
-    abs_max,
-    decode,
-    header_from_proto,
-    header_to_proto,
-    iter_chunks,
-)
+from common.codec import EncodedTensorSet, TensorSetError, TensorSetTooLarge, abs_max
 from common.config import check_client_id
-from common.proto import pb, pb_grpc, tensor_pb
+from common.proto import pb, pb_grpc
 from common.textsafe import RateLimit, clip
-from common.wire import run_config_to_proto
+from common.transfer import UPDATE, WireBytes, parameter_messages, receive_tensor_set
+from common.wire import header_from_proto, header_to_proto, run_config_to_proto
 from server.auth import CLIENT_ID_KEY, TokenInterceptor, TokenStore
 from server.config import ServerConfig, is_loopback, read_allowed_clients
 from server.coordinator import Action, Coordinator, Rejected, UpdateMeta
@@ -224,21 +215,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             encoded: EncodedTensorSet = self.coordinator.acquire_parameters(client_id, request.parameter_version)
         except Rejected as exc:
             _abort(context, exc.code, exc.message)
-        sent = 0
+        sent = WireBytes()
         try:
-            header = pb.FetchParametersResponse(
-                header=pb.ParametersHeader(
-                    parameter_version=request.parameter_version, tensors=header_to_proto(encoded.header)
-                )
-            )
-            sent += header.ByteSize()
-            yield header
-            for offset, data in iter_chunks(encoded.payload, self.run.chunk_bytes):
-                sent += len(data) + 16
-                yield pb.FetchParametersResponse(chunk=tensor_pb.TensorChunk(offset=offset, data=data))
+            for msg in parameter_messages(request.parameter_version, encoded, self.run.chunk_bytes):
+                sent.add(msg)
+                yield msg
         finally:
             self.coordinator.release_parameters()
-            self.coordinator.count_bytes(sent=sent, received=request.ByteSize())
+            self.coordinator.count_bytes(sent=sent.total, received=request.ByteSize())
 
     def SubmitUpdate(
         self, request_iterator: Iterator[pb.SubmitUpdateRequest], context: grpc.ServicerContext
@@ -275,13 +259,13 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self, request_iterator: Iterator[pb.SubmitUpdateRequest], context: grpc.ServicerContext,
         claim: Callable[[str], None],
     ) -> pb.SubmitUpdateResponse:
-        received = 0
+        received = WireBytes()
         first = None
         try:
             first = next(request_iterator, None)
             if first is None or not first.HasField("header"):
                 raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "the first message of SubmitUpdate must be the header")
-            received += first.ByteSize()
+            received.add(first)
             meta = self._meta(first.header, context)
             seen = self.coordinator.check_update(meta)
             claim(meta.client_id)  # after the header checks: only a sampled client's id is held
@@ -292,28 +276,15 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 slot = self.coordinator.upload_slot()
                 if not slot.acquire(timeout=self.coordinator.config.round_deadline_s):
                     raise Rejected(grpc.StatusCode.UNAVAILABLE, "too many updates are streaming in; retry shortly")
-                assembler = tensors = None
+                tensors = None
                 try:
-                    assembler = Reassembler(meta.tensors, max_bytes=self.coordinator.config.max_update_bytes)
-                    ended = False
-                    for msg in request_iterator:
-                        if msg.HasField("end"):
-                            ended = True
-                            break  # the update is complete; nothing after its end is read
-                        if not msg.HasField("chunk"):
-                            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
-                                           "after the header, SubmitUpdate takes chunk messages, then one end message")
-                        received += len(msg.chunk.data) + 16
-                        assembler.add(msg.chunk.offset, msg.chunk.data)
-                    if not ended:
-                        raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
-                                       "the update stream ended without its end message; the update is not counted")
-                    tensors = decode(assembler.finish())
+                    tensors = receive_tensor_set(UPDATE, meta.tensors, request_iterator, count=received,
+                                                 max_bytes=self.coordinator.config.max_update_bytes)
                     check_magnitude(tensors)
                     self._check_norm(tensors)
                     duplicate = self.coordinator.accept(meta, tensors)
                 finally:
-                    assembler = tensors = None  # free the buffer before another upload may take the slot
+                    tensors = None  # free the buffer before another upload may take the slot
                     slot.release()
                 return pb.SubmitUpdateResponse(accepted=True, duplicate=duplicate)
             else:
@@ -331,7 +302,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             self._log_refusal(context, first, "INVALID_ARGUMENT", str(exc))
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, clip(exc, MAX_MESSAGE_CHARS))
         finally:
-            self.coordinator.count_bytes(received=received)
+            self.coordinator.count_bytes(received=received.total)
         return pb.SubmitUpdateResponse(accepted=True, duplicate=duplicate)
 
     def _check_norm(self, tensors: dict[str, torch.Tensor]) -> None:

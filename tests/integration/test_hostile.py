@@ -23,8 +23,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from common import PROTOCOL_VERSION
 from common.algorithms.base import OuterConfig
 from common.algorithms.outer import AdamOuter
-from common.codec import Reassembler, decode, encode, header_from_proto, header_to_proto, iter_chunks
+from common.codec import encode, iter_chunks
 from common.proto import pb, tensor_pb
+from common.transfer import receive_parameters
+from common.wire import header_to_proto
 from tests.integration.conftest import InProcessServer, wait_for
 
 pytestmark = pytest.mark.integration
@@ -81,13 +83,9 @@ def await_train(server: InProcessServer, client_id: str, run_id: str) -> pb.Wait
 
 def fetch(server: InProcessServer, run_id: str, client_id: str, version: str) -> Tensors:
     request = pb.FetchParametersRequest(run_id=run_id, client_id=client_id, parameter_version=version)
-    stream = server.stub.FetchParameters(request, timeout=TIMEOUT_S)
-    first = next(stream)
-    assert first.HasField("header") and first.header.parameter_version == version
-    assembler = Reassembler(header_from_proto(first.header.tensors), max_bytes=1 << 24)
-    for msg in stream:
-        assembler.add(msg.chunk.offset, msg.chunk.data)
-    return {k: v.clone() for k, v in decode(assembler.finish()).items()}
+    got, params = receive_parameters(server.stub.FetchParameters(request, timeout=TIMEOUT_S), max_bytes=1 << 24)
+    assert got == version
+    return {k: v.clone() for k, v in params.items()}
 
 
 def session(server: InProcessServer, client_id: str, run_id: str) -> Session:

@@ -23,9 +23,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from common.algorithms import meta_parameters
 from common.config import RunConfig
-from common.codec import encode, header_to_proto
+from common.codec import encode
 from common.proto import pb, pb_grpc, tensor_pb
-from common.wire import run_config_to_proto
+from common.wire import header_to_proto, run_config_to_proto
 
 pytestmark = pytest.mark.integration
 

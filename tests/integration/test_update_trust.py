@@ -21,11 +21,11 @@ import torch
 from common import PROTOCOL_VERSION
 from common.algorithms import InnerConfig, OuterConfig, get_algorithm
 from common.algorithms.outer import AdamOuter
-from common.codec import Reassembler, decode, header_from_proto
 from common.evaluation import evaluate, evaluate_holder
 from common.models import build_model
 from common.proto import pb
 from common.tasks import STREAM_TRAIN, loss_for, make_tasks, task_seed
+from common.transfer import receive_inline
 from tests.integration.conftest import InProcessServer, wait_for
 from tests.integration.test_hostile import (
     END,
@@ -79,9 +79,7 @@ class Honest:
 
     @staticmethod
     def inline(a: pb.WaitForAssignmentResponse) -> Tensors:
-        assembler = Reassembler(header_from_proto(a.parameters.tensors), max_bytes=1 << 24)
-        assembler.add(0, a.parameters.payload)
-        return {k: v.clone() for k, v in decode(assembler.finish()).items()}
+        return {k: v.clone() for k, v in receive_inline(a.parameters, max_bytes=1 << 24).items()}
 
     def meta_gradient(self, params: Tensors, round_index: int) -> tuple[Tensors, dict[str, float]]:
         seed = task_seed(self.run.seed, self.data_seed, STREAM_TRAIN, round_index)

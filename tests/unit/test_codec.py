@@ -22,13 +22,12 @@ from common.codec import (
     TensorSetTooLarge,
     decode,
     encode,
-    header_from_proto,
-    header_to_proto,
     iter_chunks,
     specs_of,
     version_of,
 )
 from common.proto import tensor_pb
+from common.wire import encoding_from_proto, encoding_to_proto, header_from_proto, header_to_proto
 
 # decode() of encode()'s own (read-only) payload makes torch warn that it cannot mark tensors
 # read-only; receivers decode a Reassembler's writable buffer, so the warning is test noise.
@@ -489,9 +488,9 @@ def test_header_from_proto_rejects(mutate, message: str) -> None:  # type: ignor
 
 def test_encoding_proto_conversions() -> None:
     for encoding in ENCODINGS:
-        assert codec.encoding_from_proto(codec.encoding_to_proto(encoding)) == encoding
+        assert encoding_from_proto(encoding_to_proto(encoding)) == encoding
     with pytest.raises(TensorSetError, match="unknown tensor encoding"):
-        codec.encoding_from_proto(tensor_pb.ENCODING_UNSPECIFIED)
+        encoding_from_proto(tensor_pb.ENCODING_UNSPECIFIED)
 
 
 # ---- parameter versions ---------------------------------------------------------------------

@@ -11,11 +11,10 @@ from common.codec import (
     TensorSetError,
     decode,
     encode,
-    header_from_proto,
-    header_to_proto,
     iter_chunks,
 )
 from common.proto import tensor_pb
+from common.wire import header_from_proto, header_to_proto
 
 shapes = st.lists(st.integers(min_value=0, max_value=5), min_size=0, max_size=3).map(tuple)
 tensor_sets = st.dictionaries(

@@ -1,0 +1,107 @@
+"""A client's calls to the coordinator: the stub, the call metadata, retries, one method per RPC.
+
+Used by client/worker.py and by the load generator (benchmarks/_load_worker.py), so every
+client speaks the protocol through the same code. Transient failures are retried with
+client/retry.py's policy (backoff with jitter, give up after give_up_s); every other status
+is raised as grpc.RpcError for the caller to act on. Tensor sets go through common/transfer.py.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
+
+import grpc
+import torch
+
+from client.retry import RetryPolicy, with_retry
+from common import CLIENT_ID_METADATA, PROTOCOL_VERSION
+from common.codec import EncodedTensorSet, TensorSpec
+from common.config import RunConfig
+from common.proto import pb, pb_grpc
+from common.transfer import receive_parameters, update_messages
+from common.wire import encoding_to_proto, run_config_from_proto
+
+T = TypeVar("T")
+RPC_TIMEOUT_S = 60.0
+
+
+class Session:
+    """One client id's calls over one channel; `retries` counts the attempts that were retried."""
+
+    def __init__(self, channel: grpc.Channel, *, client_id: str, token: str | None = None,
+                 policy: RetryPolicy = RetryPolicy(), stop: threading.Event | None = None,
+                 rng: random.Random | None = None, rpc_timeout_s: float = RPC_TIMEOUT_S) -> None:
+        self.channel = channel
+        self.stub = pb_grpc.CoordinatorStub(channel)
+        self.client_id = client_id
+        self.metadata: tuple[tuple[str, str], ...] = ((CLIENT_ID_METADATA, client_id),)
+        if token is not None:
+            self.metadata += (("authorization", f"Bearer {token}"),)
+        self.policy = policy
+        self.stop = stop if stop is not None else threading.Event()
+        self.rng = rng if rng is not None else random.Random(client_id)
+        self.rpc_timeout_s = rpc_timeout_s
+        self.retries = 0
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _retry(self, call: Callable[[], T], what: str, *, overload: bool = True) -> T:
+        attempts = 0
+
+        def attempt() -> T:
+            nonlocal attempts
+            attempts += 1
+            return call()
+
+        try:
+            return with_retry(attempt, what=what, policy=self.policy, stop=self.stop, rng=self.rng, overload=overload)
+        finally:
+            self.retries += max(0, attempts - 1)
+
+    def join(self, *, device: str, encodings: Sequence[str]) -> RunConfig:
+        """Join the run; the reply's run configuration (ValueError if it is not one this client accepts)."""
+        request = pb.JoinRequest(client_id=self.client_id, protocol_version=PROTOCOL_VERSION, device=device,
+                                 num_tasks=0, encodings=[encoding_to_proto(e) for e in encodings])  # type: ignore[misc]
+        response = self._retry(lambda: self.stub.Join(request, timeout=self.rpc_timeout_s, metadata=self.metadata),
+                               "Join")
+        return run_config_from_proto(response.config)
+
+    def wait(self, run_id: str, held_version: str, *, timeout_s: float) -> pb.WaitForAssignmentResponse:
+        """One long-poll for work; timeout_s is the call's deadline (the coordinator's poll timeout and a margin)."""
+        request = pb.WaitForAssignmentRequest(run_id=run_id, client_id=self.client_id, held_version=held_version)
+        return self._retry(lambda: self.stub.WaitForAssignment(request, timeout=timeout_s, metadata=self.metadata),
+                           "WaitForAssignment")
+
+    def fetch(self, run_id: str, version: str, *, max_bytes: int | None,
+              expected: Sequence[TensorSpec] | None = None) -> dict[str, torch.Tensor]:
+        """θ at `version`, bounded by max_bytes and checked against `expected` (TensorSetError if not)."""
+        request = pb.FetchParametersRequest(run_id=run_id, client_id=self.client_id, parameter_version=version)
+
+        def fetch() -> dict[str, torch.Tensor]:
+            stream: Iterator[pb.FetchParametersResponse] = self.stub.FetchParameters(
+                request, timeout=self.rpc_timeout_s, metadata=self.metadata)
+            return receive_parameters(stream, max_bytes=max_bytes, expected=expected)[1]
+
+        return self._retry(fetch, "FetchParameters")
+
+    def submit(self, header: pb.UpdateHeader, encoded: EncodedTensorSet | None, *,
+               chunk_bytes: int) -> pb.SubmitUpdateResponse:
+        """Stream one update (header, chunks, end); a retry sends the whole stream again."""
+        # overload=False: RESOURCE_EXHAUSTED on an update is its size cap, which no retry fixes.
+        return self._retry(lambda: self.stub.SubmitUpdate(update_messages(header, encoded, chunk_bytes),
+                                                          timeout=self.rpc_timeout_s, metadata=self.metadata),
+                           "SubmitUpdate", overload=False)
+
+    def heartbeat(self, run_id: str, round_index: int, *, timeout_s: float) -> bool:
+        """Tell the coordinator this client is alive in round_index (no retry); whether it is still needed."""
+        request = pb.HeartbeatRequest(run_id=run_id, client_id=self.client_id, round=round_index)
+        return bool(self.stub.Heartbeat(request, timeout=timeout_s, metadata=self.metadata).still_needed)
+
+    def leave(self, run_id: str, *, timeout_s: float) -> None:
+        """Leave the run (no retry: a finished coordinator may already be shutting down)."""
+        self.stub.Leave(pb.LeaveRequest(run_id=run_id, client_id=self.client_id), timeout=timeout_s,
+                        metadata=self.metadata)

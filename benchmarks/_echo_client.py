@@ -57,7 +57,7 @@ class EchoWorker(Worker):
         t3 = time.perf_counter()
         self.timings.append({"round": round_index, "fetch_s": t1 - t0, "zeros_s": t2 - t1, "submit_s": t3 - t2})
 
-    def evaluate(self, round_index: int, version: str) -> None:
+    def evaluate(self, round_index: int, version: str, *, validation: bool = False) -> None:
         run = self.run
         assert run is not None
         header = pb.UpdateHeader(

@@ -1,12 +1,22 @@
-"""The run configuration every participant shares, and its validation."""
+"""The run configuration every participant shares: its settings, declared once, and its validation.
+
+Each field's `setting(...)` metadata is its flag, TOML key, type, range, help and defaults (see
+common/settings.py); the algorithms' own settings are added as fields from the registry. The
+coordinator builds a RunConfig from flags (server/config.py), a client from the Join message
+(common/wire.py): both are checked here, by the same declarations.
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
+from common.algorithms import ALGORITHM_OPTIONS, ALGORITHMS
 from common.codec import DEFAULT_CHUNK_BYTES, ENCODINGS
-from common.models import ModelSpec
+from common.models import NORMS, ZOO, ModelSpec, default_model
+from common.settings import Setting, Values, check_fields, setting, settings_of, with_options
+from common.tasks import PARTITIONS, TASKS, is_classification
 
 CLIENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # Bounds on the work a run configuration asks of a client (it comes over the wire from the
@@ -22,101 +32,129 @@ def check_client_id(client_id: str) -> str:
     return client_id
 
 
+def _model(v: Values) -> ModelSpec:
+    return default_model(v["task"], ways=v["ways"], dim=v["dim"], name=v["model"], algorithm=v["algorithm"],
+                         norm=v["norm"])
+
+
+# An input of the model field only (it becomes the conv4 spec's "norm" kwarg).
+NORM = Setting("norm", str,
+               "conv4's normalisation: support (default; batch norm with the support set's statistics, queries "
+               "predicted one by one), group or layer (per example), batch (each batch's own statistics: "
+               "transductive, a prediction depends on the other queries)", choices=NORMS)
+
+
+
+def _MLP() -> ModelSpec:  # noqa: N802
+    return ModelSpec("mlp", {"in_features": 1, "hidden": [40, 40], "out_features": 1})
+
+
 @dataclass(frozen=True)
+@with_options(ALGORITHM_OPTIONS)
 class RunConfig:
     """What the coordinator tells every client when it joins (see RunConfig in coordinator.proto)."""
 
     run_id: str
-    algorithm: str = "maml"
-    task: str = "sinusoid"
-    model: ModelSpec = field(default_factory=lambda: ModelSpec("mlp", {"in_features": 1, "hidden": [40, 40], "out_features": 1}))
-    shots: int = 5
-    queries: int = 10
-    tasks_per_client: int = 10
-    inner_steps: int = 1
-    inner_lr: float = 0.01
-    seed: int = 0
-    encoding: str = "float32"
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    eval_shots: int = 5
-    eval_steps: int = 10
-    eval_tasks_per_client: int = 150
-    poll_timeout_s: float = 10.0
-    rounds: int = 1500
-    eval_queries: int = 100
-    ways: int = 5
-    dim: int = 16
-    partition: str = "alphabet"
-    shards: int = 4
-    rotations: bool = True
-    first_order_rounds: int = 0
-    msl: bool = True
-    lslr: bool = True
-    cosine_outer: bool = True
-    local_steps: int = 5
-    local_lr: float = 0.01
-    perfedavg_variant: str = "fo"
-    eval_every: int = 0
-    val_tasks_per_client: int = 20
-    # Classes per held-out task in the final evaluation; None: `ways` (set in __post_init__).
-    eval_ways: int | None = None
-    # Held-out tasks per client whose adaptation curve is measured (the first ones); 0: no curve.
-    eval_curve_tasks: int = 10
+    algorithm: str = field(default="maml", metadata=setting(
+        "meta-learning algorithm", choices=tuple(sorted(ALGORITHMS)), resume=True))
+    task: str = field(default="sinusoid", metadata=setting(
+        "task family: sinusoid regression, gaussian or omniglot classification", choices=tuple(sorted(TASKS)),
+        resume=True))
+    model: ModelSpec = field(default_factory=_MLP, metadata=setting(
+        "model (default: mlp for sinusoid and gaussian, conv4 for omniglot)", type=str, default=None,
+        choices=tuple(sorted(ZOO)), to_field=_model, resume=True))
+    shots: int = field(default=5, metadata=setting("support examples per task (K in K-shot)", minimum=1,
+                                                   resume=True))
+    queries: int = field(default=10, metadata=setting(
+        "query examples per task, per class for classification (default: 10; 15 for omniglot)", minimum=1,
+        per_task={"sinusoid": 10, "gaussian": 10, "omniglot": 15}, resume=True))
+    tasks_per_client: int = field(default=10, metadata=setting(
+        "tasks each sampled client trains on per round (its meta-batch)", minimum=1, resume=True))
+    inner_steps: int = field(default=1, metadata=setting("inner-loop SGD steps in training", minimum=0,
+                                                         resume=True))
+    # Finn et al. 2017 use an inner lr of 0.4 for Omniglot.
+    inner_lr: float = field(default=0.01, metadata=setting(
+        "inner-loop learning rate (default: 0.01 for sinusoid, 0.4 for classification)", minimum=0.0, positive=True,
+        per_task={"sinusoid": 0.01, "gaussian": 0.4, "omniglot": 0.4}, resume=True))
+    seed: int = field(default=0, metadata=setting("run seed: model init, client sampling, task streams", minimum=0,
+                                                  maximum=2**63 - 1, resume=True))
+    encoding: str = field(default="float32", metadata=setting("transport encoding of floating-point tensors",
+                                                              choices=ENCODINGS))
+    chunk_bytes: int = field(default=DEFAULT_CHUNK_BYTES, metadata=setting(
+        "payload bytes per stream chunk", minimum=1024, maximum=3 << 20))
+    eval_shots: int = field(default=5, metadata=setting(
+        "support examples per held-out task in the final evaluation (default: --shots)", minimum=1,
+        derive=lambda v: v["shots"]))
+    eval_steps: int = field(default=10, metadata=setting(
+        "adaptation steps in the final evaluation (default: 10; --inner-steps for metasgd and mamlpp, whose step "
+        "sizes are learned for that many)", minimum=0,
+        derive=lambda v: v["inner_steps"] if ALGORITHMS[v["algorithm"]].learned_steps else 10))
+    eval_tasks_per_client: int = field(default=150, metadata=setting(
+        "held-out tasks each client adapts on in the final evaluation (4 clients: 600)", minimum=1))
+    poll_timeout_s: float = field(default=10.0, metadata=setting(
+        "seconds the server holds a WaitForAssignment long-poll", minimum=0.05, maximum=600))
+    rounds: int = field(default=1500, metadata=setting("training rounds (outer steps)", minimum=1, resume=True))
+    eval_queries: int = field(default=100, metadata=setting(
+        "query examples per held-out task (per class) in the final evaluation (default: 100 for sinusoid, 20 for "
+        "gaussian, 15 for omniglot)", minimum=1, per_task={"sinusoid": 100, "gaussian": 20, "omniglot": 15}))
+    ways: int = field(default=5, metadata=setting("classes per classification task (N in N-way)", minimum=2,
+                                                  maximum=1000, resume=True))
+    dim: int = field(default=16, metadata=setting("gaussian: input dimension", minimum=1, maximum=100000,
+                                                  resume=True))
+    partition: str = field(default="alphabet", metadata=setting(
+        "omniglot: how classes are split among clients (alphabet: whole alphabets, non-IID)", choices=PARTITIONS,
+        resume=True))
+    shards: int = field(default=4, metadata=setting(
+        "shares the data set is split into (default: --local-clients, else 4)", minimum=1,
+        derive=lambda v: v.get("local_clients") or 4, resume=True))
+    rotations: bool = field(default=True, metadata=setting(
+        "omniglot: do not add 90/180/270-degree rotations as extra classes", invert=True, resume=True))
+    # eval_every carves Omniglot's validation classes out of the training ones: resumes must match.
+    eval_every: int = field(default=0, metadata=setting(
+        "validate every this many rounds on held-out validation tasks (disjoint from the training and the final "
+        "test classes), export the best-validation θ to model-best/; 0: never", minimum=0, resume=True))
+    val_tasks_per_client: int = field(default=20, metadata=setting(
+        "validation tasks each sampled client adapts on (with --eval-every)", minimum=1))
+    # None: `ways` (set in __post_init__).
+    eval_ways: int | None = field(default=None, metadata=setting(
+        "classes per held-out task in the final evaluation (default: --ways); protonet may test with other ways "
+        "than it trained with, models with a head need --ways", minimum=2, maximum=1000,
+        derive=lambda v: v["ways"], resume=True))
+    # The first held-out tasks per client, whose adaptation curve is measured; 0: no curve.
+    eval_curve_tasks: int = field(default=10, metadata=setting(
+        "held-out tasks per client on which the adaptation curve (the metric after each step) is measured; it "
+        "costs a query pass per step, so not on all of them (0: no curve)", minimum=0))
+    # Then the algorithms' own settings (ALGORITHM_OPTIONS), as fields.
+
+    if TYPE_CHECKING:
+        def __getattr__(self, name: str) -> Any: ...  # the algorithms' options, added by with_options
 
     def __post_init__(self) -> None:
-        from common.algorithms import ALGORITHMS
-        from common.tasks import PARTITIONS, TASKS, is_classification
-
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"--algorithm: expected one of {sorted(ALGORITHMS)}, got {self.algorithm!r}")
-        check = ALGORITHMS[self.algorithm].check
-        if check is not None:
-            check(self)
-        if self.task not in TASKS:
-            raise ValueError(f"--task: expected one of {sorted(TASKS)}, got {self.task!r}")
-        if self.encoding not in ENCODINGS:
-            raise ValueError(f"--encoding: expected one of {list(ENCODINGS)}, got {self.encoding!r}")
-        if self.partition not in PARTITIONS:
-            raise ValueError(f"--partition: expected one of {list(PARTITIONS)}, got {self.partition!r}")
-        for name in ("shots", "queries", "tasks_per_client", "eval_shots", "eval_tasks_per_client", "rounds",
-                     "eval_queries", "dim", "shards", "local_steps", "val_tasks_per_client"):
-            _positive_int(name, getattr(self, name))
-        for name in ("inner_steps", "eval_steps", "eval_every", "eval_curve_tasks"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 0, got {value!r}")
-        if self.perfedavg_variant not in ("fo", "hf"):
-            raise ValueError(f"--perfedavg-variant: expected fo or hf, got {self.perfedavg_variant!r}")
-        if not (isinstance(self.first_order_rounds, int) and self.first_order_rounds >= 0):
-            raise ValueError(f"--first-order-rounds: expected an integer >= 0, got {self.first_order_rounds!r}")
-        if not (self.local_lr > 0 and self.local_lr < float("inf")):
-            raise ValueError(f"--local-lr: expected a positive finite number, got {self.local_lr!r}")
-        if is_classification(self.task) and not (isinstance(self.ways, int) and 2 <= self.ways <= 1000):
-            raise ValueError(f"--ways: expected an integer from 2 to 1000, got {self.ways!r}")
+        check_fields(self)
         if self.eval_ways is None:
             object.__setattr__(self, "eval_ways", self.ways)
-        if is_classification(self.task):
-            if not (isinstance(self.eval_ways, int) and 2 <= self.eval_ways <= 1000):
-                raise ValueError(f"--eval-ways: expected an integer from 2 to 1000, got {self.eval_ways!r}")
-            if self.eval_ways != self.ways and ALGORITHMS[self.algorithm].predict is None:
-                raise ValueError(f"--eval-ways {self.eval_ways}: {self.algorithm} adapts a head with --ways "
-                                 f"{self.ways} outputs, one per class, so it is tested {self.ways}-way; only "
-                                 "protonet (no head) can test with other ways than it trains with")
-        if not (self.inner_lr > 0 and self.inner_lr < float("inf")):
-            raise ValueError(f"--inner-lr: expected a positive finite number, got {self.inner_lr!r}")
-        if not (1024 <= self.chunk_bytes <= 3 << 20):
-            raise ValueError(f"--chunk-bytes: expected 1024 to {3 << 20} (3 MiB), got {self.chunk_bytes!r}")
-        if not (0.05 <= self.poll_timeout_s <= 600):
-            raise ValueError(f"--poll-timeout-s: expected 0.05 to 600 seconds, got {self.poll_timeout_s!r}")
-        if not (0 <= self.seed < 2**63):
-            raise ValueError(f"--seed: expected an integer in [0, 2**63), got {self.seed!r}")
+        algorithm = ALGORITHMS[self.algorithm]
+        if algorithm.check is not None:
+            algorithm.check(self)
+        if is_classification(self.task) and self.eval_ways != self.ways and algorithm.predict is None:
+            raise ValueError(f"--eval-ways {self.eval_ways}: {self.algorithm} adapts a head with --ways "
+                             f"{self.ways} outputs, one per class, so it is tested {self.ways}-way; only "
+                             "protonet (no head) can test with other ways than it trains with")
         _check_work(self)
+
+
+def run_settings() -> tuple[Setting, ...]:
+    """The run's settings in flag order: RunConfig's fields (--norm after --model), then the algorithms'."""
+    out: list[Setting] = []
+    for s in settings_of(RunConfig):
+        out.append(s)
+        if s.name == "model":
+            out.append(NORM)
+    return tuple(out)
 
 
 def _check_work(run: RunConfig) -> None:
     """Refuse settings that would make a client allocate or compute without bound."""
-    from common.tasks import is_classification
-
     for name in ("inner_steps", "eval_steps", "local_steps"):
         if getattr(run, name) > MAX_STEPS:
             raise ValueError(f"--{name.replace('_', '-')}: expected at most {MAX_STEPS}, got {getattr(run, name)!r}")
@@ -131,8 +169,3 @@ def _check_work(run: RunConfig) -> None:
         if values > MAX_BATCH_VALUES:
             raise ValueError(f"{flags}: a meta-batch of {values:,} input values is over {MAX_BATCH_VALUES:,} "
                              "(4 GiB of float32): use fewer tasks or examples per client")
-
-
-def _positive_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {value!r}")

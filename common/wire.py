@@ -16,9 +16,6 @@ from common.config import RunConfig
 from common.models import ModelSpec
 from common.proto import pb, tensor_pb
 
-# RunConfig fields that need a conversion; every other field is copied as it is.
-_CONVERTED = ("model", "encoding")
-
 
 def model_spec_to_proto(spec: ModelSpec) -> pb.ModelSpec:
     return pb.ModelSpec(name=spec.name, kwargs_json=json.dumps(spec.kwargs, sort_keys=True))
@@ -31,19 +28,37 @@ def model_spec_from_proto(msg: pb.ModelSpec) -> ModelSpec:
     return ModelSpec(msg.name, kwargs)
 
 
+# RunConfig <-> pb.RunConfig, generic over the fields: a field is the proto field of its name
+# (tests/unit/test_settings.py checks that each exists with a compatible type); a message field is
+# a ModelSpec, an enum field a transport encoding, every other field is copied as it is.
+
+
+def _proto_kind(name: str) -> str:
+    f = pb.RunConfig.DESCRIPTOR.fields_by_name[name]
+    return "message" if f.message_type is not None else "enum" if f.enum_type is not None else "plain"
+
+
 def run_config_to_proto(config: RunConfig) -> pb.RunConfig:
-    plain: dict[str, Any] = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in _CONVERTED}
-    return pb.RunConfig(
-        **plain,
-        model=model_spec_to_proto(config.model),
-        encoding=encoding_to_proto(config.encoding),  # type: ignore[arg-type]
-    )
+    out: dict[str, Any] = {}
+    for f in fields(config):
+        value, kind = getattr(config, f.name), _proto_kind(f.name)
+        out[f.name] = model_spec_to_proto(value) if kind == "message" else (
+            encoding_to_proto(value) if kind == "enum" else value)
+    return pb.RunConfig(**out)
 
 
 def run_config_from_proto(msg: pb.RunConfig) -> RunConfig:
-    plain = {f.name: getattr(msg, f.name) for f in fields(RunConfig) if f.name not in _CONVERTED}
-    plain["eval_ways"] = plain["eval_ways"] or None  # 0: unset (an older coordinator), the same as ways
-    return RunConfig(**plain, model=model_spec_from_proto(msg.model), encoding=encoding_from_proto(msg.encoding))
+    out: dict[str, Any] = {}
+    for f in fields(RunConfig):
+        value, kind = getattr(msg, f.name), _proto_kind(f.name)
+        if kind == "message":
+            value = model_spec_from_proto(value)
+        elif kind == "enum":
+            value = encoding_from_proto(value)
+        elif f.default is None and not value:
+            value = None  # proto3 has no presence: 0 (an older coordinator) is unset, as eval_ways's None (= ways)
+        out[f.name] = value
+    return RunConfig(**out)
 
 
 # ---- tensor sets (protos/fedmeta/v1/tensor.proto) ------------------------------------------------

@@ -35,7 +35,7 @@ from common.metrics import allowed_metrics, check_metrics
 from common.textsafe import RateLimit, clip
 from server import checkpoint, report, validation
 from server.validation import Best, due
-from server.config import ServerConfig, describe
+from server.config import ServerConfig, describe, resume_differences
 from server.rundir import RunDir
 
 log = logging.getLogger("fedmeta.coordinator")
@@ -196,19 +196,13 @@ class Coordinator:
             return
         stored = state.meta.get("config", {})
         current = describe(self.config)
-        keys = ("algorithm", "task", "model", "seed", "rounds", "shots", "queries", "tasks_per_client",
-                "inner_steps", "inner_lr", "outer_lr", "ways", "dim", "partition", "shards", "rotations",
-                "first_order_rounds", "msl", "lslr", "cosine_outer", "local_steps", "local_lr", "perfedavg_variant",
-                "eval_every", "eval_ways")  # eval_every carves Omniglot's validation classes out of the training ones
-        # Checkpoints from before validation and --eval-ways existed.
-        stored = {"eval_every": 0, "eval_ways": stored.get("ways"), **stored}
         model = stored.get("model")
         if isinstance(model, dict) and model.get("name") == "conv4" and "norm" not in (model.get("kwargs") or {}):
             # Conv4 before --norm: transductive batch norm. Resuming needs --norm batch.
             stored["model"] = {**model, "kwargs": {**(model.get("kwargs") or {}), "norm": "batch"}}
-        differ = [k for k in keys if stored.get(k) != current.get(k)]
+        differ = resume_differences(stored, current)  # the settings declared resume=True
         if differ:
-            pairs = ", ".join(f"{k}: checkpoint {stored.get(k)!r}, now {current.get(k)!r}" for k in differ)
+            pairs = ", ".join(differ)
             raise ValueError(f"--run-dir {self.config.run_dir} holds a run with other settings ({pairs}); "
                              "pass the same settings to resume or choose a new --run-dir")
         if state.theta.numel() != self.layout.numel:

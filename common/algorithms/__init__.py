@@ -3,20 +3,33 @@
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import TYPE_CHECKING
 
 import torch
 
 from common.algorithms import anil, fedavg, fomaml, maml, mamlpp, metasgd, perfedavg, protonet, reptile
-from common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, OuterConfig, UpdateKind
-
-if TYPE_CHECKING:
-    from common.config import RunConfig
+from common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, OuterConfig, RunConfig, UpdateKind
+from common.settings import Setting
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     maml.ALGORITHM, fomaml.ALGORITHM, reptile.ALGORITHM, metasgd.ALGORITHM, anil.ALGORITHM, mamlpp.ALGORITHM,
     perfedavg.ALGORITHM, protonet.ALGORITHM, fedavg.ALGORITHM,
 )}
+
+
+
+def _options() -> tuple[Setting, ...]:
+    """Every algorithm's own settings, once each; two different declarations of one name are an error."""
+    seen: dict[str, Setting] = {}
+    for algorithm in ALGORITHMS.values():
+        for o in algorithm.options:
+            if seen.setdefault(o.name, o) is not o:
+                raise TypeError(f"option {o.name!r} is declared twice (by {algorithm.name} and another algorithm): "
+                                "share one declaration")
+    return tuple(seen.values())
+
+
+# RunConfig gets each as a field (sent to clients in Join), the server each as a flag and TOML key.
+ALGORITHM_OPTIONS: tuple[Setting, ...] = _options()
 
 
 def get_algorithm(name: str) -> Algorithm:
@@ -34,5 +47,5 @@ def meta_parameters(run: RunConfig, seed: int, *, allowed_imports: Collection[st
     return params | (extra(params, run) if extra is not None else {})
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "ClientUpdate", "InnerConfig", "OuterConfig", "UpdateKind", "get_algorithm",
+__all__ = ["ALGORITHMS", "ALGORITHM_OPTIONS", "Algorithm", "ClientUpdate", "InnerConfig", "OuterConfig", "UpdateKind", "get_algorithm",
            "meta_parameters"]

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from common.settings import Setting
 from common.tasks import LossFn, TaskBatch
 
-if TYPE_CHECKING:
-    from common.config import RunConfig
-
 Params = dict[str, torch.Tensor]
+# A common.config.RunConfig. Not imported: the config imports the algorithms (for their options).
+RunConfig = Any
 
 
 class UpdateKind(Enum):
@@ -28,8 +29,8 @@ class InnerConfig:
     """What a client step needs besides the parameters and the batch.
 
     steps/lr: the inner loop. round_index/rounds: where the run is (MAML++ switches to second
-    order, Per-FedAvg and FedAvg ignore them). The rest are algorithm-specific settings,
-    copied from the RunConfig by `from_run`.
+    order, Per-FedAvg and FedAvg ignore them). options: the run's settings by field name, copied
+    by `from_run`; an algorithm reads its own with `option` (its declared default when absent).
     """
 
     steps: int
@@ -37,17 +38,17 @@ class InnerConfig:
     vectorize: bool = True
     round_index: int = 0
     rounds: int = 1
-    first_order_rounds: int = 0
-    msl: bool = True
-    local_steps: int = 1
-    local_lr: float = 0.01
-    variant: str = "fo"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def option(self, setting: Setting) -> Any:
+        assert setting.field is not None
+        return self.options.get(setting.field, setting.field_default)
 
     @classmethod
     def from_run(cls, run: RunConfig, *, round_index: int = 0, vectorize: bool = True) -> InnerConfig:
+        options = {f.name: getattr(run, f.name) for f in dataclasses.fields(run)}
         return cls(steps=run.inner_steps, lr=run.inner_lr, vectorize=vectorize, round_index=round_index,
-                   rounds=run.rounds, first_order_rounds=run.first_order_rounds, msl=run.msl,
-                   local_steps=run.local_steps, local_lr=run.local_lr, variant=run.perfedavg_variant)
+                   rounds=run.rounds, options=options)
 
 
 @dataclass(frozen=True)
@@ -111,3 +112,6 @@ class Algorithm:
     # False: no adaptation steps at all (ProtoNets predict from the support set's prototypes), so
     # evaluation takes none, reports steps 0 and no adaptation curve.
     adapts: bool = True
+    # The algorithm's own run settings (common.settings.option), declared in its module; RunConfig
+    # gets each as a field, the server a flag (an option shared by two algorithms: the same object).
+    options: tuple[Setting, ...] = ()

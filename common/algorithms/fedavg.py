@@ -17,16 +17,24 @@ from common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, OuterCo
 from common.algorithms.inner import client_update, inner_path, query_losses
 from common.algorithms.maml import adapt
 from common.algorithms.outer import AverageOuter
+from common.settings import option
 from common.tasks import LossFn, TaskBatch
+
+# Shared with Per-FedAvg (perfedavg.py lists the same objects).
+LOCAL_STEPS = option("local_steps", 5, "perfedavg and fedavg: local steps (passes over the meta-batch for fedavg)",
+                     minimum=1, resume=True)
+LOCAL_LR = option("local_lr", 0.01, "perfedavg and fedavg: local learning rate (Per-FedAvg's beta)", minimum=0.0,
+                  positive=True, resume=True)
 
 
 def client_step(model: nn.Module, params: Params, batch: TaskBatch, loss_fn: LossFn, inner: InnerConfig) -> ClientUpdate:
     x = torch.cat([batch.x_support, batch.x_query], 1)
     y = torch.cat([batch.y_support, batch.y_query], 1)
     p = {k: v.detach() for k, v in params.items()}
-    for _ in range(inner.local_steps):
+    lr = inner.option(LOCAL_LR)
+    for _ in range(inner.option(LOCAL_STEPS)):
         for t in range(batch.num_tasks):
-            p = inner_path(model, p, x[t], y[t], loss_fn, steps=1, lr=inner.local_lr)
+            p = inner_path(model, p, x[t], y[t], loss_fn, steps=1, lr=lr)
     return client_update({k: p[k] - params[k] for k in params}, batch, query_losses(model, params, batch, loss_fn),
                          query_losses(model, p, batch, loss_fn))
 
@@ -42,4 +50,5 @@ ALGORITHM = Algorithm(
     make_outer=make_outer,
     default_outer_lr=1.0,
     adapt=adapt,
+    options=(LOCAL_STEPS, LOCAL_LR),
 )

@@ -25,9 +25,18 @@ from torch.func import grad
 from common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, OuterConfig, Params, UpdateKind
 from common.algorithms.inner import EXTRA, inner_path, loss_at, mean_over_tasks
 from common.algorithms.outer import AdamOuter
+from common.settings import option
 from common.tasks import LossFn, TaskBatch
 
 LSLR = EXTRA + "lslr."
+FIRST_ORDER_ROUNDS = option("first_order_rounds", 0, "mamlpp: rounds trained first order before second order",
+                            minimum=0, resume=True)
+MSL = option("msl", True, "mamlpp: no multi-step loss (only the last inner step's query loss)", invert=True,
+             resume=True)
+LSLR_OPTION = option("lslr", True, "mamlpp: no learned per-layer per-step inner learning rates", invert=True,
+                     resume=True)
+COSINE_OUTER = option("cosine_outer", True, "mamlpp: constant outer learning rate instead of cosine annealing",
+                      invert=True, resume=True)
 
 
 def extra_parameters(params: Params, run) -> Params:  # type: ignore[no-untyped-def]
@@ -77,8 +86,8 @@ def msl_weights(steps: int, round_index: int, rounds: int, *, enabled: bool) -> 
 
 def client_step(model: nn.Module, params: Params, batch: TaskBatch, loss_fn: LossFn, inner: InnerConfig) -> ClientUpdate:
     steps = max(1, inner.steps)
-    weights = msl_weights(steps, inner.round_index, inner.rounds, enabled=inner.msl)
-    first_order = inner.round_index < inner.first_order_rounds
+    weights = msl_weights(steps, inner.round_index, inner.rounds, enabled=inner.option(MSL))
+    first_order = inner.round_index < inner.option(FIRST_ORDER_ROUNDS)
 
     def objective(p: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor):
         path = adapt_path(model, p, xs, ys, loss_fn, steps=steps, lr=inner.lr, first_order=first_order)
@@ -107,4 +116,5 @@ ALGORITHM = Algorithm(
     extra_parameters=extra_parameters,
     adapt_path=adapt_path,
     learned_steps=True,
+    options=(FIRST_ORDER_ROUNDS, MSL, LSLR_OPTION, COSINE_OUTER),
 )

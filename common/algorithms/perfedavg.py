@@ -17,10 +17,14 @@ from torch import nn
 from torch.func import grad
 
 from common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, Params, UpdateKind
-from common.algorithms.fedavg import make_outer
+from common.algorithms.fedavg import LOCAL_LR, LOCAL_STEPS, make_outer
 from common.algorithms.inner import client_update, inner_path, loss_at, query_losses, sgd_step
 from common.algorithms.maml import adapt
+from common.settings import option
 from common.tasks import LossFn, TaskBatch
+
+VARIANT = option("perfedavg_variant", "fo", "perfedavg: fo (first order) or hf (Hessian-vector product)",
+                 choices=("fo", "hf"), resume=True)
 
 
 def local_step(model: nn.Module, w: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor,
@@ -47,10 +51,11 @@ def client_step(model: nn.Module, params: Params, batch: TaskBatch, loss_fn: Los
                                                   lr=inner.lr), batch.x_query[t], batch.y_query[t], loss_fn,
                                      batch.x_support[t])
                              for t in range(batch.num_tasks)])  # F(theta): the query loss after one adaptation step
-    for step in range(inner.local_steps):
+    beta, variant = inner.option(LOCAL_LR), inner.option(VARIANT)
+    for step in range(inner.option(LOCAL_STEPS)):
         t = step % batch.num_tasks
         w = local_step(model, w, batch.x_support[t], batch.y_support[t], batch.x_query[t], batch.y_query[t],
-                       loss_fn, alpha=inner.lr, beta=inner.local_lr, variant=inner.variant)
+                       loss_fn, alpha=inner.lr, beta=beta, variant=variant)
     return client_update({k: w[k] - params[k] for k in params}, batch, loss_pre, loss_post)
 
 
@@ -61,4 +66,5 @@ ALGORITHM = Algorithm(
     make_outer=make_outer,
     default_outer_lr=1.0,
     adapt=adapt,
+    options=(LOCAL_STEPS, LOCAL_LR, VARIANT),
 )

@@ -63,14 +63,6 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 TASKS = ("gaussian", "omniglot", "sinusoid")
 CLASSIFICATION = frozenset({"gaussian", "omniglot"})
 PARTITIONS = ("alphabet", "characters", "iid")
-# Settings whose sensible value depends on the family (Finn et al. 2017 use an inner lr of
-# 0.4 for Omniglot; Omniglot has 20 drawings per character, so shots + queries <= 20).
-TASK_DEFAULTS: dict[str, dict[str, float | int]] = {
-    "sinusoid": {"inner_lr": 0.01, "queries": 10, "eval_queries": 100},
-    "gaussian": {"inner_lr": 0.4, "queries": 10, "eval_queries": 20},
-    "omniglot": {"inner_lr": 0.4, "queries": 15, "eval_queries": 15},
-}
-
 # Streams of one client's task sequence; a fixed number keeps seeds stable across versions.
 STREAM_TRAIN = 0
 STREAM_EVAL = 1

@@ -15,7 +15,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -30,6 +30,7 @@ from common.evaluation import evaluate_holder, validate_holder
 from common.models import build_model, check_import_paths, prefers_vmap
 from common.net import host_of, is_loopback
 from common.proto import pb
+from common.settings import check_fields, setting
 from common.tasks import STREAM_TRAIN, default_shard, is_classification, loss_for, make_tasks, task_seed
 from common.transfer import receive_inline
 
@@ -61,32 +62,52 @@ def default_data_seed(client_id: str) -> int:
 
 @dataclass(frozen=True)
 class ClientConfig:
-    """One client's settings: where the coordinator is, who it is, what it computes on."""
+    """One client's settings: where the coordinator is, who it is, what it computes on.
 
-    server: str
-    client_id: str
-    data_seed: int
-    device: str = "cpu"
-    threads: int = 0
-    vectorize: bool | None = None  # None: the model's preference (vmap_default), else vmap on or off
-    retry: RetryPolicy = RetryPolicy()
-    tls_ca: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_server_name: str | None = None
-    token_file: str | None = None
-    data_dir: str | None = None
-    shard: int | None = None
+    Each field's `setting(...)` is its fedmeta-client flag (client/cli.py derives the parser).
+    """
+
+    server: str = field(metadata=setting("coordinator address, e.g. 10.0.0.5:50051", metavar="HOST:PORT",
+                                         required=True))
+    client_id: str = field(metadata=setting("this client's id: 1-64 characters from [A-Za-z0-9._-]",
+                                            required=True))
+    data_seed: int = field(metadata=setting(
+        "seed of this client's local task stream (default: derived from --client-id)",
+        derive=lambda v: default_data_seed(v["client_id"])))
+    device: str = field(default="cpu", metadata=setting("cpu or cuda[:N]"))
+    threads: int = field(default=0, metadata=setting("torch CPU threads; 0 keeps torch's default", minimum=0))
+    # None: the model's preference (vmap_default), else vmap on or off
+    vectorize: bool | None = field(default=None, metadata=setting(
+        "batch a meta-batch's tasks with torch.func.vmap (default: when the model benefits: MLPs yes, conv4 no)",
+        name="vmap", no_help="loop over tasks one at a time"))
+    retry: RetryPolicy = RetryPolicy()  # its give_up_s: --give-up-s (client/cli.py)
+    tls_ca: str | None = field(default=None, metadata=setting(
+        "CA certificate to verify the coordinator with; enables TLS", metavar="PEM"))
+    tls_cert: str | None = field(default=None, metadata=setting(
+        "this client's certificate, for mutual TLS (CN/SAN = --client-id)", metavar="PEM"))
+    tls_key: str | None = field(default=None, metadata=setting("this client's private key, for mutual TLS",
+                                                               metavar="PEM"))
+    tls_server_name: str | None = field(default=None, metadata=setting(
+        "name to expect in the coordinator's certificate when it differs from the --server host", metavar="NAME"))
+    token_file: str | None = field(default=None, metadata=setting(
+        "file holding this client's token (from fedmeta-tokens)", metavar="FILE"))
+    data_dir: str | None = field(default=None, metadata=setting(
+        "this data holder's local data (needed by --task omniglot on the coordinator)", metavar="DIR"))
+    shard: int | None = field(default=None, metadata=setting(
+        "this client's share of a partitioned data set, taken mod the run's --shards (default: the number the "
+        "client id ends with, else the data seed)", minimum=0))
     # Import paths ("package.module:Class") this client's operator allows as models; none by default,
-    # so a coordinator can name only zoo models (common/models.py check_model_spec).
+    # so a coordinator can name only zoo models (common/models.py check_model_spec). Flag: common/cli.py.
     allow_model_imports: frozenset[str] = frozenset()
-    insecure: bool = False  # allow sending --token-file over plaintext beyond loopback
+    # allow sending --token-file over plaintext beyond loopback
+    insecure: bool = field(default=False, metadata=setting(
+        "send --token-file without TLS to a coordinator beyond loopback (anyone on the path can read the token; "
+        "default: refused)"))
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_client_id(self.client_id)
         check_import_paths(self.allow_model_imports)
-        if self.shard is not None and self.shard < 0:
-            raise ValueError(f"--shard: expected an integer >= 0, got {self.shard}")
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
             raise ValueError(f"--data-dir: no such directory: {self.data_dir}")
         if self.device != "cpu" and not self.device.startswith("cuda"):

@@ -241,8 +241,8 @@ def add_arguments(parser: argparse.ArgumentParser, settings: Iterable[Setting], 
                 group = parser.add_mutually_exclusive_group()
                 group.add_argument(s.flag, dest=s.name, action="store_true", default=None, help=s.help)
                 group.add_argument("--no-" + s.flag[2:], dest=s.name, action="store_false", help=s.no_help)
-            else:
-                parser.add_argument(s.flag, action="store_true", default=None, help=s.help)
+            else:  # untyped: None when not given, so a TOML file's value stays
+                parser.add_argument(s.flag, action="store_true", default=s.default if typed else None, help=s.help)
             continue
         shown = "" if s.default is None else f" (default: {s.default})"
         metavar = s.metavar or (s.type.__name__.upper() if s.choices is None else "{" + ",".join(s.choices) + "}")

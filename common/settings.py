@@ -144,9 +144,11 @@ def with_options(options: Iterable[Setting]) -> Callable[[type], type]:
     """A class decorator, applied before @dataclass: adds each option as a field with its default."""
 
     def add(cls: type) -> type:
+        annotations = cls.__dict__.get("__annotations__", {})  # the class's own, never a base's
+        cls.__annotations__ = annotations
         for o in options:
             assert o.field is not None and o.field not in cls.__dict__, o.name
-            cls.__annotations__[o.field] = o.type.__name__
+            annotations[o.field] = o.type.__name__
             setattr(cls, o.field, dataclasses.field(default=o.field_default, metadata={KEY: o}))
         return cls
 

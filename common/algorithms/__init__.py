@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 
 import torch
 
@@ -16,11 +16,10 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
 )}
 
 
-
-def _options() -> tuple[Setting, ...]:
+def collect_options(algorithms: Iterable[Algorithm]) -> tuple[Setting, ...]:
     """Every algorithm's own settings, once each; two different declarations of one name are an error."""
     seen: dict[str, Setting] = {}
-    for algorithm in ALGORITHMS.values():
+    for algorithm in algorithms:
         for o in algorithm.options:
             if seen.setdefault(o.name, o) is not o:
                 raise TypeError(f"option {o.name!r} is declared twice (by {algorithm.name} and another algorithm): "
@@ -29,7 +28,7 @@ def _options() -> tuple[Setting, ...]:
 
 
 # RunConfig gets each as a field (sent to clients in Join), the server each as a flag and TOML key.
-ALGORITHM_OPTIONS: tuple[Setting, ...] = _options()
+ALGORITHM_OPTIONS: tuple[Setting, ...] = collect_options(ALGORITHMS.values())
 
 
 def get_algorithm(name: str) -> Algorithm:
@@ -47,5 +46,5 @@ def meta_parameters(run: RunConfig, seed: int, *, allowed_imports: Collection[st
     return params | (extra(params, run) if extra is not None else {})
 
 
-__all__ = ["ALGORITHMS", "ALGORITHM_OPTIONS", "Algorithm", "ClientUpdate", "InnerConfig", "OuterConfig", "UpdateKind", "get_algorithm",
+__all__ = ["ALGORITHMS", "ALGORITHM_OPTIONS", "Algorithm", "ClientUpdate", "InnerConfig", "OuterConfig", "UpdateKind", "collect_options", "get_algorithm",
            "meta_parameters"]

@@ -9,7 +9,8 @@ import sys
 from types import FrameType
 
 from client.retry import CoordinatorUnreachable, RetryPolicy
-from client.worker import ClientConfig, ClientError, Shutdown, Worker
+from client.config import ClientConfig
+from client.worker import ClientError, Shutdown, Worker
 from common.cli import OneLineErrorParser, add_model_import_argument, model_imports, setup_logging
 from common.config import check_client_id
 from common.settings import Setting, add_arguments, check_value, field_values, fill_defaults, settings_of

@@ -26,7 +26,6 @@ __all__ = ["OPTIONS", "ServerConfig", "add_arguments", "build", "check_value", "
 # Every flag and TOML key: the run's settings (sent to clients), then the coordinator's own.
 OPTIONS: tuple[Setting, ...] = run_settings() + settings_of(ServerConfig)
 _BY_NAME = {o.name: o for o in OPTIONS}
-Option = Setting  # the old name
 
 
 def load_toml(path: Path) -> dict[str, Any]:

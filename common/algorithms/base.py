@@ -41,8 +41,7 @@ class InnerConfig:
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def option(self, setting: Setting) -> Any:
-        assert setting.field is not None
-        return self.options.get(setting.field, setting.field_default)
+        return self.options.get(setting.field or setting.name, setting.field_default)
 
     @classmethod
     def from_run(cls, run: RunConfig, *, round_index: int = 0, vectorize: bool = True) -> InnerConfig:

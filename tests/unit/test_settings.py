@@ -16,7 +16,7 @@ import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 import client.cli
-from client.worker import ClientConfig, default_data_seed
+from client.config import ClientConfig, default_data_seed
 from common.algorithms import ALGORITHM_OPTIONS, ALGORITHMS, Algorithm, InnerConfig, collect_options
 from common.algorithms.mamlpp import MSL
 from common.config import RunConfig, run_settings

@@ -7,26 +7,24 @@ import logging
 from pathlib import Path
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from typing import NoReturn
 
 import grpc
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from common import PROTOCOL_VERSION
-from common.aggregation import update_norm
 from common.algorithms import UpdateKind
-from common.algorithms.outer import MAX_UPDATE_ABS
-from common.codec import EncodedTensorSet, TensorSetError, TensorSetTooLarge, abs_max
+from common.codec import EncodedTensorSet, TensorSetError, TensorSetTooLarge
 from common.config import check_client_id
 from common.proto import pb, pb_grpc
+from common.refusal import Reason
 from common.textsafe import RateLimit, clip
 from common.transfer import UPDATE, WireBytes, parameter_messages, receive_tensor_set
 from common.wire import header_from_proto, header_to_proto, run_config_to_proto
 from server.auth import CLIENT_ID_KEY, TokenInterceptor, TokenStore
 from server.config import ServerConfig, is_loopback, read_allowed_clients
-from server.coordinator import Action, Coordinator, Rejected, UpdateMeta
+from server.coordinator import Action, Coordinator, UpdateMeta
+from server.errors import MAX_MESSAGE_CHARS, Rejected, refusal_of, refusals
 from server.limits import Gate, JoinRateLimiter, KeyedGate, StreamWatchdog, peer_address
 
 log = logging.getLogger("fedmeta.service")
@@ -46,30 +44,11 @@ _KINDS = {
 _MESSAGE_OVERHEAD = 64 * 1024
 
 
-def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
-    context.abort(code, message)
-    raise AssertionError("unreachable")  # context.abort raises
-
-
 def certificate_names(context: grpc.ServicerContext) -> list[str]:
     """The CN and SANs of the peer's verified client certificate (empty without mutual TLS)."""
     auth = context.auth_context()
     raw = auth.get("x509_common_name", []) + auth.get("x509_subject_alternative_name", [])
     return [n.decode(errors="replace") for n in raw]
-
-
-def check_magnitude(tensors: dict[str, torch.Tensor]) -> None:
-    """Refuse updates with a value over MAX_UPDATE_ABS: more than a float32 outer step can absorb.
-
-    Adam squares every coordinate (g^2 overflows float32 for |g| > 1.8e19, after which every
-    step is 0 and the checkpoint keeps the inf), and the running weighted sum adds up to
-    (clients x tasks) such values; weight is at most the assigned tasks (check_update).
-    """
-    peak = max((abs_max(t) for t in tensors.values()), default=0.0)
-    if not peak <= MAX_UPDATE_ABS:
-        raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
-                       f"update values up to {peak:.3g} exceed {MAX_UPDATE_ABS:.0e}, more than a float32 outer "
-                       "step can absorb (Adam squares them); no honest update is that large")
 
 
 def _peer_client(first: pb.SubmitUpdateRequest | None) -> str:
@@ -88,12 +67,10 @@ def _peer_host(context: grpc.ServicerContext) -> str:
 # Refusal lines per peer machine per minute; past it one line says so and the next minute counts them.
 REFUSAL_LOG_BURST = 10
 REFUSAL_LOG_WINDOW_S = 60.0
-# A refusal's message, as logged and as returned to the peer, is at most about this long.
-MAX_MESSAGE_CHARS = 1000
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
-    """Translates RPCs into Coordinator calls and Rejected into gRPC status codes."""
+    """Translates RPCs into Coordinator calls; @refusals turns Rejected into status codes and reasons."""
 
     def __init__(self, coordinator: Coordinator) -> None:
         self.coordinator = coordinator
@@ -126,44 +103,44 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     def _client_id(self, context: grpc.ServicerContext, client_id: str) -> str:
         """A well-formed client id that, under mutual TLS, the peer's certificate names."""
+        denied = grpc.StatusCode.PERMISSION_DENIED
         try:
             check_client_id(client_id)
         except ValueError as exc:
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"client_id: {clip(exc, MAX_MESSAGE_CHARS)}")
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"client_id: {clip(exc, MAX_MESSAGE_CHARS)}",
+                           Reason.BAD_CLIENT_ID) from None
         if self.allowed is not None and client_id not in self.allowed:
-            _abort(context, grpc.StatusCode.PERMISSION_DENIED,
-                   f"client id {client_id!r} is not in the coordinator's --allowed-clients list")
+            raise Rejected(denied, f"client id {client_id!r} is not in the coordinator's --allowed-clients list",
+                           Reason.NOT_ALLOWED)
         if self.tokens:
             authenticated = dict(context.invocation_metadata()).get(CLIENT_ID_KEY)
             if client_id != authenticated:
-                _abort(context, grpc.StatusCode.PERMISSION_DENIED,
-                       f"client id {client_id!r} is not the id the token was checked for ({authenticated!r})")
+                raise Rejected(denied, f"client id {client_id!r} is not the id the token was checked for "
+                               f"({authenticated!r})", Reason.NOT_ALLOWED)
         if self.require_client_cert:
             names = certificate_names(context)
             if client_id not in names:
-                _abort(context, grpc.StatusCode.PERMISSION_DENIED,
-                       f"client id {client_id!r} does not match the client certificate (it names {names}); "
-                       "use the id the certificate was issued for")
+                raise Rejected(denied, f"client id {client_id!r} does not match the client certificate (it names "
+                               f"{names}); use the id the certificate was issued for", Reason.NOT_ALLOWED)
         return client_id
 
+    @refusals
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
         client_id = self._client_id(context, request.client_id)
         if not self.joins.allow(peer_address(context)):
-            _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                   f"too many Join calls from {peer_address(context)} (--joins-per-s "
-                   f"{self.coordinator.config.joins_per_s:g}); retry after a pause")
+            raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"too many Join calls from {peer_address(context)} (--joins-per-s "
+                           f"{self.coordinator.config.joins_per_s:g}); retry after a pause", Reason.BUSY)
         if request.protocol_version != PROTOCOL_VERSION:
-            _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
-                   f"protocol version {request.protocol_version} is not supported; this coordinator speaks "
-                   f"version {PROTOCOL_VERSION}: install a matching fedmeta release")
-        try:
-            config = self.coordinator.join(client_id, device=clip(request.device, 64), num_tasks=request.num_tasks)
-        except Rejected as exc:
-            _abort(context, exc.code, exc.message)
+            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"protocol version {request.protocol_version} is not supported; this coordinator speaks "
+                           f"version {PROTOCOL_VERSION}: install a matching fedmeta release", Reason.BAD_PROTOCOL)
+        config = self.coordinator.join(client_id, device=clip(request.device, 64), num_tasks=request.num_tasks)
         response = pb.JoinResponse(config=run_config_to_proto(config))
         self.coordinator.count_bytes(sent=response.ByteSize(), received=request.ByteSize())
         return response
 
+    @refusals
     def WaitForAssignment(
         self, request: pb.WaitForAssignmentRequest, context: grpc.ServicerContext
     ) -> pb.WaitForAssignmentResponse:
@@ -178,8 +155,6 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         try:
             self.coordinator.check_run(request.run_id)
             a = self.coordinator.wait(client_id, timeout if held else 0.0, context.is_active)
-        except Rejected as exc:
-            _abort(context, exc.code, exc.message)
         finally:
             if held:
                 self.polls.leave()
@@ -195,11 +170,12 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.coordinator.count_bytes(sent=response.ByteSize(), received=request.ByteSize())
         return response
 
+    @refusals
     def FetchParameters(
         self, request: pb.FetchParametersRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.FetchParametersResponse]:
         if not self.streams.try_enter():
-            _abort(context, grpc.StatusCode.UNAVAILABLE, "too many streams are open; retry shortly")
+            raise Rejected(grpc.StatusCode.UNAVAILABLE, "too many streams are open; retry shortly", Reason.BUSY)
         try:
             with self.watchdog.watch(context) as w:
                 yield from self.watchdog.responses(w, self._fetch(request, context))
@@ -210,11 +186,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self, request: pb.FetchParametersRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.FetchParametersResponse]:
         client_id = self._client_id(context, request.client_id)
-        try:
-            self.coordinator.check_run(request.run_id)
-            encoded: EncodedTensorSet = self.coordinator.acquire_parameters(client_id, request.parameter_version)
-        except Rejected as exc:
-            _abort(context, exc.code, exc.message)
+        self.coordinator.check_run(request.run_id)
+        encoded: EncodedTensorSet = self.coordinator.acquire_parameters(client_id, request.parameter_version)
         sent = WireBytes()
         try:
             for msg in parameter_messages(request.parameter_version, encoded, self.run.chunk_bytes):
@@ -224,13 +197,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             self.coordinator.release_parameters()
             self.coordinator.count_bytes(sent=sent.total, received=request.ByteSize())
 
+    @refusals
     def SubmitUpdate(
         self, request_iterator: Iterator[pb.SubmitUpdateRequest], context: grpc.ServicerContext
     ) -> pb.SubmitUpdateResponse:
         """Bounded per call: a stream slot (--max-workers / 4), one upload per client id, and
         --stream-idle-s between messages (the watchdog cancels a stream that stalls)."""
         if not self.streams.try_enter():
-            _abort(context, grpc.StatusCode.UNAVAILABLE, "too many streams are open; retry shortly")
+            raise Rejected(grpc.StatusCode.UNAVAILABLE, "too many streams are open; retry shortly", Reason.BUSY)
         claimed: list[str] = []
         try:
             with self.watchdog.watch(context) as w:
@@ -252,74 +226,64 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         honest client retries (its first attempt, still streaming, then ends as accepted or not)."""
         if not self.uploading.try_enter(client_id):
             raise Rejected(grpc.StatusCode.UNAVAILABLE,
-                           f"an update from client {client_id!r} is already streaming in; retry when it ends")
+                           f"an update from client {client_id!r} is already streaming in; retry when it ends",
+                           Reason.BUSY)
         claimed.append(client_id)
 
     def _submit(
         self, request_iterator: Iterator[pb.SubmitUpdateRequest], context: grpc.ServicerContext,
         claim: Callable[[str], None],
     ) -> pb.SubmitUpdateResponse:
+        """The header is admitted (server/admission.py) before any chunk is read; the tensors are
+        committed (bounds, norm filter, counted once) after the end message."""
         received = WireBytes()
         first = None
+        stream_error = grpc.StatusCode.INVALID_ARGUMENT
         try:
             first = next(request_iterator, None)
             if first is None or not first.HasField("header"):
-                raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "the first message of SubmitUpdate must be the header")
+                raise Rejected(stream_error, "the first message of SubmitUpdate must be the header", Reason.BAD_STREAM)
             received.add(first)
-            meta = self._meta(first.header, context)
-            seen = self.coordinator.check_update(meta)
-            claim(meta.client_id)  # after the header checks: only a sampled client's id is held
-            if seen:
+            ticket = self.coordinator.admit(self._meta(first.header, context))
+            claim(ticket.meta.client_id)  # after the header checks: only a sampled client's id is held
+            if ticket.duplicate:
                 self._drain(request_iterator)
                 return pb.SubmitUpdateResponse(accepted=True, duplicate=True)
-            if meta.tensors is not None and meta.kind is not None:
-                slot = self.coordinator.upload_slot()
-                if not slot.acquire(timeout=self.coordinator.config.round_deadline_s):
-                    raise Rejected(grpc.StatusCode.UNAVAILABLE, "too many updates are streaming in; retry shortly")
-                tensors = None
-                try:
-                    tensors = receive_tensor_set(UPDATE, meta.tensors, request_iterator, count=received,
-                                                 max_bytes=self.coordinator.config.max_update_bytes)
-                    check_magnitude(tensors)
-                    self._check_norm(tensors)
-                    duplicate = self.coordinator.accept(meta, tensors)
-                finally:
-                    tensors = None  # free the buffer before another upload may take the slot
-                    slot.release()
-                return pb.SubmitUpdateResponse(accepted=True, duplicate=duplicate)
-            else:
+            if not ticket.carries_tensors:
                 messages = list(itertools.islice(request_iterator, 2))
                 if len(messages) != 1 or not messages[0].HasField("end"):
-                    raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
-                                   "an evaluation update is a header and an end message, with no chunks")
-            duplicate = self.coordinator.accept(meta, None)
-        except Rejected as exc:
-            self._log_refusal(context, first, exc.code.name, exc.message)
-            _abort(context, exc.code, clip(exc.message, MAX_MESSAGE_CHARS))
-        except TensorSetTooLarge as exc:
-            _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, clip(exc, MAX_MESSAGE_CHARS))
-        except TensorSetError as exc:
-            self._log_refusal(context, first, "INVALID_ARGUMENT", str(exc))
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, clip(exc, MAX_MESSAGE_CHARS))
+                    raise Rejected(stream_error, "an evaluation update is a header and an end message, with no "
+                                   "chunks", Reason.BAD_STREAM)
+                duplicate = self.coordinator.commit(ticket, None)
+                return pb.SubmitUpdateResponse(accepted=True, duplicate=duplicate)
+            slot = self.coordinator.upload_slot()
+            if not slot.acquire(timeout=self.coordinator.config.round_deadline_s):
+                raise Rejected(grpc.StatusCode.UNAVAILABLE, "too many updates are streaming in; retry shortly",
+                               Reason.BUSY)
+            tensors = None
+            try:
+                assert ticket.meta.tensors is not None
+                tensors = receive_tensor_set(UPDATE, ticket.meta.tensors, request_iterator, count=received,
+                                             max_bytes=self.coordinator.config.max_update_bytes)
+                duplicate = self.coordinator.commit(ticket, tensors)
+            finally:
+                tensors = None  # free the buffer before another upload may take the slot
+                slot.release()
+            return pb.SubmitUpdateResponse(accepted=True, duplicate=duplicate)
+        except (Rejected, TensorSetError) as exc:
+            refusal = refusal_of(exc)
+            if refusal is not None and not isinstance(exc, TensorSetTooLarge):
+                self._log_refusal(context, first, refusal.code.name, refusal.message)
+            raise
         finally:
             self.coordinator.count_bytes(received=received.total)
-        return pb.SubmitUpdateResponse(accepted=True, duplicate=duplicate)
-
-    def _check_norm(self, tensors: dict[str, torch.Tensor]) -> None:
-        """--max-update-norm refuses large updates (clipped-mean scales them down instead)."""
-        config = self.coordinator.config
-        if config.max_update_norm is None or config.aggregator == "clipped-mean":
-            return
-        norm = update_norm(tensors)
-        if norm > config.max_update_norm:
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"update norm {norm:.4g} is over --max-update-norm {config.max_update_norm:g}")
 
     def _meta(self, header: pb.UpdateHeader, context: grpc.ServicerContext) -> UpdateMeta:
         client_id = self._client_id(context, header.client_id)
         if header.kind not in _KINDS:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"update kind {header.kind} is not one of META_GRADIENT, PARAMETER_DELTA, EVALUATION")
+                           f"update kind {header.kind} is not one of META_GRADIENT, PARAMETER_DELTA, EVALUATION",
+                           Reason.WRONG_KIND)
         tensors = None
         if header.HasField("tensors"):
             tensors = header_from_proto(header.tensors)
@@ -340,24 +304,18 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         for _ in request_iterator:
             pass
 
+    @refusals
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveResponse:
         client_id = self._client_id(context, request.client_id)
-        try:
-            self.coordinator.check_run(request.run_id)
-            self.coordinator.leave(client_id)
-        except Rejected as exc:
-            _abort(context, exc.code, exc.message)
+        self.coordinator.check_run(request.run_id)
+        self.coordinator.leave(client_id)
         return pb.LeaveResponse()
 
-
+    @refusals
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
         client_id = self._client_id(context, request.client_id)
-        try:
-            self.coordinator.check_run(request.run_id)
-            still_needed = self.coordinator.heartbeat(client_id, int(request.round))
-        except Rejected as exc:
-            _abort(context, exc.code, exc.message)
-        return pb.HeartbeatResponse(still_needed=still_needed)
+        self.coordinator.check_run(request.run_id)
+        return pb.HeartbeatResponse(still_needed=self.coordinator.heartbeat(client_id, int(request.round)))
 
 
 # Keepalive: the coordinator accepts a client ping every KEEPALIVE_MIN_PING_S without data and

@@ -22,6 +22,28 @@ class UpdateKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UPDATE_KIND_META_GRADIENT: _ClassVar[UpdateKind]
     UPDATE_KIND_PARAMETER_DELTA: _ClassVar[UpdateKind]
     UPDATE_KIND_EVALUATION: _ClassVar[UpdateKind]
+
+class RefusalReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REFUSAL_REASON_UNSPECIFIED: _ClassVar[RefusalReason]
+    REFUSAL_REASON_NOT_JOINED: _ClassVar[RefusalReason]
+    REFUSAL_REASON_WRONG_RUN: _ClassVar[RefusalReason]
+    REFUSAL_REASON_ROUND_CLOSED: _ClassVar[RefusalReason]
+    REFUSAL_REASON_NOT_SAMPLED: _ClassVar[RefusalReason]
+    REFUSAL_REASON_STALE_VERSION: _ClassVar[RefusalReason]
+    REFUSAL_REASON_WRONG_KIND: _ClassVar[RefusalReason]
+    REFUSAL_REASON_BAD_WEIGHT: _ClassVar[RefusalReason]
+    REFUSAL_REASON_BAD_METRICS: _ClassVar[RefusalReason]
+    REFUSAL_REASON_BAD_TENSORS: _ClassVar[RefusalReason]
+    REFUSAL_REASON_BAD_VALUES: _ClassVar[RefusalReason]
+    REFUSAL_REASON_BAD_STREAM: _ClassVar[RefusalReason]
+    REFUSAL_REASON_TOO_LARGE: _ClassVar[RefusalReason]
+    REFUSAL_REASON_BUSY: _ClassVar[RefusalReason]
+    REFUSAL_REASON_REGISTRY_FULL: _ClassVar[RefusalReason]
+    REFUSAL_REASON_STOPPING: _ClassVar[RefusalReason]
+    REFUSAL_REASON_BAD_CLIENT_ID: _ClassVar[RefusalReason]
+    REFUSAL_REASON_NOT_ALLOWED: _ClassVar[RefusalReason]
+    REFUSAL_REASON_BAD_PROTOCOL: _ClassVar[RefusalReason]
 ACTION_UNSPECIFIED: Action
 ACTION_TRAIN: Action
 ACTION_EVALUATE: Action
@@ -31,6 +53,25 @@ UPDATE_KIND_UNSPECIFIED: UpdateKind
 UPDATE_KIND_META_GRADIENT: UpdateKind
 UPDATE_KIND_PARAMETER_DELTA: UpdateKind
 UPDATE_KIND_EVALUATION: UpdateKind
+REFUSAL_REASON_UNSPECIFIED: RefusalReason
+REFUSAL_REASON_NOT_JOINED: RefusalReason
+REFUSAL_REASON_WRONG_RUN: RefusalReason
+REFUSAL_REASON_ROUND_CLOSED: RefusalReason
+REFUSAL_REASON_NOT_SAMPLED: RefusalReason
+REFUSAL_REASON_STALE_VERSION: RefusalReason
+REFUSAL_REASON_WRONG_KIND: RefusalReason
+REFUSAL_REASON_BAD_WEIGHT: RefusalReason
+REFUSAL_REASON_BAD_METRICS: RefusalReason
+REFUSAL_REASON_BAD_TENSORS: RefusalReason
+REFUSAL_REASON_BAD_VALUES: RefusalReason
+REFUSAL_REASON_BAD_STREAM: RefusalReason
+REFUSAL_REASON_TOO_LARGE: RefusalReason
+REFUSAL_REASON_BUSY: RefusalReason
+REFUSAL_REASON_REGISTRY_FULL: RefusalReason
+REFUSAL_REASON_STOPPING: RefusalReason
+REFUSAL_REASON_BAD_CLIENT_ID: RefusalReason
+REFUSAL_REASON_NOT_ALLOWED: RefusalReason
+REFUSAL_REASON_BAD_PROTOCOL: RefusalReason
 
 class ModelSpec(_message.Message):
     __slots__ = ("name", "kwargs_json")

@@ -1,0 +1,82 @@
+"""Refusals as domain errors, and the one place that turns them into gRPC status codes.
+
+The coordinator's parts raise Rejected(code, message, reason); the codec raises
+TensorSetError (INVALID_ARGUMENT, BAD_TENSORS) and TensorSetTooLarge (RESOURCE_EXHAUSTED,
+TOO_LARGE). `refusals` wraps a servicer method (unary or streaming) and aborts the call
+with the code, the message clipped to MAX_MESSAGE_CHARS, and the reason as the trailing
+metadata entry `fedmeta-reason` (common/refusal.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+
+from common.codec import TensorSetError, TensorSetTooLarge
+from common.refusal import Reason, reason_metadata
+from common.textsafe import clip
+
+# A refusal's message, as logged and as returned to the peer, is at most about this long.
+MAX_MESSAGE_CHARS = 1000
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Rejected(Exception):
+    """A request refused with a gRPC status code, a sentence a person can act on, and a reason a program acts on."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, reason: Reason | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Refusal:
+    code: grpc.StatusCode
+    message: str
+    reason: Reason | None
+
+
+def refusal_of(exc: BaseException) -> Refusal | None:
+    """The status code, message and reason for a domain error; None for anything else."""
+    if isinstance(exc, Rejected):
+        return Refusal(exc.code, clip(exc.message, MAX_MESSAGE_CHARS), exc.reason)
+    if isinstance(exc, TensorSetTooLarge):
+        return Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, clip(exc, MAX_MESSAGE_CHARS), Reason.TOO_LARGE)
+    if isinstance(exc, TensorSetError):
+        return Refusal(grpc.StatusCode.INVALID_ARGUMENT, clip(exc, MAX_MESSAGE_CHARS), Reason.BAD_TENSORS)
+    return None
+
+
+def abort(context: grpc.ServicerContext, refusal: Refusal) -> NoReturn:
+    if refusal.reason is not None:
+        context.set_trailing_metadata(reason_metadata(refusal.reason))
+    context.abort(refusal.code, refusal.message)
+    raise AssertionError("unreachable")  # context.abort raises
+
+
+def refusals(method: F) -> F:
+    """Servicer method decorator: Rejected / TensorSetError -> context.abort(code, message) + reason."""
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def stream(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                yield from method(self, request, context)
+            except (Rejected, TensorSetError) as exc:
+                abort(context, refusal_of(exc))  # type: ignore[arg-type]
+        return stream  # type: ignore[return-value]
+
+    @functools.wraps(method)
+    def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except (Rejected, TensorSetError) as exc:
+            abort(context, refusal_of(exc))  # type: ignore[arg-type]
+    return unary  # type: ignore[return-value]

@@ -1,0 +1,170 @@
+"""The client registry: join, leave, heartbeats and leases, caps, purging, silent-client benching.
+
+Not thread-safe by itself: the Coordinator calls it under its lock. Times are monotonic
+seconds passed in (`now`), so every rule here is a function of the registry and the clock.
+
+- A client is live while it long-polls or its last call was at most `lease_s`
+  (2 x --poll-timeout-s + 5 s) ago.
+- The registry holds at most --max-clients ids; a join past that first forgets clients
+  that left, and is refused (REGISTRY_FULL) if none did.
+- A client silent for --forget-client-s is forgotten (a forgotten client that comes back
+  is told NOT_JOINED and joins again).
+- A client sampled and silent in --max-silent-rounds rounds in a row is benched for
+  max_silent_rounds * 2**benchings rounds; sampling takes clients that have answered a
+  round before ("proven") first (server/rounds.py pick).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from common.refusal import Reason
+from server.errors import Rejected
+
+log = logging.getLogger("fedmeta.coordinator")
+
+
+@dataclass
+class ClientInfo:
+    client_id: str
+    device: str
+    num_tasks: int
+    last_seen: float
+    polling: int = 0
+    left: bool = False
+    told_finished: bool = False
+    answered: int = 0  # rounds this client answered: clients that have answered are sampled first
+    silent: int = 0  # rounds in a row it was sampled and did not answer
+    benched_until: int = -1  # not sampled before this round (after --max-silent-rounds silent ones)
+    benchings: int = 0
+
+    def record(self) -> dict[str, Any]:
+        return {"device": self.device, "num_tasks": self.num_tasks, "answered": self.answered,
+                "silent": self.silent, "benched_until": self.benched_until, "benchings": self.benchings}
+
+    @classmethod
+    def from_record(cls, client_id: str, info: Mapping[str, Any], now: float) -> ClientInfo:
+        return cls(client_id, str(info.get("device", ""))[:64], int(info.get("num_tasks", 0)), now,
+                   answered=int(info.get("answered", 0)), silent=int(info.get("silent", 0)),
+                   benched_until=int(info.get("benched_until", -1)), benchings=int(info.get("benchings", 0)))
+
+
+class Registry:
+    """Who takes part in the run, and since when each was last heard from."""
+
+    def __init__(self, *, run_id: str, max_clients: int, forget_client_s: float, max_silent_rounds: int,
+                 lease_s: float) -> None:
+        self.run_id = run_id
+        self.max_clients = max_clients
+        self.forget_client_s = forget_client_s
+        self.max_silent_rounds = max_silent_rounds
+        self.lease_s = lease_s
+        self.clients: dict[str, ClientInfo] = {}
+        self.seen = 0  # registrations: distinct ids, unless one was forgotten and came back
+
+    # ---- membership -------------------------------------------------------------------------
+    def join(self, client_id: str, *, device: str, num_tasks: int, now: float, busy: Iterable[str] = ()) -> None:
+        """Register (or refresh) a client; `busy` are ids the open round still needs (never purged)."""
+        info = self.clients.get(client_id)
+        if info is None and len(self.clients) >= self.max_clients:
+            self.purge(now, busy=busy, left_too=True)
+            if len(self.clients) >= self.max_clients:
+                raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"the coordinator has {len(self.clients)} registered clients, its limit "
+                               "(--max-clients); retry later", Reason.REGISTRY_FULL)
+        if info is None or info.left:
+            fresh = ClientInfo(client_id, device, num_tasks, now)
+            if info is not None:  # rejoining keeps its record: leaving does not wipe silent rounds
+                fresh.answered, fresh.silent = info.answered, info.silent
+                fresh.benched_until, fresh.benchings = info.benched_until, info.benchings
+            else:
+                self.seen += 1
+            self.clients[client_id] = fresh
+            log.info("client %s joined (device %s)", client_id, device or "?")
+        else:
+            info.device, info.num_tasks, info.last_seen = device, num_tasks, now
+
+    def known(self, client_id: str) -> ClientInfo:
+        """The record of a joined client; NOT_JOINED if it never joined, left or was forgotten."""
+        info = self.clients.get(client_id)
+        if info is None or info.left:
+            raise Rejected(grpc.StatusCode.NOT_FOUND,
+                           f"client {client_id!r} has not joined run {self.run_id!r}; call Join first",
+                           Reason.NOT_JOINED)
+        return info
+
+    def touch(self, client_id: str, now: float) -> ClientInfo:
+        """A call from a joined client renews its lease."""
+        info = self.known(client_id)
+        info.last_seen = now
+        return info
+
+    def leave(self, client_id: str) -> ClientInfo:
+        info = self.known(client_id)
+        info.left = True
+        return info
+
+    def purge(self, now: float, *, busy: Iterable[str] = (), left_too: bool = False) -> list[str]:
+        """Forget clients silent for --forget-client-s (and, with left_too, every one that left)."""
+        keep = set(busy)
+        old = [cid for cid, c in self.clients.items()
+               if c.polling == 0 and cid not in keep
+               and (now - c.last_seen > self.forget_client_s or (left_too and c.left))]
+        for cid in old:
+            del self.clients[cid]
+        if old:
+            log.info("forgot %d clients that left or were silent for over %g s (--forget-client-s)",
+                     len(old), self.forget_client_s)
+        return old
+
+    def live(self, now: float) -> list[str]:
+        """Sorted ids of clients that have not left and long-poll or were heard from within the lease."""
+        return sorted(c.client_id for c in self.clients.values()
+                      if not c.left and (c.polling > 0 or now - c.last_seen <= self.lease_s))
+
+    def answered_counts(self) -> dict[str, int]:
+        """Per client: rounds answered (the sampling's "proven" test is answered > 0)."""
+        return {cid: c.answered for cid, c in self.clients.items()}
+
+    def benched_until(self) -> dict[str, int]:
+        return {cid: c.benched_until for cid, c in self.clients.items()}
+
+    # ---- after a round ------------------------------------------------------------------------
+    def tally(self, round_index: int, answered: Iterable[str], silent: Iterable[str]) -> list[str]:
+        """Per client: answered rounds, and silent rounds in a row; --max-silent-rounds of them
+        bench a client for max_silent_rounds * 2**benchings rounds. Returns the ids benched."""
+        limit = self.max_silent_rounds
+        for cid in answered:
+            info = self.clients.get(cid)
+            if info is not None:
+                info.answered += 1
+                info.silent = 0
+        benched = []
+        for cid in silent:
+            info = self.clients.get(cid)
+            if info is None or info.left:
+                continue
+            info.silent += 1
+            if info.silent >= limit:
+                info.benched_until = round_index + 1 + limit * 2 ** min(info.benchings, 16)
+                info.benchings += 1
+                info.silent = 0
+                benched.append(cid)
+                log.info("client %s was sampled and silent in %d rounds in a row: not sampled before round %d "
+                         "(--max-silent-rounds)", cid, limit, info.benched_until)
+        return benched
+
+    # ---- persistence ------------------------------------------------------------------------------
+    def records(self) -> dict[str, dict[str, Any]]:
+        """What a checkpoint keeps: bounded by --max-clients, the registry, not every id ever seen."""
+        return {c.client_id: c.record() for c in self.clients.values() if not c.left}
+
+    def restore(self, records: Mapping[str, Mapping[str, Any]], seen: int, now: float) -> None:
+        self.seen = seen
+        for cid, info in list(records.items())[: self.max_clients]:
+            self.clients[cid] = ClientInfo.from_record(cid, info, now)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from enum import Enum
 from typing import TypeVar
 
 import grpc
@@ -21,11 +22,39 @@ from common import CLIENT_ID_METADATA, PROTOCOL_VERSION
 from common.codec import EncodedTensorSet, TensorSpec
 from common.config import RunConfig
 from common.proto import pb, pb_grpc
+from common.refusal import NEW_WORK, REJOIN, reason_from_metadata
 from common.transfer import receive_parameters, update_messages
 from common.wire import encoding_to_proto, run_config_from_proto
 
 T = TypeVar("T")
 RPC_TIMEOUT_S = 60.0
+
+
+class Next(Enum):
+    """What a client does after the coordinator refused a call."""
+
+    REJOIN = "rejoin"
+    NEW_WORK = "new work"
+    STOP = "stop"
+
+
+def after_refusal(exc: grpc.Call) -> tuple[Next, str]:
+    """(what to do, the reason or status name) for a refusal, from its reason (common/refusal.py),
+    never its message: NOT_JOINED and WRONG_RUN rejoin; ROUND_CLOSED, NOT_SAMPLED and STALE_VERSION
+    drop the work and ask for new work; any other reason stops. Without a reason (an older
+    coordinator, a proxy), the status code alone: NOT_FOUND rejoins, FAILED_PRECONDITION asks
+    for new work, anything else stops."""
+    reason = reason_from_metadata(exc.trailing_metadata())
+    code = exc.code()
+    if reason is not None:
+        label = reason.value
+        step = Next.REJOIN if reason in REJOIN else Next.NEW_WORK if reason in NEW_WORK else Next.STOP
+        return step, label
+    if code == grpc.StatusCode.NOT_FOUND:
+        return Next.REJOIN, code.name
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return Next.NEW_WORK, code.name
+    return Next.STOP, code.name if code is not None else "?"
 
 
 class Session:

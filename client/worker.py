@@ -21,7 +21,7 @@ import torch
 
 # ClientConfig and its helpers lived here; importers keep `from client.worker import ClientConfig`.
 from client.config import KEEPALIVE_PING_S, ClientConfig, channel_options, default_data_seed  # noqa: F401
-from client.session import Session
+from client.session import Next, Session, after_refusal
 from common.algorithms import InnerConfig, UpdateKind, get_algorithm, meta_parameters
 from common.codec import ENCODINGS, TensorSetError, abs_max, encode, specs_of
 from common.config import RunConfig
@@ -290,13 +290,15 @@ class Worker:
         return 0
 
     def _on_refusal(self, exc: grpc.Call) -> None:
-        code, details = exc.code(), exc.details()
-        if code == grpc.StatusCode.NOT_FOUND or (
-            code == grpc.StatusCode.FAILED_PRECONDITION and "call Join" in (details or "")
-        ):
-            log.warning("the coordinator does not know this client (%s); joining again", details)
+        """Act on the refusal's reason, never on its message (client/session.py after_refusal)."""
+        step, label = after_refusal(exc)
+        details = exc.details()
+        if step is Next.REJOIN:
+            log.warning("the coordinator does not know this client (%s); joining again (%s)", details, label)
             self.join()
-        elif code == grpc.StatusCode.FAILED_PRECONDITION:
-            log.warning("work refused (%s); asking for new work", details)
+        elif step is Next.NEW_WORK:
+            log.warning("work refused (%s); asking for new work (%s)", details, label)
         else:
-            raise ClientError(f"the coordinator refused this client: {code.name}: {details}") from None
+            code = exc.code()
+            what = code.name if label == code.name else f"{code.name} ({label})"
+            raise ClientError(f"the coordinator refused this client: {what}: {details}") from None

@@ -18,7 +18,6 @@ collects pre/post-adaptation losses, then the run is FINISHED.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -29,9 +28,8 @@ from typing import Any
 import grpc
 import torch
 
-from common.aggregation import FlatLayout, NormFilter, make_aggregator
+from common.aggregation import FlatLayout, NormFilter
 from common.algorithms import OuterConfig, get_algorithm, meta_parameters
-from common.algorithms.outer import guarded_step
 from common.codec import EncodedTensorSet, TensorSetHeader, TensorSpec
 from common.config import RunConfig
 from common.refusal import Reason
@@ -41,21 +39,13 @@ from server.broadcast import Broadcast, version_of
 from server.config import ServerConfig
 from server.errors import Rejected
 from server.registry import ClientInfo, Registry
-from server.rounds import Close, Open, Resample, Round, RoundsState, Wait
+from server.rounds import Round, RoundsState
+from server.round_thread import RoundThread
 from server.runstate import RunState
 
 __all__ = ["Action", "Assignment", "ClientInfo", "Coordinator", "Rejected", "Round", "Ticket", "UpdateMeta"]
 
 log = logging.getLogger("fedmeta.coordinator")
-
-
-def _few(ids: set[str] | frozenset[str], shown: int = 10) -> str:
-    """At most `shown` ids for a log line, and how many more (a log line stays short)."""
-    if not ids:
-        return "none"
-    names = sorted(ids)
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return f"{names[:shown]}{more}"
 
 
 class Action(Enum):
@@ -90,7 +80,6 @@ class Coordinator:
         self.finished = threading.Event()
         self.failed = threading.Event()  # the round thread stopped on an error: not a finished run
         self._thread: threading.Thread | None = None
-        self._purged_at = 0.0
         self.error: str | None = None
         self.summary: dict[str, Any] | None = None
 
@@ -184,7 +173,7 @@ class Coordinator:
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._round_loop, name="fedmeta-rounds", daemon=True)
+        self._thread = threading.Thread(target=RoundThread(self).run, name="fedmeta-rounds", daemon=True)
         self._thread.start()
 
     def begin_stop(self) -> None:
@@ -339,154 +328,3 @@ class Coordinator:
     def _clients_view(self, now: float) -> rounds.Clients:
         r = self.registry
         return rounds.Clients(r.live(now), r.answered_counts(), r.benched_until())
-
-    def _round_loop(self) -> None:
-        try:
-            while not self._stopping.is_set() and not self.finished.is_set():
-                closing = None
-                with self._cond:
-                    now = self.clock()
-                    if now - self._purged_at > min(5.0, self.config.forget_client_s / 2):
-                        self._purged_at = now
-                        rnd = self.state.round
-                        self.registry.purge(now, busy=rnd.sampled if rnd is not None else ())
-                    decision = rounds.decide(self.policy, self.state, self._clients_view(now), now,
-                                             stopping=self._stopping.is_set())
-                    if isinstance(decision, Open):
-                        self._open(decision)
-                    elif isinstance(decision, Close):
-                        closing = decision.round
-                        self._tally(closing)
-                    elif isinstance(decision, Resample):
-                        self._resample(decision, now)
-                    else:
-                        self._wait(decision, now)
-                if closing is not None:
-                    self._close(closing)
-        except Exception as exc:
-            # A failed run is not a finished run: waiting clients are told UNAVAILABLE and keep
-            # retrying (--give-up-s); the coordinator exits 1; restarted with the same --run-dir
-            # it resumes from the last checkpoint.
-            if isinstance(exc, OSError):
-                log.error("the round thread failed: %s; stopping the run (free the space or fix the run "
-                          "directory, then restart with the same --run-dir to resume)", exc)
-            else:
-                log.exception("the round thread failed; stopping the run")
-            self.error = str(exc)
-            with self._cond:
-                self.failed.set()
-                self._stopping.set()
-                self._cond.notify_all()
-
-    def _wait(self, decision: Wait, now: float) -> None:
-        rnd = self.state.round
-        if rnd is not None and decision.proven_done is not None:
-            rnd.proven_done = decision.proven_done
-        wait = 0.5 if decision.until is None else max(0.0, decision.until - now)
-        self._cond.wait(timeout=min(wait, 0.5))
-
-    def _open(self, decision: Open) -> None:
-        accumulator = None
-        if not decision.evaluation:
-            accumulator = make_aggregator(self.config.aggregator, self.layout,
-                                          max_norm=self.config.max_update_norm, trim=self.config.trim_fraction)
-        self.state.round = decision.round(self.broadcast.version, accumulator)
-        if decision.short_of:
-            log.info("round %d starts with %d of %d clients (only %d live after %.0f s)", decision.index,
-                     len(decision.sampled), self.policy.clients_per_round, decision.short_of, decision.waited_s)
-        self._cond.notify_all()
-
-    def _try_open(self) -> None:
-        now = self.clock()
-        opened = rounds.plan_open(self.policy, self.state, self._clients_view(now), now,
-                                  stopping=self._stopping.is_set())
-        if opened is not None:
-            self._open(opened)
-
-    def _resample(self, change: Resample, now: float) -> None:
-        rnd = self.state.round
-        assert rnd is not None
-        asked = len(rnd.sampled | rnd.answered)
-        rounds.apply_resample(rnd, change)
-        log.warning("round %d: deadline passed with %d of %d answers (quorum %d); dropped unreachable %s, "
-                    "added %s, waiting %g s more", rnd.index, len(rnd.answered), asked,
-                    rounds.quorum(self.policy, rnd), _few(change.gone), _few(change.added),
-                    self.config.round_deadline_s)
-        self._cond.notify_all()
-
-    def _tally(self, rnd: Round) -> None:
-        self.state.round = None
-        self.state.explore_at, self.state.explore_misses = rounds.explore_after(rnd, self.state)
-        self.registry.tally(rnd.index, rnd.answered, (rnd.sampled | rnd.dropped) - rnd.answered)
-
-    def _close(self, rnd: Round) -> None:
-        # Each metric is averaged over the clients that sent it: one that leaves one out cannot pull it to 0.
-        metrics = {k: v / rnd.metric_weights[k] for k, v in rnd.metric_sums.items() if rnd.metric_weights.get(k)}
-        if rnd.validation:
-            self._validated(rnd, metrics)
-        elif rnd.evaluation:
-            self._finish(rnd, metrics)
-        else:
-            self._step(rnd, metrics)
-
-    def _step(self, rnd: Round, metrics: dict[str, float]) -> None:
-        assert rnd.accumulator is not None
-        with self._cond:
-            in_place = self.broadcast.begin_step()  # no new reader of the old version from here on
-        # Step in place unless a straggler is still streaming the old buffer: O(model) memory.
-        theta = self.broadcast.theta if in_place else self.broadcast.theta.clone()
-        lr = guarded_step(self.outer, theta, rnd.accumulator.take_mean(), rnd.index)
-        rnd.accumulator = None
-        if lr is None:
-            self._log_undone(rnd)
-        with self._cond:
-            self.broadcast.publish(theta)
-            self.state.next_round = rnd.index + 1
-            self.state.waiting_since = self.clock()
-            self.admission.forget_before(rnd.index)
-            round_s = self.clock() - rnd.started
-            # Clients start the next round while this thread writes the checkpoint: only this
-            # thread changes theta and the optimizer state, so what it writes is consistent.
-            self._try_open()
-        if self.next_round % self.config.checkpoint_every == 0 or self.next_round == self.config.rounds:
-            self._save_checkpoint()
-        self._record(self.runstate.round_record(rnd, metrics, lr=lr, round_s=round_s, version=self.version))
-
-    def _record(self, record: dict[str, Any]) -> None:
-        self.rundir.append_metrics(record)
-        if self._on_round is not None:
-            self._on_round(record)
-
-    def _save_checkpoint(self) -> None:
-        with self._cond:
-            meta = self.runstate.meta(rounds=self.state, version=self.version, clients=self.registry.records(),
-                                      seen=self.registry.seen)
-        self.runstate.save(self.broadcast.theta, self.outer, meta)
-
-    def _validated(self, rnd: Round, metrics: dict[str, float]) -> None:
-        """A validation closed: record it, export θ to model-best/ if it is the best so far."""
-        entry = self.runstate.validated(rnd, metrics, self.parameters(), self.version)
-        with self._cond:
-            self.state.validated_through = rnd.index
-            self.state.waiting_since = self.clock()
-            self._try_open()
-        self._save_checkpoint()  # the best so far survives a restart
-        self._record(entry)
-
-    def _log_undone(self, rnd: Round) -> None:
-        """An outer step left theta or the optimiser state non-finite and was undone: name the suspects."""
-        ranked = sorted(rnd.norms.items(), key=lambda kv: (math.isfinite(kv[1]), -kv[1]))[:5]
-        suspects = ", ".join(f"{cid} (norm {norm:.3g})" for cid, norm in ranked) or "none"
-        log.error("round %d: the outer step made theta or the optimiser state non-finite; undone (theta, its "
-                  "version and the optimiser state are as before the round). Largest updates of the round's %d: "
-                  "%s. If no update stands out, lower --outer-lr", rnd.index, len(rnd.norms), suspects)
-
-    def _finish(self, rnd: Round, metrics: dict[str, float]) -> None:
-        self.summary = self.runstate.summary(rnd, metrics, self.parameters(), version=self.version,
-                                             rounds_completed=self.next_round, clients_seen=self.clients_seen)
-        with self._cond:
-            self.state.evaluation_done = True
-            self.finished.set()
-            self._cond.notify_all()
-        log.info("run finished: %d rounds, evaluation on %d held-out tasks", self.next_round,
-                 self.summary["eval"]["tasks"])

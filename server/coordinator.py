@@ -42,6 +42,7 @@ from server.registry import ClientInfo, Registry
 from server.rounds import Round, RoundsState
 from server.round_thread import RoundThread
 from server.runstate import RunState
+from server.validation import Best
 
 __all__ = ["Action", "Assignment", "ClientInfo", "Coordinator", "Rejected", "Round", "Ticket", "UpdateMeta"]
 
@@ -126,7 +127,7 @@ class Coordinator:
         return self.registry.seen
 
     @property
-    def best(self) -> Any:
+    def best(self) -> Best | None:
         return self.runstate.best
 
     @property

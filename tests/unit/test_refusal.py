@@ -1,0 +1,65 @@
+"""Refusal reasons: the Python enum is the proto contract; one decorator maps domain errors to status codes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+
+from common.codec import TensorSetError, TensorSetTooLarge
+from common.proto import pb
+from common.refusal import REASON_KEY, Reason, reason_from_metadata, reason_metadata
+from server.errors import MAX_MESSAGE_CHARS, Rejected, refusal_of, refusals
+
+PROTO = Path(__file__).resolve().parents[2] / "protos" / "fedmeta" / "v1" / "coordinator.proto"
+
+
+def test_the_reason_enum_is_the_proto_contract() -> None:
+    names = {v.name.removeprefix("REFUSAL_REASON_") for v in pb.RefusalReason.DESCRIPTOR.values} - {"UNSPECIFIED"}
+    assert names == {r.value for r in Reason} == {r.name for r in Reason}
+    assert "fedmeta-reason" in PROTO.read_text()
+    assert reason_from_metadata(reason_metadata(Reason.NOT_JOINED)) == Reason.NOT_JOINED
+    assert reason_from_metadata(((REASON_KEY, b"WRONG_RUN"),)) == Reason.WRONG_RUN
+    assert reason_from_metadata((("other", "NOT_JOINED"),)) is None and reason_from_metadata(None) is None
+
+
+class FakeContext:
+    """What @refusals uses of a grpc.ServicerContext: trailing metadata, then abort (which raises)."""
+
+    def __init__(self) -> None:
+        self.trailing: tuple = ()
+        self.aborted: tuple[grpc.StatusCode, str] | None = None
+
+    def set_trailing_metadata(self, metadata) -> None:  # type: ignore[no-untyped-def]
+        self.trailing = tuple(metadata)
+
+    def abort(self, code, message):  # type: ignore[no-untyped-def]
+        self.aborted = (code, message)
+        raise RuntimeError("aborted")
+
+
+@pytest.mark.parametrize("error, code, reason", [
+    (Rejected(grpc.StatusCode.NOT_FOUND, "x" * 5000, Reason.NOT_JOINED), grpc.StatusCode.NOT_FOUND, Reason.NOT_JOINED),
+    (TensorSetTooLarge("too big"), grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.TOO_LARGE),
+    (TensorSetError("bad digest"), grpc.StatusCode.INVALID_ARGUMENT, Reason.BAD_TENSORS),
+])
+def test_one_decorator_maps_domain_errors_for_unary_and_streaming_handlers(error, code, reason) -> None:
+    class Servicer:
+        @refusals
+        def unary(self, request, context):  # type: ignore[no-untyped-def]
+            raise error
+
+        @refusals
+        def stream(self, request, context):  # type: ignore[no-untyped-def]
+            yield 1
+            raise error
+
+    for call in (lambda c: Servicer().unary(None, c), lambda c: list(Servicer().stream(None, c))):
+        context = FakeContext()
+        with pytest.raises(RuntimeError, match="aborted"):
+            call(context)
+        assert context.aborted is not None and context.aborted[0] == code
+        assert len(context.aborted[1]) <= MAX_MESSAGE_CHARS + 40  # clipped, with a note of how much
+        assert reason_from_metadata(context.trailing) == reason
+    assert refusal_of(ValueError("not ours")) is None

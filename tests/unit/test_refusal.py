@@ -63,3 +63,35 @@ def test_one_decorator_maps_domain_errors_for_unary_and_streaming_handlers(error
         assert len(context.aborted[1]) <= MAX_MESSAGE_CHARS + 40  # clipped, with a note of how much
         assert reason_from_metadata(context.trailing) == reason
     assert refusal_of(ValueError("not ours")) is None
+
+
+class FakeCall:
+    """A refused call as the client sees it: a status code, a message and trailing metadata."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, metadata: tuple = ()) -> None:
+        self._code, self._details, self._metadata = code, details, metadata
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> tuple:
+        return self._metadata
+
+
+@pytest.mark.parametrize("code, details, reason, step", [
+    (grpc.StatusCode.FAILED_PRECONDITION, "unrelated", Reason.WRONG_RUN, "REJOIN"),
+    (grpc.StatusCode.NOT_FOUND, "unrelated", Reason.NOT_JOINED, "REJOIN"),
+    (grpc.StatusCode.FAILED_PRECONDITION, "call Join again", None, "NEW_WORK"),  # the text never decides
+    (grpc.StatusCode.NOT_FOUND, "", None, "REJOIN"),
+    (grpc.StatusCode.NOT_FOUND, "call Join", Reason.STALE_VERSION, "NEW_WORK"),
+    (grpc.StatusCode.INVALID_ARGUMENT, "call Join", Reason.BAD_WEIGHT, "STOP"),
+    (grpc.StatusCode.PERMISSION_DENIED, "call Join", None, "STOP"),
+])
+def test_the_session_decides_on_the_reason_then_the_code(code, details, reason, step) -> None:
+    from client.session import Next, after_refusal
+
+    metadata = reason_metadata(reason) if reason is not None else ()
+    assert after_refusal(FakeCall(code, details, metadata))[0] is Next[step]  # type: ignore[arg-type]

@@ -6,10 +6,14 @@ import re
 
 import pytest
 
-from server.runstate import RESUME_KEYS, RunState, check_resumable
+from server.config import OPTIONS
+from server.runstate import RunState, check_resumable
+
+RESUME_KEYS = tuple(o.field for o in OPTIONS if o.resume and o.field is not None)
 
 
 def test_resuming_needs_the_same_settings() -> None:
+    assert {"algorithm", "inner_lr", "eval_every", "eval_ways"} <= set(RESUME_KEYS)
     current = {k: 1 for k in RESUME_KEYS}
     check_resumable(dict(current), current, "runs/x")
     with pytest.raises(ValueError, match=re.escape("inner_lr: checkpoint 2, now 1")):

@@ -11,15 +11,59 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
 
-from common.aggregation import make_aggregator
+import torch
+
+from common.aggregation import FlatLayout, make_aggregator
+from common.algorithms.base import OuterStep
 from common.algorithms.outer import guarded_step
 from server import rounds
-from server.rounds import Close, Open, Resample, Round, Wait
+from server.admission import Admission
+from server.broadcast import Broadcast
+from server.options import ServerConfig
+from server.registry import Registry
+from server.rounds import Close, Open, Resample, Round, RoundsState, Wait
+from server.rundir import RunDir
+from server.runstate import RunState
 
-if TYPE_CHECKING:
-    from server.coordinator import Coordinator
+
+class Coordinator(Protocol):
+    """What the round thread uses of server.coordinator.Coordinator (typed here: no import back)."""
+
+    config: ServerConfig
+    clock: Callable[[], float]
+    _cond: threading.Condition
+    _stopping: threading.Event
+    finished: threading.Event
+    failed: threading.Event
+    error: str | None
+    summary: dict[str, Any] | None
+    _on_round: Callable[[dict[str, Any]], None] | None
+    state: RoundsState
+    policy: rounds.Policy
+    registry: Registry
+    admission: Admission
+    broadcast: Broadcast
+    outer: OuterStep
+    layout: FlatLayout
+    rundir: RunDir
+    runstate: RunState
+
+    def parameters(self) -> dict[str, torch.Tensor]: ...
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def next_round(self) -> int: ...
+
+    @property
+    def clients_seen(self) -> int: ...
+
+    def _clients_view(self, now: float) -> rounds.Clients: ...
 
 log = logging.getLogger("fedmeta.coordinator")
 

@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from client.worker import ClientConfig, Worker
-from common.metrics import placeholder_metrics
-from common.proto import pb
+from fedmeta.client.worker import ClientConfig, Worker
+from fedmeta.common.metrics import placeholder_metrics
+from fedmeta.common.proto import pb
 
 
 class EchoWorker(Worker):

@@ -36,13 +36,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from client.retry import RetryPolicy  # noqa: E402
-from client.session import Session  # noqa: E402
-from common.algorithms import UpdateKind, get_algorithm  # noqa: E402
-from common.codec import EncodedTensorSet, TensorSpec, encode, specs_of  # noqa: E402
-from common.metrics import placeholder_metrics  # noqa: E402
-from common.proto import pb  # noqa: E402
-from common.transfer import receive_inline  # noqa: E402
+from fedmeta.client.retry import RetryPolicy  # noqa: E402
+from fedmeta.client.session import Session  # noqa: E402
+from fedmeta.common.algorithms import UpdateKind, get_algorithm  # noqa: E402
+from fedmeta.common.codec import EncodedTensorSet, TensorSpec, encode, specs_of  # noqa: E402
+from fedmeta.common.metrics import placeholder_metrics  # noqa: E402
+from fedmeta.common.proto import pb  # noqa: E402
+from fedmeta.common.transfer import receive_inline  # noqa: E402
 
 _KIND = {UpdateKind.META_GRADIENT: pb.UPDATE_KIND_META_GRADIENT, UpdateKind.PARAMETER_DELTA: pb.UPDATE_KIND_PARAMETER_DELTA}
 _RPC_TIMEOUT_S = 120.0

@@ -39,9 +39,9 @@ SEQUENTIAL = {"fedavg", "perfedavg"}
 def _batch(workload: str, algorithm: str, tasks: int):  # type: ignore[no-untyped-def]
     import torch
 
-    from common.config import RunConfig
-    from common.models import default_model
-    from common.tasks import TaskBatch, make_tasks
+    from fedmeta.common.config import RunConfig
+    from fedmeta.common.models import default_model
+    from fedmeta.common.tasks import TaskBatch, make_tasks
 
     if workload == "conv4":
         spec = default_model("omniglot", algorithm=algorithm)
@@ -66,9 +66,9 @@ def child(workload: str, algorithm: str, vectorize: bool, tasks: int, reps: int)
     """One measurement, in this process."""
     import torch
 
-    from common.algorithms import InnerConfig, get_algorithm, meta_parameters
-    from common.models import build_model
-    from common.tasks import TaskBatch, loss_for
+    from fedmeta.common.algorithms import InnerConfig, get_algorithm, meta_parameters
+    from fedmeta.common.models import build_model
+    from fedmeta.common.tasks import TaskBatch, loss_for
 
     torch.set_num_threads(1)
     run, batch = _batch(workload, algorithm, tasks)
@@ -101,7 +101,7 @@ def measure(workload: str, algorithm: str, vectorize: bool, tasks: int, reps: in
 
 
 def main() -> int:
-    from common.algorithms import ALGORITHMS
+    from fedmeta.common.algorithms import ALGORITHMS
 
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         workload, algorithm, mode, tasks, reps = sys.argv[2:7]

@@ -37,9 +37,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks._common import CpuMonitor, machine, wait_quiet, write_result  # noqa: E402
-from common.aggregation import FlatLayout  # noqa: E402
-from common.codec import DEFAULT_CHUNK_BYTES, ENCODINGS, Reassembler, decode, encode, iter_chunks, specs_of  # noqa: E402
-from common.models import ModelSpec, init_parameters  # noqa: E402
+from fedmeta.common.aggregation import FlatLayout  # noqa: E402
+from fedmeta.common.codec import DEFAULT_CHUNK_BYTES, ENCODINGS, Reassembler, decode, encode, iter_chunks, specs_of  # noqa: E402
+from fedmeta.common.models import ModelSpec, init_parameters  # noqa: E402
 
 NAME = "codec_throughput"
 MB = 1e6

@@ -19,12 +19,12 @@ import time
 
 import torch
 
-from common import centralized
-from common.algorithms import get_algorithm
-from common.config import RunConfig
-from common.evaluation import evaluate, predict
-from common.models import NORMS, build_model, default_model
-from common.tasks import STREAM_EVAL, loss_for, make_tasks, task_seed
+from fedmeta.common import centralized
+from fedmeta.common.algorithms import get_algorithm
+from fedmeta.common.config import RunConfig
+from fedmeta.common.evaluation import evaluate, predict
+from fedmeta.common.models import NORMS, build_model, default_model
+from fedmeta.common.tasks import STREAM_EVAL, loss_for, make_tasks, task_seed
 
 
 def main() -> None:

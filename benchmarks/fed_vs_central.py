@@ -1,6 +1,6 @@
 """Federated vs centralised: the same MAML sinusoid work as 4 client processes over gRPC and in one process.
 
-Federated: `python -m server --local-clients 4 --rounds R --run-dir <tmp> --no-progress` (all other
+Federated: `python -m fedmeta.server --local-clients 4 --rounds R --run-dir <tmp> --no-progress` (all other
 settings default), timed from the outside (process wall, startup included) and from its own
 summary.json (wall_s, counted from the Coordinator's construction) and metrics.jsonl (round_s).
 Centralised: common.centralized.train + evaluate_held_out on the same RunConfig with data seeds
@@ -49,8 +49,8 @@ def central_child(rounds: int, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    from common.centralized import evaluate_held_out, train
-    from server.config import build
+    from fedmeta.common.centralized import evaluate_held_out, train
+    from fedmeta.server.config import build
 
     t_import = time.perf_counter()
     config = build({"rounds": rounds, "local_clients": 4, "run_dir": tempfile.mkdtemp(prefix="fedmeta-central-")})
@@ -122,7 +122,7 @@ def _cpu_per_round(a: dict[str, Any], b: dict[str, Any], rounds: int) -> dict[st
 
 def run_federated(children: Children, rounds: int, run_dir: Path, extra: list[str], timeout_s: float,
                   env: dict[str, str] | None = None) -> dict[str, Any]:
-    args = ["-m", "server", "--local-clients", "4", "--rounds", str(rounds), "--run-dir", str(run_dir),
+    args = ["-m", "fedmeta.server", "--local-clients", "4", "--rounds", str(rounds), "--run-dir", str(run_dir),
             "--no-progress", *extra]
     coordinator = children.start(args, env=env)
     port = coordinator.wait_listening()
@@ -191,13 +191,13 @@ def component_timings(reps: int) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    from common.aggregation import FlatLayout, WeightedMean
-    from common.algorithms import InnerConfig, OuterConfig, get_algorithm
-    from common.codec import Reassembler, decode, encode, iter_chunks
-    from common.models import build_model, init_parameters
-    from common.tasks import STREAM_TRAIN, loss_for, sample_batch, task_seed
-    from server import checkpoint
-    from server.config import build
+    from fedmeta.common.aggregation import FlatLayout, WeightedMean
+    from fedmeta.common.algorithms import InnerConfig, OuterConfig, get_algorithm
+    from fedmeta.common.codec import Reassembler, decode, encode, iter_chunks
+    from fedmeta.common.models import build_model, init_parameters
+    from fedmeta.common.tasks import STREAM_TRAIN, loss_for, sample_batch, task_seed
+    from fedmeta.server import checkpoint
+    from fedmeta.server.config import build
 
     config = build({"local_clients": 4, "run_dir": "unused"})
     run = config.run

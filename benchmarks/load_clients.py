@@ -1,6 +1,6 @@
 """Load: one coordinator process and hundreds of concurrent lightweight clients on the real gRPC protocol.
 
-A coordinator (`python -m server` on 127.0.0.1, Reptile, `--aggregator mean`, every client sampled
+A coordinator (`python -m fedmeta.server` on 127.0.0.1, Reptile, `--aggregator mean`, every client sampled
 every round: `--clients-per-round N --min-clients N`) and N clients spread over --processes
 load-generator processes (benchmarks/_load_worker.py: one thread and one TCP connection per
 client; Join, WaitForAssignment long-polls, FetchParameters when theta is not inlined,
@@ -131,7 +131,7 @@ def one_run(spec: RunSpec, args: argparse.Namespace, tmp: Path) -> dict[str, Any
     flags = [item for k, v in values.items() for item in (f"--{k.replace('_', '-')}", str(v))]
     children = Children()
     try:
-        server = children.start(["-m", "server", *flags, "--no-progress"],
+        server = children.start(["-m", "fedmeta.server", *flags, "--no-progress"],
                                 env=dict(kv.split("=", 1) for kv in args.coordinator_env))
         sampler = RssSampler(server.pid, args.poll_ms / 1e3)
         port = server.wait_listening()
@@ -202,11 +202,11 @@ def analyse(spec: RunSpec, values: dict[str, Any], run_dir: Path, clients: list[
     import torch
     from safetensors.torch import load_file
 
-    from common.aggregation import FlatLayout
-    from common.algorithms import OuterConfig, get_algorithm
-    from common.codec import encode
-    from common.models import init_parameters
-    from server.config import build
+    from fedmeta.common.aggregation import FlatLayout
+    from fedmeta.common.algorithms import OuterConfig, get_algorithm
+    from fedmeta.common.codec import encode
+    from fedmeta.common.models import init_parameters
+    from fedmeta.server.config import build
 
     config = build(values)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -7,7 +7,7 @@ The split (non-IID, test alphabets no client ever saw):
   test   the alphabets of images_background_small2.zip that small1 lacks (Japanese (katakana),
          Sanskrit, Tagalog), given to the loader as the evaluation archive
 
-Each row is a real run of `python -m server` (a coordinator and 5 client processes on
+Each row is a real run of `python -m fedmeta.server` (a coordinator and 5 client processes on
 127.0.0.1 for `federated`; the same algorithm, tasks and budget in one process for
 `centralized`), evaluated inductively (Conv4's default normalisation, no batch statistics of
 the query set) on 600 held-out tasks (5 clients x 120) with a 95% CI. FedAvg is the baseline
@@ -89,7 +89,7 @@ def run_row(algorithm: str, setting: str, mode: str, split: Path, workdir: Path,
     b = BUDGET[algorithm]
     rounds = max(1, round(b["rounds"] * budget_scale))
     run_dir = workdir / f"{algorithm}-{setting}-{mode}"
-    cmd = [sys.executable, "-m", "server", "--task", "omniglot", "--data-dir", str(split), "--algorithm", algorithm,
+    cmd = [sys.executable, "-m", "fedmeta.server", "--task", "omniglot", "--data-dir", str(split), "--algorithm", algorithm,
            "--mode", mode, "--local-clients", str(CLIENTS), "--shards", str(CLIENTS), "--partition", "alphabet",
            "--ways", str(max(s["ways"], b.get("train_ways", 0))), "--eval-ways", str(s["ways"]),
            "--shots", str(s["shots"]), "--eval-shots", str(s["shots"]),
@@ -109,7 +109,7 @@ def run_row(algorithm: str, setting: str, mode: str, split: Path, workdir: Path,
             proc.wait(timeout=60)
     done = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     elapsed = time.monotonic() - start
-    command = "python -m server " + " ".join(cmd[3:]).replace(str(split), "SPLIT").replace(str(run_dir), "RUN")
+    command = "python -m fedmeta.server " + " ".join(cmd[3:]).replace(str(split), "SPLIT").replace(str(run_dir), "RUN")
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["?"])[-1], "command": command}
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -1,6 +1,6 @@
 """The README's results table: every algorithm on every task it applies to, as real federated runs.
 
-For each (algorithm, task) it runs `python -m server --local-clients N` (a real coordinator
+For each (algorithm, task) it runs `python -m fedmeta.server --local-clients N` (a real coordinator
 and N real client processes on 127.0.0.1) with the settings below, reads summary.json and
 reports the metric after adaptation with its 95% confidence interval, the metric before,
 wall time and bytes moved (sent + received by the coordinator).
@@ -37,7 +37,7 @@ EXTRA = {
 
 def run_one(algorithm: str, task: str, rounds: int, clients: int, workdir: Path) -> dict[str, Any]:
     run_dir = workdir / f"{algorithm}-{task}"
-    cmd = [sys.executable, "-m", "server", "--algorithm", algorithm, "--task", task, "--rounds", str(rounds),
+    cmd = [sys.executable, "-m", "fedmeta.server", "--algorithm", algorithm, "--task", task, "--rounds", str(rounds),
            "--local-clients", str(clients), "--run-dir", str(run_dir), "--no-progress", "--seed", "0",
            *EXTRA.get(algorithm, [])]
     if task == "gaussian":
@@ -61,12 +61,12 @@ def run_one(algorithm: str, task: str, rounds: int, clients: int, workdir: Path)
         "wall_s": summary["wall_s"],
         "process_s": elapsed,
         "bytes_moved": summary["bytes_sent"] + summary["bytes_received"],
-        "command": "python -m server " + " ".join(cmd[3:]),
+        "command": "python -m fedmeta.server " + " ".join(cmd[3:]),
     }
 
 
 def main() -> int:
-    from common.algorithms import ALGORITHMS
+    from fedmeta.common.algorithms import ALGORITHMS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--algorithms", default=",".join(sorted(ALGORITHMS)))

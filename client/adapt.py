@@ -23,12 +23,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from common.algorithms import get_algorithm
-from common.algorithms.inner import EXTRA, forward
-from common.cli import OneLineErrorParser, add_model_import_argument, model_imports
-from common.images import IMAGE_SUFFIXES, load_image, load_image_folder
-from common.models import ModelSpec, build_model, check_model_spec, uses_batch_statistics
-from common.tasks import is_classification, loss_for
+from fedmeta.common.algorithms import get_algorithm
+from fedmeta.common.algorithms.inner import EXTRA, forward
+from fedmeta.common.cli import OneLineErrorParser, add_model_import_argument, model_imports
+from fedmeta.common.images import IMAGE_SUFFIXES, load_image, load_image_folder
+from fedmeta.common.models import ModelSpec, build_model, check_model_spec, uses_batch_statistics
+from fedmeta.common.tasks import is_classification, loss_for
 
 Params = dict[str, torch.Tensor]
 

@@ -8,12 +8,12 @@ import signal
 import sys
 from types import FrameType
 
-from client.retry import CoordinatorUnreachable, RetryPolicy
-from client.config import ClientConfig
-from client.worker import ClientError, Shutdown, Worker
-from common.cli import OneLineErrorParser, add_model_import_argument, model_imports, setup_logging
-from common.config import check_client_id
-from common.settings import Setting, add_arguments, check_value, field_values, fill_defaults, settings_of
+from fedmeta.client.retry import CoordinatorUnreachable, RetryPolicy
+from fedmeta.client.config import ClientConfig
+from fedmeta.client.worker import ClientError, Shutdown, Worker
+from fedmeta.common.cli import OneLineErrorParser, add_model_import_argument, model_imports, setup_logging
+from fedmeta.common.config import check_client_id
+from fedmeta.common.settings import Setting, add_arguments, check_value, field_values, fill_defaults, settings_of
 
 
 # The flags that are not ClientConfig fields (those are declared on its fields, client/worker.py).
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--download: needs --data-dir, the folder to put the Omniglot archives in")
         from pathlib import Path
 
-        from common.tasks.omniglot_download import download
+        from fedmeta.common.tasks.omniglot_download import download
 
         try:
             download(Path(args.data_dir))

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import grpc
 
-from client.retry import RetryPolicy
-from common.config import check_client_id
-from common.models import check_import_paths
-from common.net import host_of, is_loopback
-from common.settings import check_fields, setting
+from fedmeta.client.retry import RetryPolicy
+from fedmeta.common.config import check_client_id
+from fedmeta.common.models import check_import_paths
+from fedmeta.common.net import host_of, is_loopback
+from fedmeta.common.settings import check_fields, setting
 
 KEEPALIVE_PING_S = 60.0
 

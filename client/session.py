@@ -17,14 +17,14 @@ from typing import TypeVar
 import grpc
 import torch
 
-from client.retry import RetryPolicy, with_retry
-from common import CLIENT_ID_METADATA, PROTOCOL_VERSION
-from common.codec import EncodedTensorSet, TensorSpec
-from common.config import RunConfig
-from common.proto import pb, pb_grpc
-from common.refusal import NEW_WORK, REJOIN, reason_from_metadata
-from common.transfer import receive_parameters, update_messages
-from common.wire import encoding_to_proto, run_config_from_proto
+from fedmeta.client.retry import RetryPolicy, with_retry
+from fedmeta.common import CLIENT_ID_METADATA, PROTOCOL_VERSION
+from fedmeta.common.codec import EncodedTensorSet, TensorSpec
+from fedmeta.common.config import RunConfig
+from fedmeta.common.proto import pb, pb_grpc
+from fedmeta.common.refusal import NEW_WORK, REJOIN, reason_from_metadata
+from fedmeta.common.transfer import receive_parameters, update_messages
+from fedmeta.common.wire import encoding_to_proto, run_config_from_proto
 
 T = TypeVar("T")
 RPC_TIMEOUT_S = 60.0

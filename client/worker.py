@@ -20,16 +20,16 @@ import grpc
 import torch
 
 # ClientConfig and its helpers lived here; importers keep `from client.worker import ClientConfig`.
-from client.config import KEEPALIVE_PING_S, ClientConfig, channel_options, default_data_seed  # noqa: F401
-from client.session import Next, Session, after_refusal
-from common.algorithms import InnerConfig, UpdateKind, get_algorithm, meta_parameters
-from common.codec import ENCODINGS, TensorSetError, abs_max, encode, specs_of
-from common.config import RunConfig
-from common.evaluation import evaluate_holder, validate_holder
-from common.models import build_model, prefers_vmap
-from common.proto import pb
-from common.tasks import STREAM_TRAIN, default_shard, is_classification, loss_for, make_tasks, task_seed
-from common.transfer import receive_inline
+from fedmeta.client.config import KEEPALIVE_PING_S, ClientConfig, channel_options, default_data_seed  # noqa: F401
+from fedmeta.client.session import Next, Session, after_refusal
+from fedmeta.common.algorithms import InnerConfig, UpdateKind, get_algorithm, meta_parameters
+from fedmeta.common.codec import ENCODINGS, TensorSetError, abs_max, encode, specs_of
+from fedmeta.common.config import RunConfig
+from fedmeta.common.evaluation import evaluate_holder, validate_holder
+from fedmeta.common.models import build_model, prefers_vmap
+from fedmeta.common.proto import pb
+from fedmeta.common.tasks import STREAM_TRAIN, default_shard, is_classification, loss_for, make_tasks, task_seed
+from fedmeta.common.transfer import receive_inline
 
 log = logging.getLogger("fedmeta.client")
 _KIND = {UpdateKind.META_GRADIENT: pb.UPDATE_KIND_META_GRADIENT, UpdateKind.PARAMETER_DELTA: pb.UPDATE_KIND_PARAMETER_DELTA}

@@ -10,7 +10,7 @@ from typing import Protocol
 
 import torch
 
-from common.codec import TensorSpec, specs_of
+from fedmeta.common.codec import TensorSpec, specs_of
 
 
 class FlatLayout:

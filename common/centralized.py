@@ -12,12 +12,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from common.aggregation import FlatLayout, WeightedMean
-from common.algorithms import InnerConfig, OuterConfig, get_algorithm, meta_parameters
-from common.config import RunConfig
-from common.evaluation import evaluate_holder
-from common.models import build_model
-from common.tasks import STREAM_TRAIN, loss_for, make_tasks, task_seed
+from fedmeta.common.aggregation import FlatLayout, WeightedMean
+from fedmeta.common.algorithms import InnerConfig, OuterConfig, get_algorithm, meta_parameters
+from fedmeta.common.config import RunConfig
+from fedmeta.common.evaluation import evaluate_holder
+from fedmeta.common.models import build_model
+from fedmeta.common.tasks import STREAM_TRAIN, loss_for, make_tasks, task_seed
 
 
 def train(

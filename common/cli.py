@@ -35,6 +35,6 @@ def add_model_import_argument(parser: argparse.ArgumentParser) -> None:
 
 def model_imports(args: argparse.Namespace) -> frozenset[str]:
     """The --allow-model-import values, split on commas and checked (ValueError naming the flag)."""
-    from common.models import check_import_paths
+    from fedmeta.common.models import check_import_paths
 
     return check_import_paths([p.strip() for v in args.allow_model_import for p in v.split(",") if p.strip()])

@@ -12,11 +12,11 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from common.algorithms import ALGORITHM_OPTIONS, ALGORITHMS
-from common.codec import DEFAULT_CHUNK_BYTES, ENCODINGS
-from common.models import NORMS, ZOO, ModelSpec, default_model
-from common.settings import Setting, Values, check_fields, setting, settings_of, with_options
-from common.tasks import PARTITIONS, TASKS, is_classification
+from fedmeta.common.algorithms import ALGORITHM_OPTIONS, ALGORITHMS
+from fedmeta.common.codec import DEFAULT_CHUNK_BYTES, ENCODINGS
+from fedmeta.common.models import NORMS, ZOO, ModelSpec, default_model
+from fedmeta.common.settings import Setting, Values, check_fields, setting, settings_of, with_options
+from fedmeta.common.tasks import PARTITIONS, TASKS, is_classification
 
 CLIENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # Bounds on the work a run configuration asks of a client (it comes over the wire from the

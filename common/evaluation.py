@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from common.algorithms import Algorithm
-from common.algorithms.inner import Params, forward, map_tasks
-from common.tasks import STREAM_EVAL, STREAM_VAL, LossFn, TaskBatch, TaskFamily, is_classification, loss_for, task_seed
+from fedmeta.common.algorithms import Algorithm
+from fedmeta.common.algorithms.inner import Params, forward, map_tasks
+from fedmeta.common.tasks import STREAM_EVAL, STREAM_VAL, LossFn, TaskBatch, TaskFamily, is_classification, loss_for, task_seed
 
 if TYPE_CHECKING:
-    from common.config import RunConfig
+    from fedmeta.common.config import RunConfig
 
 Z95 = 1.959963984540054
 

@@ -19,11 +19,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from common.tasks import is_classification
-from common.textsafe import clip
+from fedmeta.common.tasks import is_classification
+from fedmeta.common.textsafe import clip
 
 if TYPE_CHECKING:
-    from common.config import RunConfig
+    from fedmeta.common.config import RunConfig
 
 # Longer than every name the schema allows ("accuracy_post_sq", "curve_<steps>").
 MAX_NAME_CHARS = 32

@@ -21,10 +21,10 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
-from common.codec import (EncodedTensorSet, Reassembler, TensorSetError, TensorSetHeader, TensorSpec, check_specs,
+from fedmeta.common.codec import (EncodedTensorSet, Reassembler, TensorSetError, TensorSetHeader, TensorSpec, check_specs,
                           decode, iter_chunks)
-from common.proto import pb, tensor_pb
-from common.wire import chunk_from_proto, chunk_to_proto, header_from_proto, header_to_proto
+from fedmeta.common.proto import pb, tensor_pb
+from fedmeta.common.wire import chunk_from_proto, chunk_to_proto, header_from_proto, header_to_proto
 
 M = TypeVar("M")
 # What the coordinator's byte counters add per chunk message besides its data (field tags, lengths).

@@ -10,11 +10,11 @@ import json
 from dataclasses import fields
 from typing import Any
 
-from common.codec import (ENCODINGS, MAX_TENSORS, TensorSetError, TensorSetHeader, TensorSetTooLarge, TensorSpec,
+from fedmeta.common.codec import (ENCODINGS, MAX_TENSORS, TensorSetError, TensorSetHeader, TensorSetTooLarge, TensorSpec,
                           check_name)
-from common.config import RunConfig
-from common.models import ModelSpec
-from common.proto import pb, tensor_pb
+from fedmeta.common.config import RunConfig
+from fedmeta.common.models import ModelSpec
+from fedmeta.common.proto import pb, tensor_pb
 
 
 def model_spec_to_proto(spec: ModelSpec) -> pb.ModelSpec:

@@ -130,14 +130,14 @@ def client_id(env: Mapping[str, str], number: Callable[[], int | None] = replica
 
 
 def server_argv(env: Mapping[str, str], extra: list[str]) -> list[str]:
-    from server.cli import build_parser
+    from fedmeta.server.cli import build_parser
 
     return env_flags(env, "FEDMETA_SERVER_", switches_of(build_parser())) + extra
 
 
 def client_argv(env: Mapping[str, str], extra: list[str],
                 number: Callable[[], int | None] = replica_number) -> list[str]:
-    from client.cli import build_parser
+    from fedmeta.client.cli import build_parser
 
     given = next((extra[i + 1] for i, a in enumerate(extra[:-1]) if a == "--client-id"), None)
     given = given or next((a.split("=", 1)[1] for a in extra if a.startswith("--client-id=")), None)
@@ -151,13 +151,13 @@ def client_argv(env: Mapping[str, str], extra: list[str],
 def main(argv: list[str]) -> int:
     mode, rest = (argv[0], argv[1:]) if argv else ("server", [])
     if mode == "server":
-        from server.cli import main as server_main
+        from fedmeta.server.cli import main as server_main
 
         args = server_argv(os.environ, rest)
         print("fedmeta-entrypoint: fedmeta-server " + " ".join(args), flush=True)
         return server_main(args)
     if mode == "client":
-        from client.cli import main as client_main
+        from fedmeta.client.cli import main as client_main
 
         args = client_argv(os.environ, rest)
         shown = " ".join(args)

@@ -2,7 +2,8 @@
 
 grpc_tools emits absolute imports (``from fedmeta.v1 import tensor_pb2``) that only
 resolve when the output folder is on sys.path; we rewrite them to the package path
-``common.proto.fedmeta.v1`` so the generated modules import as part of ``common``.
+``fedmeta.common.proto.fedmeta.v1`` so the generated modules import as part of
+``fedmeta.common`` (the folder common/ installs as fedmeta.common, see pyproject.toml).
 
 Usage: python scripts/gen_protos.py [--out DIR]   (default: common/proto)
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
-PACKAGE = "common.proto"
+PACKAGE = "fedmeta.common.proto"
 _IMPORT = re.compile(r"^from fedmeta\.v1 import ", re.MULTILINE)
 
 

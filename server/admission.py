@@ -24,16 +24,16 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from common.aggregation import NormFilter, update_norm
-from common.algorithms import UpdateKind
-from common.algorithms.outer import MAX_UPDATE_ABS
-from common.codec import TensorSetHeader, TensorSpec, abs_max, check_specs
-from common.config import RunConfig
-from common.metrics import allowed_metrics, check_metrics
-from common.refusal import Reason
-from common.textsafe import RateLimit, clip
-from server.errors import Rejected
-from server.rounds import Round
+from fedmeta.common.aggregation import NormFilter, update_norm
+from fedmeta.common.algorithms import UpdateKind
+from fedmeta.common.algorithms.outer import MAX_UPDATE_ABS
+from fedmeta.common.codec import TensorSetHeader, TensorSpec, abs_max, check_specs
+from fedmeta.common.config import RunConfig
+from fedmeta.common.metrics import allowed_metrics, check_metrics
+from fedmeta.common.refusal import Reason
+from fedmeta.common.textsafe import RateLimit, clip
+from fedmeta.server.errors import Rejected
+from fedmeta.server.rounds import Round
 
 log = logging.getLogger("fedmeta.coordinator")
 

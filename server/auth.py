@@ -22,10 +22,10 @@ from typing import Any
 
 import grpc
 
-from common import CLIENT_ID_METADATA
-from common.cli import OneLineErrorParser
-from common.config import check_client_id
-from server.private_files import append_private, write_file
+from fedmeta.common import CLIENT_ID_METADATA
+from fedmeta.common.cli import OneLineErrorParser
+from fedmeta.common.config import check_client_id
+from fedmeta.server.private_files import append_private, write_file
 
 log = logging.getLogger("fedmeta.auth")
 CLIENT_ID_KEY = CLIENT_ID_METADATA

@@ -15,10 +15,10 @@ from __future__ import annotations
 import grpc
 import torch
 
-from common.aggregation import FlatLayout
-from common.codec import EncodedTensorSet, TensorSetHeader, encode
-from common.refusal import Reason
-from server.errors import Rejected
+from fedmeta.common.aggregation import FlatLayout
+from fedmeta.common.codec import EncodedTensorSet, TensorSetHeader, encode
+from fedmeta.common.refusal import Reason
+from fedmeta.server.errors import Rejected
 
 
 def version_of(layout: FlatLayout, theta: torch.Tensor) -> str:

@@ -13,17 +13,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from common import centralized
-from common.codec import version_of
-from server.config import ServerConfig, describe
-from server.report import eval_summary
-from server.local import local_client_id
-from server import validation
-from server.rundir import RunDir
-from common.algorithms import get_algorithm
-from common.evaluation import validate_holder
-from common.models import build_model
-from common.tasks import make_tasks
+from fedmeta.common import centralized
+from fedmeta.common.codec import version_of
+from fedmeta.server.config import ServerConfig, describe
+from fedmeta.server.report import eval_summary
+from fedmeta.server.local import local_client_id
+from fedmeta.server import validation
+from fedmeta.server.rundir import RunDir
+from fedmeta.common.algorithms import get_algorithm
+from fedmeta.common.evaluation import validate_holder
+from fedmeta.common.models import build_model
+from fedmeta.common.tasks import make_tasks
 
 log = logging.getLogger("fedmeta.server")
 

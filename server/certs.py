@@ -12,9 +12,9 @@ import ipaddress
 import sys
 from pathlib import Path
 
-from common.cli import OneLineErrorParser
-from common.config import check_client_id
-from server.private_files import write_file
+from fedmeta.common.cli import OneLineErrorParser
+from fedmeta.common.config import check_client_id
+from fedmeta.server.private_files import write_file
 
 
 def _write(path: Path, data: bytes, *, private: bool) -> None:

@@ -15,11 +15,11 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from common.cli import OneLineErrorParser, setup_logging
-from server import local
-from server.config import ServerConfig, add_arguments, resolve
-from server.coordinator import Coordinator
-from server.service import create_server
+from fedmeta.common.cli import OneLineErrorParser, setup_logging
+from fedmeta.server import local
+from fedmeta.server.config import ServerConfig, add_arguments, resolve
+from fedmeta.server.coordinator import Coordinator
+from fedmeta.server.service import create_server
 
 log = logging.getLogger("fedmeta.server")
 
@@ -134,14 +134,14 @@ def print_summary(summary: dict[str, Any], run_dir: str) -> None:
 
 
 def run_centralized(config: ServerConfig, *, progress_bar: bool) -> int:
-    from server import centralized_run
+    from fedmeta.server import centralized_run
 
     progress = Progress(config, 0, bar=progress_bar)
     with logging_redirect_tqdm():
         summary = centralized_run.run(config, on_round=progress)
     progress.close()
     print_summary(summary, str(config.run_dir))
-    from server.plots import plots_after_run
+    from fedmeta.server.plots import plots_after_run
 
     plots_after_run(config.run_dir)
     return 0
@@ -200,7 +200,7 @@ def serve(config: ServerConfig, *, progress_bar: bool) -> int:
     if coordinator.summary is None:
         raise RuntimeError(f"the run stopped without finishing: {coordinator.error or 'see the log above'}")
     print_summary(coordinator.summary, str(config.run_dir))
-    from server.plots import plots_after_run  # draws only when matplotlib is installed
+    from fedmeta.server.plots import plots_after_run  # draws only when matplotlib is installed
 
     plots_after_run(config.run_dir)
     return 0
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         if config.download and config.data_dir is not None:
             from pathlib import Path
 
-            from common.tasks.omniglot_download import download
+            from fedmeta.common.tasks.omniglot_download import download
 
             download(Path(config.data_dir))
         bar = not args.no_progress and sys.stderr.isatty()

@@ -14,11 +14,11 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from common.config import RunConfig, check_client_id, run_settings
-from common.net import is_loopback
-from common.settings import Setting, add_arguments as _add_settings, check_value, field_values, fill_defaults
-from common.settings import parse_flag, resume_mismatches, settings_of
-from server.options import ServerConfig
+from fedmeta.common.config import RunConfig, check_client_id, run_settings
+from fedmeta.common.net import is_loopback
+from fedmeta.common.settings import Setting, add_arguments as _add_settings, check_value, field_values, fill_defaults
+from fedmeta.common.settings import parse_flag, resume_mismatches, settings_of
+from fedmeta.server.options import ServerConfig
 
 __all__ = ["OPTIONS", "ServerConfig", "add_arguments", "build", "check_value", "describe", "is_loopback",
            "load_toml", "read_allowed_clients", "resolve", "resume_differences"]
@@ -140,7 +140,7 @@ def _check_transport(v: dict[str, Any]) -> None:
         raise ValueError("--require-client-cert: --local-clients have no certificates; start clients with "
                          "fedmeta-client --tls-cert/--tls-key instead")
     if v["tokens_file"] is not None:
-        from server.auth import parse_tokens_file
+        from fedmeta.server.auth import parse_tokens_file
 
         parse_tokens_file(Path(v["tokens_file"]))
         if v["local_clients"]:

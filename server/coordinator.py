@@ -28,21 +28,21 @@ from typing import Any
 import grpc
 import torch
 
-from common.aggregation import FlatLayout, NormFilter
-from common.algorithms import OuterConfig, get_algorithm, meta_parameters
-from common.codec import EncodedTensorSet, TensorSetHeader, TensorSpec
-from common.config import RunConfig
-from common.refusal import Reason
-from server import rounds
-from server.admission import Admission, Ticket, UpdateMeta, assigned_tasks, check_run, check_values
-from server.broadcast import Broadcast, version_of
-from server.config import ServerConfig
-from server.errors import Rejected
-from server.registry import ClientInfo, Registry
-from server.rounds import Round, RoundsState
-from server.round_thread import RoundThread
-from server.runstate import RunState
-from server.validation import Best
+from fedmeta.common.aggregation import FlatLayout, NormFilter
+from fedmeta.common.algorithms import OuterConfig, get_algorithm, meta_parameters
+from fedmeta.common.codec import EncodedTensorSet, TensorSetHeader, TensorSpec
+from fedmeta.common.config import RunConfig
+from fedmeta.common.refusal import Reason
+from fedmeta.server import rounds
+from fedmeta.server.admission import Admission, Ticket, UpdateMeta, assigned_tasks, check_run, check_values
+from fedmeta.server.broadcast import Broadcast, version_of
+from fedmeta.server.config import ServerConfig
+from fedmeta.server.errors import Rejected
+from fedmeta.server.registry import ClientInfo, Registry
+from fedmeta.server.rounds import Round, RoundsState
+from fedmeta.server.round_thread import RoundThread
+from fedmeta.server.runstate import RunState
+from fedmeta.server.validation import Best
 
 __all__ = ["Action", "Assignment", "ClientInfo", "Coordinator", "Rejected", "Round", "Ticket", "UpdateMeta"]
 

@@ -17,9 +17,9 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
-from common.codec import TensorSetError, TensorSetTooLarge
-from common.refusal import Reason, reason_metadata
-from common.textsafe import clip
+from fedmeta.common.codec import TensorSetError, TensorSetTooLarge
+from fedmeta.common.refusal import Reason, reason_metadata
+from fedmeta.common.textsafe import clip
 
 # A refusal's message, as logged and as returned to the peer, is at most about this long.
 MAX_MESSAGE_CHARS = 1000

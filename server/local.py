@@ -1,6 +1,6 @@
 """Client processes on this machine for `fedmeta-server --local-clients N`.
 
-They are ordinary `python -m client` processes (exec'd, never forked after gRPC
+They are ordinary `python -m fedmeta.client` processes (exec'd, never forked after gRPC
 started) talking to the coordinator over 127.0.0.1, exactly as remote clients do.
 """
 
@@ -41,7 +41,7 @@ def spawn(
     per_client = devices(device, count)
     for i in range(count):
         client_id = local_client_id(i)
-        cmd = [sys.executable, "-m", "client", "--server", f"127.0.0.1:{port}", "--client-id", client_id,
+        cmd = [sys.executable, "-m", "fedmeta.client", "--server", f"127.0.0.1:{port}", "--client-id", client_id,
                "--data-seed", str(i), "--threads", str(threads)]
         if per_client[i] != "cpu":
             cmd += ["--device", per_client[i]]

@@ -10,10 +10,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.aggregation import AGGREGATORS
-from common.algorithms import ALGORITHMS
-from common.config import RunConfig
-from common.settings import Values, check_fields, setting
+from fedmeta.common.aggregation import AGGREGATORS
+from fedmeta.common.algorithms import ALGORITHMS
+from fedmeta.common.config import RunConfig
+from fedmeta.common.settings import Values, check_fields, setting
 
 
 def _run_dir(v: Values) -> Path:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from common.cli import OneLineErrorParser, add_model_import_argument, model_imports
+from fedmeta.common.cli import OneLineErrorParser, add_model_import_argument, model_imports
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -198,12 +198,12 @@ def plot_sinusoid_fits(model_dir: Path, title: str, path: Path, *, allowed_impor
     operator's --allow-model-import) names it: a file in a run directory chooses no code.
     """
     from safetensors.torch import load_file
-    from common.algorithms.inner import forward
+    from fedmeta.common.algorithms.inner import forward
 
-    from common.algorithms import get_algorithm
-    from common.models import ModelSpec, build_model
-    from common.tasks import loss_for
-    from common.tasks.sinusoid import AMPLITUDE, PHASE, X_RANGE, SinusoidTasks
+    from fedmeta.common.algorithms import get_algorithm
+    from fedmeta.common.models import ModelSpec, build_model
+    from fedmeta.common.tasks import loss_for
+    from fedmeta.common.tasks.sinusoid import AMPLITUDE, PHASE, X_RANGE, SinusoidTasks
 
     meta = _read_json(model_dir / "model.json")
     if meta is None:
@@ -251,7 +251,7 @@ def plot_sinusoid_fits(model_dir: Path, title: str, path: Path, *, allowed_impor
 
 def _check_model_json(model_dir: Path, allowed_imports: Collection[str]) -> None:
     """Refuse a model.json whose model this process would not build (an import path nobody allowed here)."""
-    from common.models import ModelSpec, check_model_spec
+    from fedmeta.common.models import ModelSpec, check_model_spec
 
     meta = _read_json(model_dir / "model.json")
     if meta is None:

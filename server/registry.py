@@ -23,8 +23,8 @@ from typing import Any
 
 import grpc
 
-from common.refusal import Reason
-from server.errors import Rejected
+from fedmeta.common.refusal import Reason
+from fedmeta.server.errors import Rejected
 
 log = logging.getLogger("fedmeta.coordinator")
 

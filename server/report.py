@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from common.config import RunConfig
-from common.algorithms import get_algorithm
-from common.evaluation import eval_steps, summarize
-from common.models import build_model, uses_batch_statistics
-from common.tasks import is_classification
+from fedmeta.common.config import RunConfig
+from fedmeta.common.algorithms import get_algorithm
+from fedmeta.common.evaluation import eval_steps, summarize
+from fedmeta.common.models import build_model, uses_batch_statistics
+from fedmeta.common.tasks import is_classification
 
 
 def eval_summary(run: RunConfig, metrics: Mapping[str, float], tasks: float,

@@ -17,17 +17,17 @@ from typing import Any, Protocol
 
 import torch
 
-from common.aggregation import FlatLayout, make_aggregator
-from common.algorithms.base import OuterStep
-from common.algorithms.outer import guarded_step
-from server import rounds
-from server.admission import Admission
-from server.broadcast import Broadcast
-from server.options import ServerConfig
-from server.registry import Registry
-from server.rounds import Close, Open, Resample, Round, RoundsState, Wait
-from server.rundir import RunDir
-from server.runstate import RunState
+from fedmeta.common.aggregation import FlatLayout, make_aggregator
+from fedmeta.common.algorithms.base import OuterStep
+from fedmeta.common.algorithms.outer import guarded_step
+from fedmeta.server import rounds
+from fedmeta.server.admission import Admission
+from fedmeta.server.broadcast import Broadcast
+from fedmeta.server.options import ServerConfig
+from fedmeta.server.registry import Registry
+from fedmeta.server.rounds import Close, Open, Resample, Round, RoundsState, Wait
+from fedmeta.server.rundir import RunDir
+from fedmeta.server.runstate import RunState
 
 
 class Coordinator(Protocol):

@@ -27,9 +27,9 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from common.aggregation import Aggregator
-from common.config import RunConfig
-from server.validation import due
+from fedmeta.common.aggregation import Aggregator
+from fedmeta.common.config import RunConfig
+from fedmeta.server.validation import due
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from common.algorithms import get_algorithm
-from common.config import RunConfig
-from common.evaluation import eval_steps
+from fedmeta.common.algorithms import get_algorithm
+from fedmeta.common.config import RunConfig
+from fedmeta.common.evaluation import eval_steps
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:

@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
-from common.algorithms.base import OuterStep
-from server import checkpoint, report, validation
-from server.config import ServerConfig, describe, resume_differences
-from server.registry import Registry
-from server.rounds import Round, RoundsState
-from server.rundir import RunDir
-from server.validation import Best
+from fedmeta.common.algorithms.base import OuterStep
+from fedmeta.server import checkpoint, report, validation
+from fedmeta.server.config import ServerConfig, describe, resume_differences
+from fedmeta.server.registry import Registry
+from fedmeta.server.rounds import Round, RoundsState
+from fedmeta.server.rundir import RunDir
+from fedmeta.server.validation import Best
 
 log = logging.getLogger("fedmeta.coordinator")
 

@@ -12,20 +12,20 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from common import PROTOCOL_VERSION
-from common.algorithms import UpdateKind
-from common.codec import EncodedTensorSet, TensorSetError, TensorSetTooLarge
-from common.config import check_client_id
-from common.proto import pb, pb_grpc
-from common.refusal import Reason
-from common.textsafe import RateLimit, clip
-from common.transfer import UPDATE, WireBytes, parameter_messages, receive_tensor_set
-from common.wire import header_from_proto, header_to_proto, run_config_to_proto
-from server.auth import CLIENT_ID_KEY, TokenInterceptor, TokenStore
-from server.config import ServerConfig, is_loopback, read_allowed_clients
-from server.coordinator import Action, Coordinator, UpdateMeta
-from server.errors import MAX_MESSAGE_CHARS, Rejected, refusal_of, refusals
-from server.limits import Gate, JoinRateLimiter, KeyedGate, StreamWatchdog, peer_address
+from fedmeta.common import PROTOCOL_VERSION
+from fedmeta.common.algorithms import UpdateKind
+from fedmeta.common.codec import EncodedTensorSet, TensorSetError, TensorSetTooLarge
+from fedmeta.common.config import check_client_id
+from fedmeta.common.proto import pb, pb_grpc
+from fedmeta.common.refusal import Reason
+from fedmeta.common.textsafe import RateLimit, clip
+from fedmeta.common.transfer import UPDATE, WireBytes, parameter_messages, receive_tensor_set
+from fedmeta.common.wire import header_from_proto, header_to_proto, run_config_to_proto
+from fedmeta.server.auth import CLIENT_ID_KEY, TokenInterceptor, TokenStore
+from fedmeta.server.config import ServerConfig, is_loopback, read_allowed_clients
+from fedmeta.server.coordinator import Action, Coordinator, UpdateMeta
+from fedmeta.server.errors import MAX_MESSAGE_CHARS, Rejected, refusal_of, refusals
+from fedmeta.server.limits import Gate, JoinRateLimiter, KeyedGate, StreamWatchdog, peer_address
 
 log = logging.getLogger("fedmeta.service")
 

@@ -13,9 +13,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from common.config import RunConfig
-from common.evaluation import ci95
-from common.tasks import is_classification
+from fedmeta.common.config import RunConfig
+from fedmeta.common.evaluation import ci95
+from fedmeta.common.tasks import is_classification
 
 EVENT = "validation"
 

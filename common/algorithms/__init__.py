@@ -6,9 +6,9 @@ from collections.abc import Collection, Iterable
 
 import torch
 
-from common.algorithms import anil, fedavg, fomaml, maml, mamlpp, metasgd, perfedavg, protonet, reptile
-from common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, OuterConfig, RunConfig, UpdateKind
-from common.settings import Setting
+from fedmeta.common.algorithms import anil, fedavg, fomaml, maml, mamlpp, metasgd, perfedavg, protonet, reptile
+from fedmeta.common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, OuterConfig, RunConfig, UpdateKind
+from fedmeta.common.settings import Setting
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     maml.ALGORITHM, fomaml.ALGORITHM, reptile.ALGORITHM, metasgd.ALGORITHM, anil.ALGORITHM, mamlpp.ALGORITHM,
@@ -39,7 +39,7 @@ def get_algorithm(name: str) -> Algorithm:
 
 def meta_parameters(run: RunConfig, seed: int, *, allowed_imports: Collection[str] = ()) -> dict[str, torch.Tensor]:
     """Everything the server meta-learns: the model's parameters, then the algorithm's extras."""
-    from common.models import init_parameters
+    from fedmeta.common.models import init_parameters
 
     params = init_parameters(run.model, seed, allowed_imports=allowed_imports)
     extra = get_algorithm(run.algorithm).extra_parameters

@@ -14,11 +14,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from common.algorithms.base import Params
-from common.algorithms.inner import inner_path, sgd_path
-from common.algorithms.maml import meta_algorithm
-from common.models import MLP, head_parameters
-from common.tasks import LossFn
+from fedmeta.common.algorithms.base import Params
+from fedmeta.common.algorithms.inner import inner_path, sgd_path
+from fedmeta.common.algorithms.maml import meta_algorithm
+from fedmeta.common.models import MLP, head_parameters
+from fedmeta.common.tasks import LossFn
 
 Body = Callable[[Params, torch.Tensor], torch.Tensor]
 

@@ -11,8 +11,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from common.settings import Setting
-from common.tasks import LossFn, TaskBatch
+from fedmeta.common.settings import Setting
+from fedmeta.common.tasks import LossFn, TaskBatch
 
 Params = dict[str, torch.Tensor]
 # A common.config.RunConfig. Not imported: the config imports the algorithms (for their options).

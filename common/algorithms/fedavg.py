@@ -13,12 +13,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, OuterConfig, Params, UpdateKind
-from common.algorithms.inner import client_update, inner_path, query_losses
-from common.algorithms.maml import adapt
-from common.algorithms.outer import AverageOuter
-from common.settings import option
-from common.tasks import LossFn, TaskBatch
+from fedmeta.common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, OuterConfig, Params, UpdateKind
+from fedmeta.common.algorithms.inner import client_update, inner_path, query_losses
+from fedmeta.common.algorithms.maml import adapt
+from fedmeta.common.algorithms.outer import AverageOuter
+from fedmeta.common.settings import option
+from fedmeta.common.tasks import LossFn, TaskBatch
 
 # Shared with Per-FedAvg (perfedavg.py lists the same objects).
 LOCAL_STEPS = option("local_steps", 5, "perfedavg and fedavg: local steps (passes over the meta-batch for fedavg)",

@@ -7,6 +7,6 @@ loop's Jacobian replaced by the identity. Server: Adam, as MAML.
 
 from __future__ import annotations
 
-from common.algorithms.maml import meta_algorithm
+from fedmeta.common.algorithms.maml import meta_algorithm
 
 ALGORITHM = meta_algorithm("fomaml", first_order=True)

@@ -35,8 +35,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from common.algorithms.base import ClientUpdate
-from common.tasks import LossFn, TaskBatch
+from fedmeta.common.algorithms.base import ClientUpdate
+from fedmeta.common.tasks import LossFn, TaskBatch
 
 Params = dict[str, torch.Tensor]
 EXTRA = "meta."  # prefix of meta-parameters that are not the model's (e.g. Meta-SGD's step sizes)

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from torch.func import grad
 
-from common.algorithms.base import Adapt, Algorithm, ClientUpdate, InnerConfig, OuterConfig, Params, UpdateKind
-from common.algorithms.inner import inner_path, loss_at, mean_over_tasks
-from common.algorithms.outer import AdamOuter
-from common.tasks import LossFn, TaskBatch
+from fedmeta.common.algorithms.base import Adapt, Algorithm, ClientUpdate, InnerConfig, OuterConfig, Params, UpdateKind
+from fedmeta.common.algorithms.inner import inner_path, loss_at, mean_over_tasks
+from fedmeta.common.algorithms.outer import AdamOuter
+from fedmeta.common.tasks import LossFn, TaskBatch
 
 
 def adapt(

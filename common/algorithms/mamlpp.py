@@ -22,11 +22,11 @@ import torch
 from torch import nn
 from torch.func import grad
 
-from common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, OuterConfig, Params, UpdateKind
-from common.algorithms.inner import EXTRA, inner_path, loss_at, mean_over_tasks
-from common.algorithms.outer import AdamOuter
-from common.settings import option
-from common.tasks import LossFn, TaskBatch
+from fedmeta.common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, OuterConfig, Params, UpdateKind
+from fedmeta.common.algorithms.inner import EXTRA, inner_path, loss_at, mean_over_tasks
+from fedmeta.common.algorithms.outer import AdamOuter
+from fedmeta.common.settings import option
+from fedmeta.common.tasks import LossFn, TaskBatch
 
 LSLR = EXTRA + "lslr."
 FIRST_ORDER_ROUNDS = option("first_order_rounds", 0, "mamlpp: rounds trained first order before second order",

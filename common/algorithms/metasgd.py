@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.algorithms.base import Params
-from common.algorithms.inner import EXTRA, inner_path, model_part
-from common.algorithms.maml import meta_algorithm
-from common.tasks import LossFn
+from fedmeta.common.algorithms.base import Params
+from fedmeta.common.algorithms.inner import EXTRA, inner_path, model_part
+from fedmeta.common.algorithms.maml import meta_algorithm
+from fedmeta.common.tasks import LossFn
 
 ALPHA = EXTRA + "lr."
 

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from common.algorithms.base import OuterConfig, OuterStep
-from common.codec import abs_max
+from fedmeta.common.algorithms.base import OuterConfig, OuterStep
+from fedmeta.common.codec import abs_max
 
 # The largest |update value| any outer step accepts. Adam squares each meta-gradient
 # coordinate: g^2 must stay finite in float32 (|g| < sqrt(3.4e38) ~ 1.8e19), and the

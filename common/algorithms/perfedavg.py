@@ -16,12 +16,12 @@ import torch
 from torch import nn
 from torch.func import grad
 
-from common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, Params, UpdateKind
-from common.algorithms.fedavg import LOCAL_LR, LOCAL_STEPS, make_outer
-from common.algorithms.inner import client_update, inner_path, loss_at, query_losses, sgd_step
-from common.algorithms.maml import adapt
-from common.settings import option
-from common.tasks import LossFn, TaskBatch
+from fedmeta.common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, Params, UpdateKind
+from fedmeta.common.algorithms.fedavg import LOCAL_LR, LOCAL_STEPS, make_outer
+from fedmeta.common.algorithms.inner import client_update, inner_path, loss_at, query_losses, sgd_step
+from fedmeta.common.algorithms.maml import adapt
+from fedmeta.common.settings import option
+from fedmeta.common.tasks import LossFn, TaskBatch
 
 VARIANT = option("perfedavg_variant", "fo", "perfedavg: fo (first order) or hf (Hessian-vector product)",
                  choices=("fo", "hf"), resume=True)

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import grad
 
-from common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, Params, UpdateKind
-from common.algorithms.inner import forward, mean_over_tasks
-from common.algorithms.maml import make_outer
-from common.tasks import LossFn, TaskBatch, is_classification
+from fedmeta.common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, Params, UpdateKind
+from fedmeta.common.algorithms.inner import forward, mean_over_tasks
+from fedmeta.common.algorithms.maml import make_outer
+from fedmeta.common.tasks import LossFn, TaskBatch, is_classification
 
 _ABSENT = -1e4  # logit of a label with no support example (labels are dense, so only padding)
 

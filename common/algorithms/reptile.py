@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, OuterConfig, Params, UpdateKind
-from common.algorithms.inner import inner_path, loss_at, mean_over_tasks
-from common.algorithms.maml import adapt
-from common.algorithms.outer import ReptileOuter
-from common.tasks import LossFn, TaskBatch
+from fedmeta.common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, OuterConfig, Params, UpdateKind
+from fedmeta.common.algorithms.inner import inner_path, loss_at, mean_over_tasks
+from fedmeta.common.algorithms.maml import adapt
+from fedmeta.common.algorithms.outer import ReptileOuter
+from fedmeta.common.tasks import LossFn, TaskBatch
 
 
 def client_step(model: nn.Module, params: Params, batch: TaskBatch, loss_fn: LossFn, inner: InnerConfig) -> ClientUpdate:

@@ -1,7 +1,7 @@
 """Generated protobuf and gRPC code for ``protos/fedmeta/v1`` (do not edit; run scripts/gen_protos.py)."""
 
-from common.proto.fedmeta.v1 import coordinator_pb2 as pb
-from common.proto.fedmeta.v1 import coordinator_pb2_grpc as pb_grpc
-from common.proto.fedmeta.v1 import tensor_pb2 as tensor_pb
+from fedmeta.common.proto.fedmeta.v1 import coordinator_pb2 as pb
+from fedmeta.common.proto.fedmeta.v1 import coordinator_pb2_grpc as pb_grpc
+from fedmeta.common.proto.fedmeta.v1 import tensor_pb2 as tensor_pb
 
 __all__ = ["pb", "pb_grpc", "tensor_pb"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.tasks.base import (
+from fedmeta.common.tasks.base import (
     CLASSIFICATION,
     PARTITIONS,
     STREAM_EVAL,
@@ -43,15 +43,15 @@ def make_tasks(
     `shard` is taken modulo `run.shards`; `data_dir` is needed by families backed by files.
     """
     if run.task == "sinusoid":
-        from common.tasks.sinusoid import SinusoidTasks
+        from fedmeta.common.tasks.sinusoid import SinusoidTasks
 
         return SinusoidTasks()
     if run.task == "gaussian":
-        from common.tasks.gaussian import GaussianTasks
+        from fedmeta.common.tasks.gaussian import GaussianTasks
 
         return GaussianTasks(ways=run.ways, dim=run.dim, client_seed=data_seed)
     if run.task == "omniglot":
-        from common.tasks.omniglot import OmniglotTasks
+        from fedmeta.common.tasks.omniglot import OmniglotTasks
 
         if data_dir is None:
             raise ValueError("--task omniglot: needs --data-dir, the folder holding the Omniglot archives "
@@ -66,6 +66,6 @@ def sample_batch(task: str, *, num_tasks: int, shots: int, queries: int, seed: i
     """A training meta-batch of a family that needs no data or holder (sinusoid), for tests and benchmarks."""
     if task != "sinusoid":
         raise ValueError(f"unknown task {task!r} for sample_batch: only 'sinusoid' needs no data holder; use make_tasks")
-    from common.tasks.sinusoid import SinusoidTasks
+    from fedmeta.common.tasks.sinusoid import SinusoidTasks
 
     return SinusoidTasks().sample("train", num_tasks=num_tasks, shots=shots, queries=queries, seed=seed)

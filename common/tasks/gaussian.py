@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from common.tasks.base import Split, TaskBatch
+from fedmeta.common.tasks.base import Split, TaskBatch
 
 LATENT = 4
 OFFSET = 1.0

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.tasks.base import PARTITIONS, Split, TaskBatch
-from common.tasks.omniglot_data import IMAGE_SIZE, OmniglotData, cache_dirs, load_omniglot
+from fedmeta.common.tasks.base import PARTITIONS, Split, TaskBatch
+from fedmeta.common.tasks.omniglot_data import IMAGE_SIZE, OmniglotData, cache_dirs, load_omniglot
 
 __all__ = ["IMAGE_SIZE", "OmniglotData", "OmniglotTasks", "cache_dirs", "holdout_alphabets", "load_omniglot",
            "partition_classes", "partition_drawings"]

@@ -108,7 +108,7 @@ def _decode_png(data: bytes, name: str) -> np.ndarray:
     """One drawing as uint8 [28, 28], inverted so strokes are 255 (the PNGs are black on white)."""
     from PIL import Image, UnidentifiedImageError
 
-    from common.images import ImageRefused, open_bounded
+    from fedmeta.common.images import ImageRefused, open_bounded
 
     try:
         with open_bounded(io.BytesIO(data), name, max_side=MAX_DRAWING_SIDE,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from common.tasks.base import TaskBatch
+    from fedmeta.common.tasks.base import TaskBatch
 
 AMPLITUDE = (0.1, 5.0)
 PHASE = (0.0, math.pi)
@@ -32,7 +32,7 @@ class SinusoidTasks:
     def sample(self, split: str, *, num_tasks: int, shots: int, queries: int, seed: int,
                ways: int | None = None) -> TaskBatch:
         """`ways` is for classification families; regression ignores it."""
-        from common.tasks.base import TaskBatch
+        from fedmeta.common.tasks.base import TaskBatch
 
         generator = torch.Generator().manual_seed(seed)
         amp = torch.empty(num_tasks, 1, 1).uniform_(*AMPLITUDE, generator=generator)

@@ -32,7 +32,7 @@ def test_server_flags_from_environment_and_switches() -> None:
            "PATH": "/bin"}
     argv = entrypoint.server_argv(env, ["--rounds", "30"])
     assert argv == ["--clients-per-round", "3", "--insecure", "--rounds", "20", "--rounds", "30"]
-    from server.cli import build_parser
+    from fedmeta.server.cli import build_parser
 
     args = build_parser().parse_args(argv)  # the server's own parser accepts them; the last --rounds wins
     assert args.rounds == "30" and args.insecure is True and args.clients_per_round == "3"
@@ -50,7 +50,7 @@ def test_client_id_from_replica_number_and_substitution() -> None:
     assert argv[:2] == ["--client-id", "gpu-3"]
     assert "/credentials/tokens/token-gpu-3.txt" in argv and "--no-vmap" in argv
     assert "--id-prefix" not in argv
-    from client.cli import build_parser
+    from fedmeta.client.cli import build_parser
 
     args = build_parser().parse_args(argv)
     assert args.client_id == "gpu-3" and args.server == "coordinator:50051" and args.vmap is False
@@ -104,9 +104,9 @@ def test_ptr_query_parses_a_dns_answer() -> None:
 
 
 def test_healthcheck_reports_serving_and_unreachable(tmp_path: Path) -> None:
-    from server.config import build
-    from server.coordinator import Coordinator
-    from server.service import create_server
+    from fedmeta.server.config import build
+    from fedmeta.server.coordinator import Coordinator
+    from fedmeta.server.service import create_server
 
     config = build({"run_dir": str(tmp_path / "run"), "port": 0, "rounds": 3})
     server, port = create_server(config, Coordinator(config))

@@ -10,9 +10,9 @@ import dataclasses
 import sys
 from typing import Any
 
-from client.worker import ClientConfig, Worker
-from common.algorithms import ClientUpdate
-from common.config import RunConfig
+from fedmeta.client.worker import ClientConfig, Worker
+from fedmeta.common.algorithms import ClientUpdate
+from fedmeta.common.config import RunConfig
 
 
 class Attacker(Worker):

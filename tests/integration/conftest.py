@@ -16,10 +16,10 @@ from typing import Any
 import grpc
 import pytest
 
-from common.proto import pb_grpc
-from server.config import build
-from server.coordinator import Coordinator
-from server.service import create_server
+from fedmeta.common.proto import pb_grpc
+from fedmeta.server.config import build
+from fedmeta.server.coordinator import Coordinator
+from fedmeta.server.service import create_server
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -115,7 +115,7 @@ def processes() -> Iterator[Any]:
 
     class Factory:
         def server(self, run_dir: Path, *flags: str) -> ServerProcess:
-            p = _spawn(["-m", "server", "--port", "0", "--run-dir", str(run_dir), "--poll-timeout-s", "1",
+            p = _spawn(["-m", "fedmeta.server", "--port", "0", "--run-dir", str(run_dir), "--poll-timeout-s", "1",
                         "--no-progress", *flags])
             sp = ServerProcess(p.proc, p.lines, run_dir=run_dir)
             children.append(p)
@@ -132,7 +132,7 @@ def processes() -> Iterator[Any]:
             return sp
 
         def client(self, port: int, client_id: str, data_seed: int, *flags: str) -> Process:
-            p = _spawn(["-m", "client", "--server", f"127.0.0.1:{port}", "--client-id", client_id,
+            p = _spawn(["-m", "fedmeta.client", "--server", f"127.0.0.1:{port}", "--client-id", client_id,
                         "--data-seed", str(data_seed), "--threads", "1", *flags])
             children.append(p)
             return p

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.algorithms import meta_parameters
-from common.centralized import train
-from server.config import build
+from fedmeta.common.algorithms import meta_parameters
+from fedmeta.common.centralized import train
+from fedmeta.server.config import build
 from tests.integration.conftest import wait_for
 from tests.unit.test_algorithm_contract import CASES, NAMES
 

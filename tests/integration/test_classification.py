@@ -81,7 +81,7 @@ def test_centralized_mode_reproduces_the_federation_with_full_participation(tmp_
     summaries = {}
     for mode in ("federated", "centralized"):
         run_dir = tmp_path / mode
-        done = subprocess.run([sys.executable, "-m", "server", "--mode", mode, "--run-dir", str(run_dir), *flags],
+        done = subprocess.run([sys.executable, "-m", "fedmeta.server", "--mode", mode, "--run-dir", str(run_dir), *flags],
                               capture_output=True, text=True, timeout=180)
         assert done.returncode == 0, done.stdout + done.stderr
         summaries[mode] = json.loads((run_dir / "summary.json").read_text())

@@ -16,7 +16,7 @@ import psutil
 import pytest
 from safetensors import safe_open
 
-from server import checkpoint
+from fedmeta.server import checkpoint
 from tests.integration.conftest import wait_for
 
 pytestmark = pytest.mark.integration
@@ -102,7 +102,7 @@ def test_finished_run_and_changed_settings_are_refused(processes, tmp_path: Path
     assert server.wait(60) == 0 and client.wait(30) == 0
 
     def start(*flags: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "server", "--run-dir", str(run_dir), "--port", "0", *flags],
+        return subprocess.run([sys.executable, "-m", "fedmeta.server", "--run-dir", str(run_dir), "--port", "0", *flags],
                               capture_output=True, text=True, timeout=60)
 
     finished = start("--rounds", "2", "--clients-per-round", "1", *FAST)
@@ -120,7 +120,7 @@ def test_diverging_run_stops_with_a_clear_error(tmp_path: Path) -> None:
     """--local-clients: when every client fails, the coordinator exits 1 quoting a client's error."""
     run_dir = tmp_path / "run"
     done = subprocess.run(
-        [sys.executable, "-m", "server", "--local-clients", "2", "--rounds", "5", "--inner-lr", "1e30",
+        [sys.executable, "-m", "fedmeta.server", "--local-clients", "2", "--rounds", "5", "--inner-lr", "1e30",
          "--run-dir", str(run_dir), "--no-progress", *FAST],
         capture_output=True, text=True, timeout=120,
     )

@@ -43,8 +43,8 @@ def test_one_client_federation_reproduces_centralised_run(processes, tmp_path: P
     import torch
     from safetensors.torch import load_file
 
-    from common.centralized import train
-    from server.config import build
+    from fedmeta.common.centralized import train
+    from fedmeta.server.config import build
 
     rounds, data_seed = 3, 7
     flags = {"rounds": rounds, "clients_per_round": 1, "tasks_per_client": 5, "inner_steps": 2, "seed": 11}
@@ -61,7 +61,7 @@ def test_one_client_federation_reproduces_centralised_run(processes, tmp_path: P
     for name in federated:
         torch.testing.assert_close(federated[name], centralised[name], rtol=0, atol=1e-6)
     # And the run really moved theta: three Adam steps away from the initialisation.
-    from common.models import init_parameters
+    from fedmeta.common.models import init_parameters
 
     init = init_parameters(config.run.model, config.run.seed)
     assert any((federated[n] - init[n]).abs().max() > 1e-4 for n in init)

@@ -25,7 +25,7 @@ def test_cuda_clients_run_the_omniglot_benchmark_split(tmp_path: Path) -> None:
 
     split = make_split(DATA, tmp_path)
     run_dir = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "server", "--task", "omniglot", "--data-dir", str(split),
+    done = subprocess.run([sys.executable, "-m", "fedmeta.server", "--task", "omniglot", "--data-dir", str(split),
                            "--algorithm", "maml", "--local-clients", "5", "--shards", "5", "--local-device", "cuda",
                            "--shots", "1", "--eval-shots", "1", "--rounds", "5", "--tasks-per-client", "2",
                            "--eval-tasks-per-client", "4", "--run-dir", str(run_dir), "--no-progress"],

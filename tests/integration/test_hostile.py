@@ -20,13 +20,13 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from common import PROTOCOL_VERSION
-from common.algorithms.base import OuterConfig
-from common.algorithms.outer import AdamOuter
-from common.codec import encode, iter_chunks
-from common.proto import pb, tensor_pb
-from common.transfer import receive_parameters
-from common.wire import header_to_proto
+from fedmeta.common import PROTOCOL_VERSION
+from fedmeta.common.algorithms.base import OuterConfig
+from fedmeta.common.algorithms.outer import AdamOuter
+from fedmeta.common.codec import encode, iter_chunks
+from fedmeta.common.proto import pb, tensor_pb
+from fedmeta.common.transfer import receive_parameters
+from fedmeta.common.wire import header_to_proto
 from tests.integration.conftest import InProcessServer, wait_for
 
 pytestmark = pytest.mark.integration

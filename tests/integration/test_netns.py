@@ -143,13 +143,13 @@ def test_coordinator_and_clients_on_separate_hosts_with_tls_and_tokens(hosts: Ho
     # The README's commands: a CA, a server certificate for the coordinator's address,
     # a certificate and a token per client.
     creds = tmp_path / "credentials"
-    _run("-m", "server.certs", "--out", str(creds), "--server-names", coord_ip, "--clients", ",".join(clients))
-    _run("-m", "server.auth", "--clients", ",".join(clients), "--tokens-file", str(creds / "tokens.txt"),
+    _run("-m", "fedmeta.server.certs", "--out", str(creds), "--server-names", coord_ip, "--clients", ",".join(clients))
+    _run("-m", "fedmeta.server.auth", "--clients", ",".join(clients), "--tokens-file", str(creds / "tokens.txt"),
          "--out", str(creds / "tokens"))
 
     # Nothing listens on any loopback: the coordinator binds its LAN address.
     run_dir = tmp_path / "run"
-    server = Proc(coord_ns, "-m", "server", "--host", coord_ip, "--port", "50051", "--run-dir", str(run_dir),
+    server = Proc(coord_ns, "-m", "fedmeta.server", "--host", coord_ip, "--port", "50051", "--run-dir", str(run_dir),
                   "--algorithm", "fomaml", "--rounds", "5", "--clients-per-round", "2", "--no-progress",
                   "--tls-cert", str(creds / "server.pem"), "--tls-key", str(creds / "server-key.pem"),
                   "--tls-ca", str(creds / "ca.pem"), "--require-client-cert",
@@ -169,7 +169,7 @@ def test_coordinator_and_clients_on_separate_hosts_with_tls_and_tokens(hosts: Ho
     assert ping is None or ping.returncode == 0, ping.stdout + ping.stderr
 
     for client_id, (ns, _address) in clients.items():
-        procs.append(Proc(ns, "-m", "client", "--server", f"{coord_ip}:50051", "--client-id", client_id,
+        procs.append(Proc(ns, "-m", "fedmeta.client", "--server", f"{coord_ip}:50051", "--client-id", client_id,
                           "--threads", "1", "--tls-ca", str(creds / "ca.pem"),
                           "--tls-cert", str(creds / f"client-{client_id}.pem"),
                           "--tls-key", str(creds / f"client-{client_id}-key.pem"),

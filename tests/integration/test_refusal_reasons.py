@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 
-from client.retry import RetryPolicy
-from client.worker import ClientConfig, ClientError, Worker
-from common import PROTOCOL_VERSION
-from common.proto import pb, pb_grpc
-from common.refusal import REASON_KEY, Reason, reason_from_metadata, reason_metadata
-from common.wire import run_config_to_proto
-from server.config import build
+from fedmeta.client.retry import RetryPolicy
+from fedmeta.client.worker import ClientConfig, ClientError, Worker
+from fedmeta.common import PROTOCOL_VERSION
+from fedmeta.common.proto import pb, pb_grpc
+from fedmeta.common.refusal import REASON_KEY, Reason, reason_from_metadata, reason_metadata
+from fedmeta.common.wire import run_config_to_proto
+from fedmeta.server.config import build
 
 pytestmark = pytest.mark.integration
 

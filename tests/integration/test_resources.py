@@ -18,10 +18,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common import PROTOCOL_VERSION
-from common.proto import pb
-from server import checkpoint
-from server.certs import generate
+from fedmeta.common import PROTOCOL_VERSION
+from fedmeta.common.proto import pb
+from fedmeta.server import checkpoint
+from fedmeta.server.certs import generate
 from tests.integration.conftest import InProcessServer, wait_for
 from tests.integration.test_hostile import encoded, join, session, submit, valid
 

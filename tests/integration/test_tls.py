@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from common.proto import pb, pb_grpc
+from fedmeta.common.proto import pb, pb_grpc
 
 pytestmark = pytest.mark.integration
 
@@ -20,7 +20,7 @@ FAST = ["--tasks-per-client", "4", "--eval-tasks-per-client", "5", "--eval-queri
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("certs")
-    done = subprocess.run([sys.executable, "-m", "server.certs", "--out", str(out), "--clients", "alice,bob"],
+    done = subprocess.run([sys.executable, "-m", "fedmeta.server.certs", "--out", str(out), "--clients", "alice,bob"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert (out / "client-alice.pem").exists() and oct((out / "client-alice-key.pem").stat().st_mode)[-3:] == "600"
@@ -82,7 +82,7 @@ def test_identity_must_match_certificate_and_plaintext_is_refused(inprocess_serv
     ],
 )
 def test_unsafe_or_incomplete_transport_settings_are_refused(tmp_path: Path, flags: list[str], message: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "server", "--run-dir", str(tmp_path / "run"), *flags],
+    done = subprocess.run([sys.executable, "-m", "fedmeta.server", "--run-dir", str(tmp_path / "run"), *flags],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
@@ -91,7 +91,7 @@ def test_unsafe_or_incomplete_transport_settings_are_refused(tmp_path: Path, fla
 
 @pytest.fixture
 def tokens(tmp_path: Path) -> Path:
-    done = subprocess.run([sys.executable, "-m", "server.auth", "--clients", "alice,bob",
+    done = subprocess.run([sys.executable, "-m", "fedmeta.server.auth", "--clients", "alice,bob",
                            "--tokens-file", str(tmp_path / "tokens.txt"), "--out", str(tmp_path / "tokens")],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -150,7 +150,7 @@ def test_missing_wrong_and_revoked_tokens_are_unauthenticated(inprocess_server, 
 def test_malformed_tokens_file_is_refused(tmp_path: Path) -> None:
     bad = tmp_path / "tokens.txt"
     bad.write_text("alice nothex 00\n")
-    done = subprocess.run([sys.executable, "-m", "server", "--run-dir", str(tmp_path / "run"), "--tokens-file", str(bad)],
+    done = subprocess.run([sys.executable, "-m", "fedmeta.server", "--run-dir", str(tmp_path / "run"), "--tokens-file", str(bad)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "--tokens-file" in done.stderr and "line 1" in done.stderr

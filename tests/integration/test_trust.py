@@ -2,7 +2,7 @@
 and a coordinator started with --no-reflection tells callers nothing but its health.
 
 The fake coordinator is a real gRPC server in this process that answers Join with a run
-configuration naming `subprocess:run` and shell arguments; the real `python -m client`
+configuration naming `subprocess:run` and shell arguments; the real `python -m fedmeta.client`
 joins it and must refuse with one line, exit non-zero and run nothing.
 """
 
@@ -21,11 +21,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from common.algorithms import meta_parameters
-from common.config import RunConfig
-from common.codec import encode
-from common.proto import pb, pb_grpc, tensor_pb
-from common.wire import header_to_proto, run_config_to_proto
+from fedmeta.common.algorithms import meta_parameters
+from fedmeta.common.config import RunConfig
+from fedmeta.common.codec import encode
+from fedmeta.common.proto import pb, pb_grpc, tensor_pb
+from fedmeta.common.wire import header_to_proto, run_config_to_proto
 
 pytestmark = pytest.mark.integration
 
@@ -129,7 +129,7 @@ def test_client_refuses_code_named_by_the_coordinator_and_runs_an_allowed_import
 )
 def test_worker_refuses_model_specs_that_would_allocate_or_are_unknown(fake_coordinator, model, message) -> None:
     """The same Join path in-process (no child process per case): a ClientError naming the problem."""
-    from client.worker import ClientConfig, ClientError, Worker
+    from fedmeta.client.worker import ClientConfig, ClientError, Worker
 
     servicer, port = fake_coordinator(model)
     worker = Worker(ClientConfig(server=f"127.0.0.1:{port}", client_id="site-c", data_seed=0))
@@ -142,7 +142,7 @@ def test_worker_refuses_model_specs_that_would_allocate_or_are_unknown(fake_coor
 
 
 def test_unknown_algorithm_from_the_coordinator_is_refused(fake_coordinator) -> None:
-    from client.worker import ClientConfig, ClientError, Worker
+    from fedmeta.client.worker import ClientConfig, ClientError, Worker
 
     servicer, port = fake_coordinator(pb.ModelSpec(name="mlp", kwargs_json="{}"), algorithm="os.system")
     worker = Worker(ClientConfig(server=f"127.0.0.1:{port}", client_id="site-d", data_seed=0))
@@ -203,7 +203,7 @@ def _mlp_specs(dtype: int) -> list[tuple[str, int, list[int]]]:
 )
 def test_client_allocates_no_more_than_the_runs_model_for_a_parameter_stream(fake_coordinator, specs, message) -> None:
     """The header is checked against the run's own model before a buffer is allocated (4 TiB would crash)."""
-    from client.worker import ClientConfig, ClientError, Worker
+    from fedmeta.client.worker import ClientConfig, ClientError, Worker
 
     servicer, port = fake_coordinator(pb.ModelSpec(name="mlp", kwargs_json=json.dumps(
         {"in_features": 1, "hidden": [40, 40], "out_features": 1})))
@@ -224,7 +224,7 @@ def test_client_allocates_no_more_than_the_runs_model_for_a_parameter_stream(fak
 
 
 def test_client_takes_honest_inlined_parameters(fake_coordinator) -> None:
-    from client.worker import ClientConfig, Worker
+    from fedmeta.client.worker import ClientConfig, Worker
 
     servicer, port = fake_coordinator(pb.ModelSpec(name="mlp", kwargs_json=json.dumps(
         {"in_features": 1, "hidden": [40, 40], "out_features": 1})))

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from server import checkpoint
+from fedmeta.server import checkpoint
 from tests.integration.conftest import wait_for
 
 pytestmark = pytest.mark.integration

@@ -12,14 +12,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from common.proto import pb
+from fedmeta.common.proto import pb
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def tokens(tmp_path: Path) -> Path:
-    subprocess.run([sys.executable, "-m", "server.auth", "--clients", "alice,bob",
+    subprocess.run([sys.executable, "-m", "fedmeta.server.auth", "--clients", "alice,bob",
                     "--tokens-file", str(tmp_path / "tokens.txt"), "--out", str(tmp_path / "tokens")],
                    check=True, capture_output=True, timeout=60)
     return tmp_path

@@ -18,14 +18,14 @@ import grpc
 import pytest
 import torch
 
-from common import PROTOCOL_VERSION
-from common.algorithms import InnerConfig, OuterConfig, get_algorithm
-from common.algorithms.outer import AdamOuter
-from common.evaluation import evaluate, evaluate_holder
-from common.models import build_model
-from common.proto import pb
-from common.tasks import STREAM_TRAIN, loss_for, make_tasks, task_seed
-from common.transfer import receive_inline
+from fedmeta.common import PROTOCOL_VERSION
+from fedmeta.common.algorithms import InnerConfig, OuterConfig, get_algorithm
+from fedmeta.common.algorithms.outer import AdamOuter
+from fedmeta.common.evaluation import evaluate, evaluate_holder
+from fedmeta.common.models import build_model
+from fedmeta.common.proto import pb
+from fedmeta.common.tasks import STREAM_TRAIN, loss_for, make_tasks, task_seed
+from fedmeta.common.transfer import receive_inline
 from tests.integration.conftest import InProcessServer, wait_for
 from tests.integration.test_hostile import (
     END,

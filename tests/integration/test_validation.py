@@ -65,7 +65,7 @@ def test_federated_validation_curve_and_best_model(processes, tmp_path: Path) ->
 
 def test_centralized_validation_matches_the_format(tmp_path: Path) -> None:
     run_dir = tmp_path / "central"
-    done = subprocess.run([sys.executable, "-m", "server", "--mode", "centralized", "--local-clients", "2",
+    done = subprocess.run([sys.executable, "-m", "fedmeta.server", "--mode", "centralized", "--local-clients", "2",
                            "--run-dir", str(run_dir), "--no-progress", *SETTINGS],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr

@@ -13,13 +13,13 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
-from client.adapt import main
-from common.algorithms import get_algorithm
-from common.config import RunConfig
-from common.images import load_image
-from common.models import ModelSpec, build_model, init_parameters
-from common.tasks import loss_for
-from server.rundir import RunDir
+from fedmeta.client.adapt import main
+from fedmeta.common.algorithms import get_algorithm
+from fedmeta.common.config import RunConfig
+from fedmeta.common.images import load_image
+from fedmeta.common.models import ModelSpec, build_model, init_parameters
+from fedmeta.common.tasks import loss_for
+from fedmeta.server.rundir import RunDir
 
 SINE = ModelSpec("mlp", {"in_features": 1, "hidden": [16, 16], "out_features": 1})
 GAUSS = ModelSpec("mlp", {"in_features": 4, "hidden": [16], "out_features": 3})
@@ -263,7 +263,7 @@ def test_every_bad_case_is_run(tmp_path: Path) -> None:
 
 def export_meta(root: Path, spec: ModelSpec, *, task: str, algorithm: str, ways: int = 3) -> Path:
     """As `export`, with the algorithm's extra meta-parameters (Meta-SGD's step sizes) in the file."""
-    from common.algorithms import meta_parameters
+    from fedmeta.common.algorithms import meta_parameters
 
     run = RunConfig(run_id="unit", algorithm=algorithm, task=task, model=spec, ways=ways, dim=4, eval_steps=5,
                     inner_lr=0.02 if task == "sinusoid" else 0.3)

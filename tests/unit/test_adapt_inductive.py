@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from client.adapt import main
-from common.config import RunConfig
-from common.models import ModelSpec, init_parameters
-from server.rundir import RunDir
+from fedmeta.client.adapt import main
+from fedmeta.common.config import RunConfig
+from fedmeta.common.models import ModelSpec, init_parameters
+from fedmeta.server.rundir import RunDir
 from tests.unit.test_adapt import SHAPES, image_folder, write_csv
 
 CONV = {"in_channels": 1, "ways": 3, "hidden": 8, "image_size": 16}

@@ -8,15 +8,15 @@ import grpc
 import pytest
 import torch
 
-from common.aggregation import FlatLayout, NormFilter, WeightedMean
-from common.algorithms import UpdateKind
-from common.algorithms.outer import MAX_UPDATE_ABS
-from common.codec import encode
-from common.refusal import Reason
-from server.admission import Admission, Ticket, UpdateMeta, check_header, check_values
-from server.config import build
-from server.errors import Rejected
-from server.rounds import Round
+from fedmeta.common.aggregation import FlatLayout, NormFilter, WeightedMean
+from fedmeta.common.algorithms import UpdateKind
+from fedmeta.common.algorithms.outer import MAX_UPDATE_ABS
+from fedmeta.common.codec import encode
+from fedmeta.common.refusal import Reason
+from fedmeta.server.admission import Admission, Ticket, UpdateMeta, check_header, check_values
+from fedmeta.server.config import build
+from fedmeta.server.errors import Rejected
+from fedmeta.server.rounds import Round
 
 
 def rejected(call) -> Rejected:  # type: ignore[no-untyped-def]

@@ -8,14 +8,14 @@ import math
 import pytest
 import torch
 
-from common import centralized
-from common.aggregation import FlatLayout, WeightedMean, weighted_mean
-from common.algorithms import ALGORITHMS, InnerConfig, OuterConfig, get_algorithm, meta_parameters
-from common.algorithms.outer import AdamOuter, ReptileOuter
-from common.config import RunConfig
-from common.models import ModelSpec, build_model, init_parameters
-from common.evaluation import evaluate
-from common.tasks import STREAM_EVAL, STREAM_TRAIN, loss_for, sample_batch, task_seed
+from fedmeta.common import centralized
+from fedmeta.common.aggregation import FlatLayout, WeightedMean, weighted_mean
+from fedmeta.common.algorithms import ALGORITHMS, InnerConfig, OuterConfig, get_algorithm, meta_parameters
+from fedmeta.common.algorithms.outer import AdamOuter, ReptileOuter
+from fedmeta.common.config import RunConfig
+from fedmeta.common.models import ModelSpec, build_model, init_parameters
+from fedmeta.common.evaluation import evaluate
+from fedmeta.common.tasks import STREAM_EVAL, STREAM_TRAIN, loss_for, sample_batch, task_seed
 
 
 def params_like(seed: int) -> dict[str, torch.Tensor]:

@@ -20,14 +20,14 @@ from typing import Any
 import pytest
 import torch
 
-from common.aggregation import FlatLayout
-from common.algorithms import ALGORITHMS, InnerConfig, OuterConfig, UpdateKind, meta_parameters
-from common.centralized import train
-from common.config import RunConfig
-from common.evaluation import evaluate
-from common.models import ModelSpec, build_model
-from common.tasks import STREAM_TRAIN, TaskBatch, is_classification, loss_for, make_tasks, task_seed
-from server.config import build
+from fedmeta.common.aggregation import FlatLayout
+from fedmeta.common.algorithms import ALGORITHMS, InnerConfig, OuterConfig, UpdateKind, meta_parameters
+from fedmeta.common.centralized import train
+from fedmeta.common.config import RunConfig
+from fedmeta.common.evaluation import evaluate
+from fedmeta.common.models import ModelSpec, build_model
+from fedmeta.common.tasks import STREAM_TRAIN, TaskBatch, is_classification, loss_for, make_tasks, task_seed
+from fedmeta.server.config import build
 
 Params = dict[str, torch.Tensor]
 META = "meta."

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.algorithms import ALGORITHMS, Algorithm, InnerConfig, UpdateKind, get_algorithm
-from common.evaluation import evaluate
-from common.models import ModelSpec, build_model, init_parameters
-from common.tasks import TaskBatch, loss_for, sample_batch
+from fedmeta.common.algorithms import ALGORITHMS, Algorithm, InnerConfig, UpdateKind, get_algorithm
+from fedmeta.common.evaluation import evaluate
+from fedmeta.common.models import ModelSpec, build_model, init_parameters
+from fedmeta.common.tasks import TaskBatch, loss_for, sample_batch
 
 SPEC = ModelSpec("mlp", {"in_features": 1, "hidden": [16, 16], "out_features": 1})
 NAMES = ["fomaml", "maml", "reptile"]  # the core three; test_algorithm_contract.py covers every algorithm

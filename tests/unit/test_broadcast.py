@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.aggregation import FlatLayout
-from common.codec import encode
-from common.refusal import Reason
-from server.broadcast import Broadcast, version_of
-from server.errors import Rejected
+from fedmeta.common.aggregation import FlatLayout
+from fedmeta.common.codec import encode
+from fedmeta.common.refusal import Reason
+from fedmeta.server.broadcast import Broadcast, version_of
+from fedmeta.server.errors import Rejected
 
 
 def rejected(call) -> Rejected:  # type: ignore[no-untyped-def]

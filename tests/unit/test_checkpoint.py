@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from common.algorithms import OuterConfig
-from common.algorithms.outer import AdamOuter
-from server import checkpoint
-from server.checkpoint import FILENAME, Checkpoint, candidates, load, read, save
+from fedmeta.common.algorithms import OuterConfig
+from fedmeta.common.algorithms.outer import AdamOuter
+from fedmeta.server import checkpoint
+from fedmeta.server.checkpoint import FILENAME, Checkpoint, candidates, load, read, save
 
 TMP_NAME = f".{FILENAME}.tmp"
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from common import codec
-from common.aggregation import FlatLayout
-from common.codec import (
+from fedmeta.common import codec
+from fedmeta.common.aggregation import FlatLayout
+from fedmeta.common.codec import (
     DEFAULT_CHUNK_BYTES,
     DTYPES,
     ENCODINGS,
@@ -26,8 +26,8 @@ from common.codec import (
     specs_of,
     version_of,
 )
-from common.proto import tensor_pb
-from common.wire import encoding_from_proto, encoding_to_proto, header_from_proto, header_to_proto
+from fedmeta.common.proto import tensor_pb
+from fedmeta.common.wire import encoding_from_proto, encoding_to_proto, header_from_proto, header_to_proto
 
 # decode() of encode()'s own (read-only) payload makes torch warn that it cannot mark tensors
 # read-only; receivers decode a Reassembler's writable buffer, so the warning is test noise.

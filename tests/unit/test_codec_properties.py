@@ -6,15 +6,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.codec import (
+from fedmeta.common.codec import (
     Reassembler,
     TensorSetError,
     decode,
     encode,
     iter_chunks,
 )
-from common.proto import tensor_pb
-from common.wire import header_from_proto, header_to_proto
+from fedmeta.common.proto import tensor_pb
+from fedmeta.common.wire import header_from_proto, header_to_proto
 
 shapes = st.lists(st.integers(min_value=0, max_value=5), min_size=0, max_size=3).map(tuple)
 tensor_sets = st.dictionaries(

@@ -7,18 +7,18 @@ from pathlib import Path
 
 import pytest
 
-import client.cli
-import server.cli
-from common.codec import DEFAULT_CHUNK_BYTES
-from common.config import RunConfig, check_client_id
-from common.models import ModelSpec
-from common.proto import pb
-from common.wire import model_spec_from_proto, model_spec_to_proto, run_config_from_proto, run_config_to_proto
-from server.config import OPTIONS, ServerConfig, build, describe, load_toml, resolve
+import fedmeta.client.cli as client_cli
+import fedmeta.server.cli as server_cli
+from fedmeta.common.codec import DEFAULT_CHUNK_BYTES
+from fedmeta.common.config import RunConfig, check_client_id
+from fedmeta.common.models import ModelSpec
+from fedmeta.common.proto import pb
+from fedmeta.common.wire import model_spec_from_proto, model_spec_to_proto, run_config_from_proto, run_config_to_proto
+from fedmeta.server.config import OPTIONS, ServerConfig, build, describe, load_toml, resolve
 
 
 def parse(*argv: str) -> ServerConfig:
-    return resolve(server.cli.build_parser().parse_args(list(argv)))
+    return resolve(server_cli.build_parser().parse_args(list(argv)))
 
 
 # ---- server.config.build --------------------------------------------------------------------------
@@ -267,7 +267,7 @@ def one_line_error(capsys: pytest.CaptureFixture[str], main, argv: list[str]) ->
     ],
 )
 def test_server_cli_error_is_one_line(capsys: pytest.CaptureFixture[str], argv: list[str], prefix: str) -> None:
-    assert one_line_error(capsys, server.cli.main, argv).startswith(prefix)
+    assert one_line_error(capsys, server_cli.main, argv).startswith(prefix)
 
 
 class _WorkerReached(Exception):
@@ -282,9 +282,9 @@ class _NoWorker:
 @pytest.fixture
 def client_main(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     # No worker (and so no channel) and no global logging setup, whatever the arguments.
-    monkeypatch.setattr(client.cli, "Worker", _NoWorker)
-    monkeypatch.setattr(client.cli, "setup_logging", lambda level: None)
-    return client.cli.main
+    monkeypatch.setattr(client_cli, "Worker", _NoWorker)
+    monkeypatch.setattr(client_cli, "setup_logging", lambda level: None)
+    return client_cli.main
 
 
 @pytest.mark.parametrize(

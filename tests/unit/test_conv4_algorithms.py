@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from common.algorithms import ALGORITHMS, InnerConfig, get_algorithm, meta_parameters
-from common.algorithms.anil import split
-from common.config import RunConfig
-from common.evaluation import evaluate
-from common.models import Conv4, ModelSpec, build_model, head_parameters, uses_batch_statistics
-from common.tasks import TaskBatch, loss_for
+from fedmeta.common.algorithms import ALGORITHMS, InnerConfig, get_algorithm, meta_parameters
+from fedmeta.common.algorithms.anil import split
+from fedmeta.common.config import RunConfig
+from fedmeta.common.evaluation import evaluate
+from fedmeta.common.models import Conv4, ModelSpec, build_model, head_parameters, uses_batch_statistics
+from fedmeta.common.tasks import TaskBatch, loss_for
 
 WAYS, SHOTS, QUERIES, TASKS = 3, 1, 2, 2
 

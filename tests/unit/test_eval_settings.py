@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch.nn.functional as F
 
-from common.algorithms import get_algorithm, meta_parameters
-from common.config import RunConfig
-from common.evaluation import _tasks, evaluate, evaluate_holder
-from common.models import ModelSpec, build_model
-from common.tasks import STREAM_EVAL, TaskBatch, make_tasks, task_seed
-from server.report import eval_summary
-from server.rundir import RunDir
+from fedmeta.common.algorithms import get_algorithm, meta_parameters
+from fedmeta.common.config import RunConfig
+from fedmeta.common.evaluation import _tasks, evaluate, evaluate_holder
+from fedmeta.common.models import ModelSpec, build_model
+from fedmeta.common.tasks import STREAM_EVAL, TaskBatch, make_tasks, task_seed
+from fedmeta.server.report import eval_summary
+from fedmeta.server.rundir import RunDir
 
 ENCODER = ModelSpec("mlp", {"in_features": 4, "hidden": [16], "out_features": 8})
 

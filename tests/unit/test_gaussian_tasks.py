@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.config import RunConfig
-from common.models import default_model
-from common.tasks import make_tasks
-from common.tasks.gaussian import GaussianTasks, client_offset
+from fedmeta.common.config import RunConfig
+from fedmeta.common.models import default_model
+from fedmeta.common.tasks import make_tasks
+from fedmeta.common.tasks.gaussian import GaussianTasks, client_offset
 
 
 def test_batch_shapes_labels_and_determinism() -> None:

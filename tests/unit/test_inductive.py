@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.algorithms import ALGORITHMS, get_algorithm, meta_parameters
-from common.config import RunConfig
-from common.evaluation import predict
-from common.models import NORMS, ModelSpec, build_model, takes_context, uses_batch_statistics
+from fedmeta.common.algorithms import ALGORITHMS, get_algorithm, meta_parameters
+from fedmeta.common.config import RunConfig
+from fedmeta.common.evaluation import predict
+from fedmeta.common.models import NORMS, ModelSpec, build_model, takes_context, uses_batch_statistics
 
 WAYS, SHOTS, QUERIES = 5, 1, 75
 INDUCTIVE = tuple(n for n in NORMS if n != "batch")

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common import images
-from common.images import ImageRefused, load_image, load_image_folder
-from common.tasks import omniglot_data
-from common.tasks.omniglot_data import load_omniglot
+from fedmeta.common import images
+from fedmeta.common.images import ImageRefused, load_image, load_image_folder
+from fedmeta.common.tasks import omniglot_data
+from fedmeta.common.tasks.omniglot_data import load_omniglot
 from tests.omniglot_fixtures import fake_drawing, write_fake_omniglot
 
 ENTRY = "images_background/Alpha/character01/0001_01.png"

@@ -10,11 +10,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from client import worker
-from client.retry import RPC_LIMIT_DETAILS, RetryPolicy, retryable, with_retry
-from server import service
-from server.config import build, read_allowed_clients
-from server.limits import Gate, JoinRateLimiter, KeyedGate, StreamWatchdog
+from fedmeta.client import worker
+from fedmeta.client.retry import RPC_LIMIT_DETAILS, RetryPolicy, retryable, with_retry
+from fedmeta.server import service
+from fedmeta.server.config import build, read_allowed_clients
+from fedmeta.server.limits import Gate, JoinRateLimiter, KeyedGate, StreamWatchdog
 
 
 def test_join_bucket_allows_a_burst_then_the_rate() -> None:

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from client.adapt import main as adapt_main
-from common.config import RunConfig
-from common.models import MAX_PARAMETERS, ModelSpec, build_model, check_import_paths, check_model_spec, init_parameters
-from server.plots import main as plot_main
-from server.rundir import RunDir
+from fedmeta.client.adapt import main as adapt_main
+from fedmeta.common.config import RunConfig
+from fedmeta.common.models import MAX_PARAMETERS, ModelSpec, build_model, check_import_paths, check_model_spec, init_parameters
+from fedmeta.server.plots import main as plot_main
+from fedmeta.server.rundir import RunDir
 
 LINEAR = ModelSpec("torch.nn:Linear", {"in_features": 1, "out_features": 1})
 

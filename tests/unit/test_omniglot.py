@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import RunConfig
-from common.models import Conv4, default_model
-from common.tasks import make_tasks
-from common.tasks import omniglot, omniglot_data
-from common.tasks.omniglot import OmniglotTasks, load_omniglot, partition_classes, partition_drawings
+from fedmeta.common.config import RunConfig
+from fedmeta.common.models import Conv4, default_model
+from fedmeta.common.tasks import make_tasks
+from fedmeta.common.tasks import omniglot, omniglot_data
+from fedmeta.common.tasks.omniglot import OmniglotTasks, load_omniglot, partition_classes, partition_drawings
 from tests.omniglot_fixtures import write_fake_omniglot
 
 ALPHABETS = {"Alpha": 4, "Beta": 3, "Gamma": 5, "Delta": 2, "Epsilon": 4, "Zeta": 3}  # 21 characters

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from common.tasks.omniglot import load_omniglot
-from common.tasks import omniglot_download
-from common.tasks.omniglot_download import ARCHIVES, PINNED, Pin, download
+from fedmeta.common.tasks.omniglot import load_omniglot
+from fedmeta.common.tasks import omniglot_download
+from fedmeta.common.tasks.omniglot_download import ARCHIVES, PINNED, Pin, download
 from tests.omniglot_fixtures import write_fake_omniglot
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from common.config import RunConfig
-from common.models import ModelSpec, init_parameters
-from server import plots
-from server.plots import main, make_plots, read_metrics
-from server.rundir import RunDir
+from fedmeta.common.config import RunConfig
+from fedmeta.common.models import ModelSpec, init_parameters
+from fedmeta.server import plots
+from fedmeta.server.plots import main, make_plots, read_metrics
+from fedmeta.server.rundir import RunDir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SINE = ModelSpec("mlp", {"in_features": 1, "hidden": [8, 8], "out_features": 1})

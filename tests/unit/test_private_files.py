@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from server.auth import issue_tokens, parse_tokens_file
-from server.certs import main as certs_main
-from server.private_files import write_file
+from fedmeta.server.auth import issue_tokens, parse_tokens_file
+from fedmeta.server.certs import main as certs_main
+from fedmeta.server.private_files import write_file
 
 
 @pytest.fixture
@@ -107,7 +107,7 @@ def test_write_file_replaces_a_wider_file_and_leaves_no_temporary(tmp_path: Path
 
 def test_revoke_edits_the_tokens_file_in_place_and_a_running_store_sees_it(tmp_path: Path) -> None:
     """docker-compose.tls.yml mounts tokens.txt as a file: a revocation must keep the same inode."""
-    from server.auth import TokenStore, main as tokens_main
+    from fedmeta.server.auth import TokenStore, main as tokens_main
 
     tokens_file, out = tmp_path / "tokens.txt", tmp_path / "tokens"
     assert tokens_main(["--clients", "site-a,site-b,a", "--tokens-file", str(tokens_file), "--out", str(out)]) == 0

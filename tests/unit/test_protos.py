@@ -57,7 +57,7 @@ def test_regenerated_imports_use_the_package_path(regenerated: Path) -> None:
 
 
 def test_generated_modules_import_as_a_package() -> None:
-    from common.proto import pb, pb_grpc, tensor_pb
+    from fedmeta.common.proto import pb, pb_grpc, tensor_pb
 
     assert pb.DESCRIPTOR.package == tensor_pb.DESCRIPTOR.package == "fedmeta.v1"
     assert pb.__name__ == "common.proto.fedmeta.v1.coordinator_pb2"
@@ -81,7 +81,7 @@ def all_enums(file: FileDescriptor) -> list[EnumDescriptor]:
 
 
 def test_every_enum_starts_with_unspecified() -> None:
-    from common.proto import pb, tensor_pb
+    from fedmeta.common.proto import pb, tensor_pb
 
     enums = all_enums(pb.DESCRIPTOR) + all_enums(tensor_pb.DESCRIPTOR)
     assert {"Action", "UpdateKind", "DType", "Encoding"} <= {e.name for e in enums}

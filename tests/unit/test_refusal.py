@@ -7,10 +7,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from common.codec import TensorSetError, TensorSetTooLarge
-from common.proto import pb
-from common.refusal import REASON_KEY, Reason, reason_from_metadata, reason_metadata
-from server.errors import MAX_MESSAGE_CHARS, Rejected, refusal_of, refusals
+from fedmeta.common.codec import TensorSetError, TensorSetTooLarge
+from fedmeta.common.proto import pb
+from fedmeta.common.refusal import REASON_KEY, Reason, reason_from_metadata, reason_metadata
+from fedmeta.server.errors import MAX_MESSAGE_CHARS, Rejected, refusal_of, refusals
 
 PROTO = Path(__file__).resolve().parents[2] / "protos" / "fedmeta" / "v1" / "coordinator.proto"
 
@@ -91,7 +91,7 @@ class FakeCall:
     (grpc.StatusCode.PERMISSION_DENIED, "call Join", None, "STOP"),
 ])
 def test_the_session_decides_on_the_reason_then_the_code(code, details, reason, step) -> None:
-    from client.session import Next, after_refusal
+    from fedmeta.client.session import Next, after_refusal
 
     metadata = reason_metadata(reason) if reason is not None else ()
     assert after_refusal(FakeCall(code, details, metadata))[0] is Next[step]  # type: ignore[arg-type]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from common.refusal import Reason
-from server.errors import Rejected
-from server.registry import Registry
+from fedmeta.common.refusal import Reason
+from fedmeta.server.errors import Rejected
+from fedmeta.server.registry import Registry
 
 
 def rejected(call) -> Rejected:  # type: ignore[no-untyped-def]

@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from common.config import RunConfig
-from common.evaluation import ci95, summarize
-from server.report import eval_summary, steps_to_fraction
+from fedmeta.common.config import RunConfig
+from fedmeta.common.evaluation import ci95, summarize
+from fedmeta.server.report import eval_summary, steps_to_fraction
 
 
 @pytest.mark.parametrize(("curve", "higher", "expected"), [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.aggregation import (
+from fedmeta.common.aggregation import (
     BufferedAggregator,
     ClippedMean,
     FlatLayout,

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from server.config import build
-from server.rounds import (
+from fedmeta.server.config import build
+from fedmeta.server.rounds import (
     Clients, Close, Open, Policy, Resample, Round, RoundsState, Wait, apply_resample, decide, early_close,
     explore_after, pick, plan_open, quorum,
 )

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from server.config import OPTIONS
-from server.runstate import RunState, check_resumable
+from fedmeta.server.config import OPTIONS
+from fedmeta.server.runstate import RunState, check_resumable
 
 RESUME_KEYS = tuple(o.field for o in OPTIONS if o.resume and o.field is not None)
 
@@ -31,11 +31,11 @@ class FakeClock:
 
 
 def test_a_new_run_creates_its_directory_and_counts_wall_time_by_the_clock_passed_in(tmp_path) -> None:
-    from common.aggregation import FlatLayout
-    from common.algorithms import OuterConfig, get_algorithm
-    from server.config import build
-    from server.registry import Registry
-    from server.rounds import Round, RoundsState
+    from fedmeta.common.aggregation import FlatLayout
+    from fedmeta.common.algorithms import OuterConfig, get_algorithm
+    from fedmeta.server.config import build
+    from fedmeta.server.registry import Registry
+    from fedmeta.server.rounds import Round, RoundsState
 
     config = build({"run_dir": str(tmp_path / "run"), "rounds": 2})
     clock = FakeClock()

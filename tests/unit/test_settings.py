@@ -15,16 +15,16 @@ from typing import Any
 import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
-import client.cli
-from client.config import ClientConfig, default_data_seed
-from common.algorithms import ALGORITHM_OPTIONS, ALGORITHMS, Algorithm, InnerConfig, collect_options
-from common.algorithms.mamlpp import MSL
-from common.config import RunConfig, run_settings
-from common.models import ModelSpec
-from common.proto import pb
-from common.settings import (Setting, add_arguments, check_fields, field_values, fill_defaults, option,
+import fedmeta.client.cli as client_cli
+from fedmeta.client.config import ClientConfig, default_data_seed
+from fedmeta.common.algorithms import ALGORITHM_OPTIONS, ALGORITHMS, Algorithm, InnerConfig, collect_options
+from fedmeta.common.algorithms.mamlpp import MSL
+from fedmeta.common.config import RunConfig, run_settings
+from fedmeta.common.models import ModelSpec
+from fedmeta.common.proto import pb
+from fedmeta.common.settings import (Setting, add_arguments, check_fields, field_values, fill_defaults, option,
                              parse_flag, resume_mismatches, setting, settings_of, with_options)
-from server.config import OPTIONS, build, describe, resume_differences
+from fedmeta.server.config import OPTIONS, build, describe, resume_differences
 
 ROOT = Path(__file__).resolve().parents[2]
 _INTS = {FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_INT32,
@@ -188,13 +188,13 @@ def test_run_settings_are_the_run_config_fields_and_norm() -> None:
 
 
 def test_client_flags_come_from_client_config() -> None:
-    parser = client.cli.build_parser()
+    parser = client_cli.build_parser()
     flags = {a for action in parser._actions for a in action.option_strings}
     for s in settings_of(ClientConfig):
         assert s.flag in flags
     assert {"--no-vmap", "--give-up-s", "--download", "--log-level", "--allow-model-import"} <= flags
     args = parser.parse_args(["--server", "h:1", "--client-id", "site-7", "--threads", "2"])
-    values = fill_defaults(client.cli.SETTINGS, {s.name: getattr(args, s.name) for s in client.cli.SETTINGS})
+    values = fill_defaults(client_cli.SETTINGS, {s.name: getattr(args, s.name) for s in client_cli.SETTINGS})
     config = ClientConfig(**field_values(ClientConfig, values))
     assert config == ClientConfig(server="h:1", client_id="site-7", data_seed=default_data_seed("site-7"), threads=2)
     with pytest.raises(ValueError, match=r"^--threads: expected a value >= 0"):
@@ -220,9 +220,10 @@ def test_the_algorithms_and_the_settings_do_not_import_the_config() -> None:
     files = [*sorted((ROOT / "common" / "algorithms").glob("*.py")), ROOT / "common" / "settings.py"]
     assert len(files) > 5
     for path in files:
-        bad = {m for m in _imports(path) if m.startswith(("common.config", "common.wire", "server", "client"))}
+        bad = {m for m in _imports(path) if m.startswith(("fedmeta.common.config", "fedmeta.common.wire", "fedmeta.server", "fedmeta.client",
+                                                                  "common", "server", "client"))}
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
-    assert not {m for m in _imports(ROOT / "common" / "settings.py") if m.startswith("common")}
+    assert not {m for m in _imports(ROOT / "common" / "settings.py") if m.startswith(("fedmeta.common", "common"))}
 
 
 def test_settings_are_plain_data() -> None:

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from common.codec import TensorSetError, TensorSetTooLarge, TensorSpec, encode, specs_of
-from common.proto import pb, tensor_pb
-from common.transfer import (
+from fedmeta.common.codec import TensorSetError, TensorSetTooLarge, TensorSpec, encode, specs_of
+from fedmeta.common.proto import pb, tensor_pb
+from fedmeta.common.transfer import (
     CHUNK_OVERHEAD_BYTES,
     PARAMETERS,
     UPDATE,
@@ -20,7 +20,7 @@ from common.transfer import (
     receive_tensor_set,
     update_messages,
 )
-from common.wire import header_from_proto, header_to_proto
+from fedmeta.common.wire import header_from_proto, header_to_proto
 
 CHUNK = 1000
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from client.cli import main as client_main
-from client.worker import ClientConfig
-from common.net import host_of, is_loopback
-from server.config import build
+from fedmeta.client.cli import main as client_main
+from fedmeta.client.worker import ClientConfig
+from fedmeta.common.net import host_of, is_loopback
+from fedmeta.server.config import build
 
 
 @pytest.mark.parametrize("host", ["localhost", "LOCALHOST", "localhost.", "127.0.0.1", "127.1.2.3", "::1", "[::1]",

@@ -8,15 +8,15 @@ import dataclasses
 import pytest
 import torch
 
-from common.aggregation import NormFilter, update_norm
-from common.algorithms import ALGORITHMS, OuterConfig, get_algorithm, meta_parameters
-from common.algorithms.outer import MAX_UPDATE_ABS, AdamOuter, AverageOuter, ReptileOuter, guarded_step
-from common.config import RunConfig
-from common.evaluation import evaluate_holder, validate_holder
-from common.metrics import MAX_NAME_CHARS, allowed_metrics, check_metrics, placeholder_metrics, required_metrics
-from common.models import ModelSpec, build_model
-from common.tasks import make_tasks
-from common.textsafe import RateLimit, clip
+from fedmeta.common.aggregation import NormFilter, update_norm
+from fedmeta.common.algorithms import ALGORITHMS, OuterConfig, get_algorithm, meta_parameters
+from fedmeta.common.algorithms.outer import MAX_UPDATE_ABS, AdamOuter, AverageOuter, ReptileOuter, guarded_step
+from fedmeta.common.config import RunConfig
+from fedmeta.common.evaluation import evaluate_holder, validate_holder
+from fedmeta.common.metrics import MAX_NAME_CHARS, allowed_metrics, check_metrics, placeholder_metrics, required_metrics
+from fedmeta.common.models import ModelSpec, build_model
+from fedmeta.common.tasks import make_tasks
+from fedmeta.common.textsafe import RateLimit, clip
 
 CONFIG = OuterConfig(lr=1e-3, rounds=100)
 

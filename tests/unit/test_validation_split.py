@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from common.config import RunConfig
-from common.tasks.omniglot import OmniglotTasks, validation_classes
-from server import validation
+from fedmeta.common.config import RunConfig
+from fedmeta.common.tasks.omniglot import OmniglotTasks, validation_classes
+from fedmeta.server import validation
 from tests.omniglot_fixtures import write_fake_omniglot
 
 ALPHABETS = {"Alpha": 6, "Beta": 5, "Gamma": 4, "Delta": 3, "Epsilon": 6}

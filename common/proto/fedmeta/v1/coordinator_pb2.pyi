@@ -1,4 +1,4 @@
-from common.proto.fedmeta.v1 import tensor_pb2 as _tensor_pb2
+from fedmeta.common.proto.fedmeta.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor

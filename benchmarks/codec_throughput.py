@@ -5,10 +5,10 @@ either as separate tensors (what a client step returns) or as views of one flat 
 the coordinator broadcasts; the codec encodes float32 views zero-copy). For each layout and
 each transport encoding (float32, float16, bfloat16) it times, in one thread:
 
-  encode       common.codec.encode (cast to the wire dtype, gather into one payload, SHA-256)
+  encode       fedmeta.common.codec.encode (cast to the wire dtype, gather into one payload, SHA-256)
   chunk        iter_chunks(payload, 1 MiB): the bytes objects that go into the chunk messages
   reassemble   Reassembler.add per chunk + finish (copy into one buffer, incremental SHA-256)
-  decode       common.codec.decode (SHA-256 again, finiteness check, cast back to float32);
+  decode       fedmeta.common.codec.decode (SHA-256 again, finiteness check, cast back to float32);
                also without the finiteness check (require_finite=False)
   round trip   all four, chained as the sender and the receiver run them
 

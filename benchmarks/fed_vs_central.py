@@ -3,7 +3,7 @@
 Federated: `python -m fedmeta.server --local-clients 4 --rounds R --run-dir <tmp> --no-progress` (all other
 settings default), timed from the outside (process wall, startup included) and from its own
 summary.json (wall_s, counted from the Coordinator's construction) and metrics.jsonl (round_s).
-Centralised: common.centralized.train + evaluate_held_out on the same RunConfig with data seeds
+Centralised: fedmeta.common.centralized.train + evaluate_held_out on the same RunConfig with data seeds
 0..3, in a child process with torch.set_num_threads(T) for each T in --central-threads.
 
 The breakdown of a federated round uses: the CPU time each process (coordinator, 4 clients)

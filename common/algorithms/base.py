@@ -15,7 +15,7 @@ from fedmeta.common.settings import Setting
 from fedmeta.common.tasks import LossFn, TaskBatch
 
 Params = dict[str, torch.Tensor]
-# A common.config.RunConfig. Not imported: the config imports the algorithms (for their options).
+# A fedmeta.common.config.RunConfig. Not imported: the config imports the algorithms (for their options).
 RunConfig = Any
 
 
@@ -111,6 +111,6 @@ class Algorithm:
     # False: no adaptation steps at all (ProtoNets predict from the support set's prototypes), so
     # evaluation takes none, reports steps 0 and no adaptation curve.
     adapts: bool = True
-    # The algorithm's own run settings (common.settings.option), declared in its module; RunConfig
+    # The algorithm's own run settings (fedmeta.common.settings.option), declared in its module; RunConfig
     # gets each as a field, the server a flag (an option shared by two algorithms: the same object).
     options: tuple[Setting, ...] = ()

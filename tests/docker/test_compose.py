@@ -157,9 +157,9 @@ def test_compose_tls_variant_with_certificates_and_tokens(project, compose: list
     creds = tmp_path / "credentials"
     ids = "client-1,site-a"
     for cmd in (
-        [*_tool("fedmeta-certs", "server.certs"), "--out", str(creds),
+        [*_tool("fedmeta-certs", "fedmeta.server.certs"), "--out", str(creds),
          "--server-names", "coordinator,localhost,127.0.0.1", "--clients", "site-a"],
-        [*_tool("fedmeta-tokens", "server.auth"), "--clients", ids, "--tokens-file", str(creds / "tokens.txt"),
+        [*_tool("fedmeta-tokens", "fedmeta.server.auth"), "--clients", ids, "--tokens-file", str(creds / "tokens.txt"),
          "--out", str(creds / "tokens")],
     ):
         done = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=60)

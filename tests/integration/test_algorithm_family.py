@@ -48,7 +48,7 @@ def run_federation(inprocess_server, processes, values: dict[str, Any], clients:
 @pytest.mark.parametrize("name", NAMES)
 def test_one_client_federation_equals_centralised_training(inprocess_server, processes, tmp_path: Path,
                                                            name: str) -> None:
-    """The anchor, for every algorithm: one client, full participation == common.centralized.train."""
+    """The anchor, for every algorithm: one client, full participation == fedmeta.common.centralized.train."""
     case = CASES[name]
     values = case.flags() | EQUALITY | {"run_dir": str(tmp_path / "federated")}
     s = run_federation(inprocess_server, processes, values, clients=1)

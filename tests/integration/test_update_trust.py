@@ -2,7 +2,7 @@
 outer step absorbs, metric names from the schema, and log lines that stay bounded.
 
 Raw gRPC stubs against a real in-process coordinator on 127.0.0.1; the honest client computes
-real MAML meta-gradients with common.algorithms on the sinusoid MLP.
+real MAML meta-gradients with fedmeta.common.algorithms on the sinusoid MLP.
 """
 
 from __future__ import annotations

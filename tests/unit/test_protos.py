@@ -51,7 +51,7 @@ def test_regenerated_code_matches_the_committed_code(regenerated: Path) -> None:
 
 def test_regenerated_imports_use_the_package_path(regenerated: Path) -> None:
     grpc_module = (regenerated / "fedmeta" / "v1" / "coordinator_pb2_grpc.py").read_text()
-    assert "from common.proto.fedmeta.v1 import coordinator_pb2" in grpc_module
+    assert "from fedmeta.common.proto.fedmeta.v1 import coordinator_pb2" in grpc_module
     for path in regenerated.rglob("*.py"):
         assert not re.search(r"^from fedmeta\.v1 import", path.read_text(), re.MULTILINE), path
 
@@ -60,7 +60,7 @@ def test_generated_modules_import_as_a_package() -> None:
     from fedmeta.common.proto import pb, pb_grpc, tensor_pb
 
     assert pb.DESCRIPTOR.package == tensor_pb.DESCRIPTOR.package == "fedmeta.v1"
-    assert pb.__name__ == "common.proto.fedmeta.v1.coordinator_pb2"
+    assert pb.__name__ == "fedmeta.common.proto.fedmeta.v1.coordinator_pb2"
     assert hasattr(pb_grpc, "CoordinatorStub") and hasattr(pb_grpc, "CoordinatorServicer")
     # The coordinator's messages use the very TensorSetHeader class the codec builds.
     assert pb.UpdateHeader.DESCRIPTOR.fields_by_name["tensors"].message_type is tensor_pb.TensorSetHeader.DESCRIPTOR

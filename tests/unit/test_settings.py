@@ -1,6 +1,6 @@
 """Settings declared once (common/settings.py): the proto has every run setting, each algorithm's options
 become RunConfig fields and flags, the resume check and the client flags come from the declarations,
-and common.config and common.algorithms no longer import each other."""
+and fedmeta.common.config and fedmeta.common.algorithms no longer import each other."""
 
 from __future__ import annotations
 

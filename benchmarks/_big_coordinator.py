@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from fedmeta.common.models import ModelSpec  # noqa: E402
 from fedmeta.server.config import build  # noqa: E402
 from fedmeta.server.coordinator import Coordinator  # noqa: E402
-from fedmeta.server.service import create_server  # noqa: E402
+from fedmeta.server.grpc_server import create_server  # noqa: E402
 
 MB = 1e6
 

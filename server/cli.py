@@ -19,7 +19,7 @@ from fedmeta.common.cli import OneLineErrorParser, setup_logging
 from fedmeta.server import local
 from fedmeta.server.config import ServerConfig, add_arguments, resolve
 from fedmeta.server.coordinator import Coordinator
-from fedmeta.server.service import create_server
+from fedmeta.server.grpc_server import create_server
 
 log = logging.getLogger("fedmeta.server")
 

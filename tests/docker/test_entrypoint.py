@@ -106,7 +106,7 @@ def test_ptr_query_parses_a_dns_answer() -> None:
 def test_healthcheck_reports_serving_and_unreachable(tmp_path: Path) -> None:
     from fedmeta.server.config import build
     from fedmeta.server.coordinator import Coordinator
-    from fedmeta.server.service import create_server
+    from fedmeta.server.grpc_server import create_server
 
     config = build({"run_dir": str(tmp_path / "run"), "port": 0, "rounds": 3})
     server, port = create_server(config, Coordinator(config))

@@ -19,7 +19,7 @@ import pytest
 from fedmeta.common.proto import pb_grpc
 from fedmeta.server.config import build
 from fedmeta.server.coordinator import Coordinator
-from fedmeta.server.service import create_server
+from fedmeta.server.grpc_server import create_server
 
 ROOT = Path(__file__).resolve().parents[2]
 

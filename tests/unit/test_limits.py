@@ -12,7 +12,7 @@ import pytest
 
 from fedmeta.client import worker
 from fedmeta.client.retry import RPC_LIMIT_DETAILS, RetryPolicy, retryable, with_retry
-from fedmeta.server import service
+from fedmeta.server import grpc_server as service
 from fedmeta.server.config import build, read_allowed_clients
 from fedmeta.server.limits import Gate, JoinRateLimiter, KeyedGate, StreamWatchdog
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 from pathlib import Path
 
 import pytest
@@ -14,24 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from fedmeta.server import checkpoint
 from tests.integration.conftest import wait_for
+from tests.integration.test_failures import FAST, _free_port, _rounds
 
 pytestmark = pytest.mark.integration
-
-FAST = ["--tasks-per-client", "4", "--eval-tasks-per-client", "5", "--eval-queries", "20"]
-
-
-def _rounds(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_nan_in_the_newest_checkpoint_resumes_from_the_previous_one(processes, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"

@@ -1,8 +1,10 @@
 """Retries for transient gRPC failures: exponential backoff with full jitter.
 
-UNAVAILABLE and DEADLINE_EXCEEDED are retried; so is RESOURCE_EXHAUSTED where it means an
-overloaded coordinator (its RPC cap, the Join rate limit, a full registry), with a pause of at
-least a second; every other status is an answer.
+UNAVAILABLE and DEADLINE_EXCEEDED are retried; so is CANCELLED, which a client sees when the
+coordinator cancelled its call (an orderly shutdown past its grace period, or the stream
+watchdog) — a call this client cancelled itself stops with its stop event; and so is
+RESOURCE_EXHAUSTED where it means an overloaded coordinator (its RPC cap, the Join rate limit,
+a full registry), with a pause of at least a second. Every other status is an answer.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import grpc
 
 log = logging.getLogger("fedmeta.client")
 T = TypeVar("T")
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 # What grpc's server answers past maximum_concurrent_rpcs (--max-concurrent-rpcs).
 RPC_LIMIT_DETAILS = "Concurrent RPC limit exceeded!"
 OVERLOAD_MIN_DELAY_S = 1.0

@@ -83,6 +83,7 @@ def test_retry_rules() -> None:
     assert retryable(_Refusal(grpc.StatusCode.UNAVAILABLE, "")) and retryable(overloaded)
     assert not retryable(overloaded, overload=False) and retryable(cap, overload=False)
     assert not retryable(_Refusal(grpc.StatusCode.FAILED_PRECONDITION, ""))
+    assert retryable(_Refusal(grpc.StatusCode.CANCELLED, ""))  # the coordinator cancelled the call (shutdown grace, watchdog)
     calls = []
 
     def call() -> str:

@@ -149,3 +149,39 @@ def test_adapt_uses_the_learned_curvature() -> None:
         expected = params[k] - LR * (full_matrix(params, k) @ g[k].reshape(-1)).reshape(g[k].shape)
         torch.testing.assert_close(adapted[k], expected, rtol=1e-10, atol=1e-12, msg=k)
     assert all(torch.equal(adapted[k], params[k]) for k in params if k.startswith("meta."))
+
+
+def test_fedmeta_adapt_uses_the_exported_curvature(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """An export's meta.mc.* matrices travel in model.safetensors and fedmeta-adapt adapts with them."""
+    from safetensors.torch import load_file
+
+    from fedmeta.client.adapt import main
+    from fedmeta.common.algorithms import meta_parameters
+    from fedmeta.common.config import RunConfig
+    from fedmeta.common.models import ModelSpec, build_model
+    from fedmeta.common.tasks import loss_for
+    from fedmeta.server.rundir import RunDir
+    from tests.unit.test_adapt import sine_rows, write_csv
+
+    spec = ModelSpec("mlp", {"in_features": 1, "hidden": [8], "out_features": 1})
+    run = RunConfig(run_id="unit", algorithm="metacurvature", task="sinusoid", model=spec, eval_steps=2, inner_lr=0.02)
+    gen = torch.Generator().manual_seed(3)
+    theta = {k: v + 0.2 * torch.randn(v.shape, generator=gen) if k.startswith("meta.") else v
+             for k, v in meta_parameters(run, 0).items()}
+    RunDir(tmp_path / "run").export_model(theta, run, "v0")
+    rows = sine_rows(10, 0)
+    support = write_csv(tmp_path / "s.csv", ["x", "y"], rows)
+    assert main(["--model", str(tmp_path / "run"), "--support", str(support), "--query", str(support),
+                 "--out", str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    exported = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    assert {k for k in exported if k.startswith("meta.mc.")} == {k for k in theta if k.startswith("meta.")}
+    xs = torch.tensor([[r[0]] for r in rows], dtype=torch.float32)
+    ys = torch.tensor([[r[1]] for r in rows], dtype=torch.float32)
+    model = build_model(spec)
+    expected = ALGORITHMS["metacurvature"].adapt(model, exported, xs, ys, loss_for("sinusoid"), steps=2, lr=0.02)
+    plain = ALGORITHMS["maml"].adapt(model, exported, xs, ys, loss_for("sinusoid"), steps=2, lr=0.02)
+    adapted = load_file(str(tmp_path / "out" / "personalised.safetensors"))
+    for k in expected:
+        torch.testing.assert_close(adapted[k], expected[k], rtol=1e-6, atol=1e-7, msg=k)
+    assert max(float((adapted[k] - plain[k]).abs().max()) for k in plain) > 1e-4  # not MAML's plain SGD

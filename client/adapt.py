@@ -169,12 +169,12 @@ def personalise(exported: Exported, model: nn.Module, theta: Params, support: Ex
         "parameter_version": exported.version, "steps": steps, "lr": lr,
         "support": {"examples": len(support.names), "classes": list(support.classes) or None},
         "support_loss_pre": float(loss_fn(predict(theta, xs), ys)),
-        "support_loss_post": float(loss_fn(predict(adapted, xs), ys)),
+        "support_loss_post": float(loss_fn(predict(few_shot, xs), ys)),  # after the algorithm's own steps
         "query": {"examples": len(query.names), "labelled": query.y is not None},
         "transductive_bn": uses_batch_statistics(model),
     }
     if tuned is not None:
-        report["fine_tune"] = tuned
+        report["fine_tune"] = tuned | {"fit_loss": float(loss_fn(predict(adapted, xs), ys))}
         report["support"]["fit_examples"] = len(fit.names)  # support_loss_*: on these
     # One forward pass over the whole query set. Only a transductive model (--norm batch) normalises it
     # together, as in its evaluation; every other model predicts each query alone, the same in any batch.

@@ -170,6 +170,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     name = "accuracy" if "holdout_accuracy" in ft else "MSE"
     key = "holdout_accuracy" if name == "accuracy" else "holdout_mse"
     return [f"  fine-tuning       {ft['steps_run']} of {ft['steps']} Adam steps at lr {ft['lr']:g} on "
-            f"{ft['fit_examples']} examples, best held-out loss at step {ft['best_step']}",
-            f"  held-out loss     {ft['holdout_loss_adapted']:.4f} -> {ft['holdout_loss']:.4f}   held-out {name} "
-            f"{ft[key + '_adapted']:.4f} -> {ft[key]:.4f}  ({ft['holdout_examples']} held-out support examples)"]
+            f"{ft['fit_examples']} examples, best held-out loss at step {ft['best_step']} (fit loss then "
+            f"{ft['fit_loss']:.4f})",
+            f"  held-out loss     {ft['holdout_loss_adapted']:.4f} -> {ft['holdout_loss']:.4f}"
+            + (f"   held-out accuracy {ft[key + '_adapted']:.4f} -> {ft[key]:.4f}" if name == "accuracy" else "")
+            + f"  ({ft['holdout_examples']} held-out support examples)"]

@@ -46,7 +46,7 @@ CLIENTS = 5
 EVAL_TASKS_PER_CLIENT = 120  # x 5 clients = 600 test tasks
 
 SETTINGS = {"5w1s": {"ways": 5, "shots": 1}, "20w1s": {"ways": 20, "shots": 1}}
-ALGORITHMS = ("protonet", "maml", "fomaml", "reptile", "anil", "metasgd", "fedavg")
+ALGORITHMS = ("protonet", "maml", "fomaml", "reptile", "anil", "metasgd", "metacurvature", "fedavg")
 
 # The training budget per algorithm (the same for both modes): rounds, tasks per client per
 # round, and what differs from the defaults. ProtoNets train 20-way for 5-way tests (Snell et
@@ -58,6 +58,7 @@ BUDGET: dict[str, dict[str, Any]] = {
     "reptile": {"rounds": 300, "tasks": 2, "flags": ["--inner-steps", "5", "--inner-lr", "0.1", "--eval-steps", "10"]},
     "anil": {"rounds": 300, "tasks": 2, "flags": ["--inner-steps", "1", "--eval-steps", "10"]},
     "metasgd": {"rounds": 300, "tasks": 2, "flags": ["--inner-steps", "1"]},
+    "metacurvature": {"rounds": 300, "tasks": 2, "flags": ["--inner-steps", "1"]},
     "fedavg": {"rounds": 300, "tasks": 2, "flags": ["--eval-steps", "10", "--inner-lr", "0.1"]},
 }
 

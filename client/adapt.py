@@ -4,6 +4,8 @@ theta' = adapt(theta; support) with the run's algorithm (k SGD steps, lr from mo
 unless given), then theta' predicts the query set. Inputs are a folder of class
 sub-folders of images (grayscale, inverted: dark strokes on light paper become 1.0 on
 0.0, see common/images.py) or a CSV with a header (inputs, then the target column).
+With --fine-tune-steps, Adam then fine-tunes theta' on the support set less a held-out slice,
+early-stopped on that slice (client/finetune.py); both results are reported.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from fedmeta.common.algorithms.inner import EXTRA, forward
 from fedmeta.common.cli import OneLineErrorParser, add_model_import_argument, model_imports
 from fedmeta.common.models import ModelSpec, build_model, check_model_spec, uses_batch_statistics
 from fedmeta.common.tasks import is_classification, loss_for
+from fedmeta.client import finetune
 from fedmeta.client.adapt_inputs import Examples, Exported, Params, read_csv, read_examples  # noqa: F401 (re-exported)
+from fedmeta.client.finetune import FineTune
 
 
 def find_model(path: Path) -> Path:
@@ -129,17 +133,29 @@ class Result:
 
 
 def personalise(exported: Exported, model: nn.Module, theta: Params, support: Examples, query: Examples, *,
-                steps: int, lr: float) -> Result:
-    """Adapt theta on the support set with the run's algorithm, then predict (and score) the query set."""
+                steps: int, lr: float, fine_tune: FineTune | None = None) -> Result:
+    """Adapt theta on the support set with the run's algorithm, then predict (and score) the query set.
+
+    With `fine_tune`, a held-out slice of the support set is set aside first: the algorithm adapts
+    on the rest, Adam fine-tunes from there, and the slice picks the parameters (finetune.py).
+    """
     if support.y is None:
         raise ValueError("--support: expected labelled examples, got no targets")
     classification = is_classification(exported.task)
     device = next(iter(theta.values())).device
-    xs, ys, xq = support.x.to(device), support.y.to(device), query.x.to(device)
+    fit, held = support, None
+    if fine_tune is not None:
+        fit, held = finetune.split_support(support, fine_tune.holdout, classification=classification)
+    xs, ys, xq = fit.x.to(device), fit.y.to(device), query.x.to(device)  # type: ignore[union-attr]
     loss_fn = loss_for(exported.task)
     algorithm = get_algorithm(exported.algorithm)
     adapted = algorithm.adapt(model, theta, xs, ys, loss_fn, steps=steps, lr=lr)
-    adapted = {k: v.detach() for k, v in adapted.items()}
+    adapted = few_shot = {k: v.detach() for k, v in adapted.items()}
+    tuned: dict[str, Any] | None = None
+    if fine_tune is not None and held is not None:
+        rule = finetune.prediction_rule(algorithm, model, fit, device)
+        adapted, tuned = finetune.fine_tune(rule, loss_fn, few_shot, fit, held, fine_tune,
+                                            classification=classification)
 
     def predict(params: Params, x: torch.Tensor) -> torch.Tensor:
         """Logits or values; ProtoNets' come from distances to the support set's prototypes."""
@@ -153,10 +169,13 @@ def personalise(exported: Exported, model: nn.Module, theta: Params, support: Ex
         "parameter_version": exported.version, "steps": steps, "lr": lr,
         "support": {"examples": len(support.names), "classes": list(support.classes) or None},
         "support_loss_pre": float(loss_fn(predict(theta, xs), ys)),
-        "support_loss_post": float(loss_fn(predict(adapted, xs), ys)),
+        "support_loss_post": float(loss_fn(predict(few_shot, xs), ys)),  # after the algorithm's own steps
         "query": {"examples": len(query.names), "labelled": query.y is not None},
         "transductive_bn": uses_batch_statistics(model),
     }
+    if tuned is not None:
+        report["fine_tune"] = tuned | {"fit_loss": float(loss_fn(predict(adapted, xs), ys))}
+        report["support"]["fit_examples"] = len(fit.names)  # support_loss_*: on these
     # One forward pass over the whole query set. Only a transductive model (--norm batch) normalises it
     # together, as in its evaluation; every other model predicts each query alone, the same in any batch.
     pred = predict(adapted, xq).cpu()
@@ -164,6 +183,8 @@ def personalise(exported: Exported, model: nn.Module, theta: Params, support: Ex
         metric = "query_accuracy" if classification else "query_mse"
         report[f"{metric}_pre"] = _query_metric(predict(theta, xq).cpu(), query.y, classification)
         report[metric] = _query_metric(pred, query.y, classification)
+        if tuned is not None:  # after the meta-learned steps only, before fine-tuning
+            report[f"{metric}_adapted"] = _query_metric(predict(few_shot, xq).cpu(), query.y, classification)
     header = ["file" if query.x.dim() > 2 else "row", "prediction"] + (["probability"] if classification else [])
     header += ["target"] if query.y is not None else []
     rows: list[list[str]] = []
@@ -183,12 +204,15 @@ def personalise(exported: Exported, model: nn.Module, theta: Params, support: Ex
 def summary_lines(report: dict[str, Any], out: Path) -> list[str]:
     support, classes = report["support"], report["support"]["classes"]
     of_classes = f" of {len(classes)} classes" if classes else ""
+    fit = f"{support['fit_examples']} of " if "fit_examples" in support else ""  # the rest held out to fine-tune
     head = (f"fedmeta-adapt: {report['algorithm']} model for {report['task']}, {report['steps']} steps at lr "
-            f"{report['lr']:g} on {support['examples']} support examples{of_classes}")
+            f"{report['lr']:g} on {fit}{support['examples']} support examples{of_classes}")
     lines = [head, f"  support loss      {report['support_loss_pre']:.4f} -> {report['support_loss_post']:.4f}"]
+    lines += finetune.summary_lines(report)
     for metric, name in (("query_accuracy", "query accuracy"), ("query_mse", "query MSE")):
         if metric in report:
-            lines.append(f"  {name:<17} {report[metric + '_pre']:.4f} -> {report[metric]:.4f}"
+            middle = f"{report[metric + '_adapted']:.4f} (meta-learned steps) -> " if metric + "_adapted" in report else ""
+            lines.append(f"  {name:<17} {report[metric + '_pre']:.4f} -> {middle}{report[metric]:.4f}"
                          f"  ({report['query']['examples']} labelled query examples)")
     lines.append(f"Wrote {out / 'personalised.safetensors'}, {out / 'predictions.csv'} "
                  f"({report['query']['examples']} predictions), {out / 'adapt.json'}")
@@ -219,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, help="adaptation learning rate (default: model.json adapt.lr)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     add_model_import_argument(parser)
+    finetune.add_arguments(parser)
     return parser
 
 
@@ -242,7 +267,8 @@ def write_outputs(out: Path, result: Result) -> None:
     out.mkdir(parents=True, exist_ok=True)
     report = result.report
     metadata = {"algorithm": report["algorithm"], "task": report["task"], "steps": str(report["steps"]),
-                "lr": repr(report["lr"]), "base_parameter_version": report["parameter_version"]}
+                "lr": repr(report["lr"]), "base_parameter_version": report["parameter_version"],
+                "fine_tune_steps": str(report.get("fine_tune", {}).get("best_step", 0))}
     if report["support"]["classes"]:
         metadata["classes"] = json.dumps(report["support"]["classes"])
     save_file({k: v.cpu().contiguous() for k, v in result.adapted.items()}, str(out / "personalised.safetensors"),
@@ -258,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         exported = load_exported(args.model, allowed_imports=model_imports(args))
         steps, lr, device = _settings(args, exported)
+        tuning = finetune.from_args(args)
         support = read_examples(args.support, exported=exported, support=None)
         if not support.names:
             raise ValueError(f"--support {args.support}: expected labelled examples, got none")
@@ -265,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         query = read_examples(args.query, exported=exported, support=support)
         if not query.names:
             raise ValueError(f"--query {args.query}: expected examples to predict, got none")
-        result = personalise(exported, model, theta, support, query, steps=steps, lr=lr)
+        result = personalise(exported, model, theta, support, query, steps=steps, lr=lr, fine_tune=tuning)
     except ValueError as exc:
         parser.error(str(exc))
     result.report["support"]["path"], result.report["query"]["path"] = str(args.support), str(args.query)

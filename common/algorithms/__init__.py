@@ -6,12 +6,14 @@ from collections.abc import Collection, Iterable
 
 import torch
 
-from fedmeta.common.algorithms import anil, fedavg, fomaml, maml, mamlpp, metasgd, perfedavg, protonet, reptile
+from fedmeta.common.algorithms import (anil, fedavg, fomaml, maml, mamlpp, metacurvature, metasgd, perfedavg, protonet,
+                                       reptile)
 from fedmeta.common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, OuterConfig, RunConfig, UpdateKind
 from fedmeta.common.settings import Setting
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     maml.ALGORITHM, fomaml.ALGORITHM, reptile.ALGORITHM, metasgd.ALGORITHM, anil.ALGORITHM, mamlpp.ALGORITHM,
+    metacurvature.ALGORITHM,
     perfedavg.ALGORITHM, protonet.ALGORITHM, fedavg.ALGORITHM,
 )}
 

@@ -12,6 +12,8 @@ over the parameter names n it adapts, and differs only in what it passes (cf. le
     FOMAML      --inner-lr                       (see below)     all     no
     Meta-SGD    alpha[n], learned (dict)         no              all     no
     MAML++      lslr_j[n], learned (callable)    first rounds    all     yes (multi-step loss)
+    Meta-Curv.  --inner-lr, g_j preconditioned   --curvature-    all     no
+                by learned Kronecker factors     first-order
     ANIL        --inner-lr, on cached features   no              head    no
     Reptile     --inner-lr, support + query      (see below)     all     no
     FedAvg      --local-lr, one step per task    (see below)     all     no
@@ -20,7 +22,10 @@ over the parameter names n it adapts, and differs only in what it passes (cf. le
 Under `torch.func.grad` the path is differentiated end to end, which gives MAML's second-order
 term (Hessian-vector products through each g_j); `first_order` treats every g_j as a constant
 (Finn et al. 2017, section 5.2) while the path stays differentiable in theta and the step sizes,
-which MAML++'s first-order rounds need for their learned rates. Where nothing differentiates the
+which MAML++'s first-order rounds need for their learned rates. A `precondition` hook
+P(theta_j, g_j) replaces g_j by P's output before the step (Meta-Curvature's learned curvature
+matrices, read from theta_j's "meta." entries); it runs after first_order's detach, so the path
+stays differentiable in what P reads. Where nothing differentiates the
 path it is plain SGD and first order already, so FOMAML (the path run outside the meta-gradient,
 which is then taken at theta'), Reptile, FedAvg and Per-FedAvg leave the flag off: detaching would
 cost a few per cent per step (sinusoid MLP, one thread) and change nothing.
@@ -44,6 +49,8 @@ EXTRA = "meta."  # prefix of meta-parameters that are not the model's (e.g. Meta
 # (Meta-SGD's alpha), or a rule (step j, name n) -> scalar or tensor (MAML++'s per-step per-layer rates).
 StepSize = float | Params | Callable[[int, str], torch.Tensor | float]
 Objective = Callable[[Params], torch.Tensor]
+# P(theta_j, g_j) -> the gradient the step uses, for the same names (Meta-Curvature's M g).
+Precondition = Callable[[Params, Params], Params]
 
 
 def model_part(params: Params) -> Params:
@@ -84,17 +91,21 @@ def sgd_step(params: Params, g: Params, lr: StepSize, step: int = 0) -> Params:
 
 @overload
 def sgd_path(objective: Objective, params: Params, *, steps: int, lr: StepSize, first_order: bool = ...,
-             only: Collection[str] | None = ..., keep_path: Literal[False] = ...) -> Params: ...
+             only: Collection[str] | None = ..., keep_path: Literal[False] = ...,
+             precondition: Precondition | None = ...) -> Params: ...
 @overload
 def sgd_path(objective: Objective, params: Params, *, steps: int, lr: StepSize, first_order: bool = ...,
-             only: Collection[str] | None = ..., keep_path: Literal[True]) -> list[Params]: ...
+             only: Collection[str] | None = ..., keep_path: Literal[True],
+             precondition: Precondition | None = ...) -> list[Params]: ...
 def sgd_path(objective: Objective, params: Params, *, steps: int, lr: StepSize, first_order: bool = False,
-             only: Collection[str] | None = None, keep_path: bool = False) -> Params | list[Params]:
+             only: Collection[str] | None = None, keep_path: bool = False,
+             precondition: Precondition | None = None) -> Params | list[Params]:
     """`steps` SGD steps on objective(theta), the kernel: theta_steps, or [theta_0, ..., theta_steps].
 
     objective maps the full parameter dict to a scalar loss; the gradient is taken over the names
     in `only` (default: the model's own, not the "meta." extras), the rest held fixed and returned
-    untouched. first_order detaches each g_j from any enclosing differentiation.
+    untouched. first_order detaches each g_j from any enclosing differentiation; precondition
+    (None: the identity) maps (theta_j, g_j) to the gradient the step takes.
     """
     names = [k for k in params if not k.startswith(EXTRA)] if only is None else list(only)
     path = [params]
@@ -103,6 +114,8 @@ def sgd_path(objective: Objective, params: Params, *, steps: int, lr: StepSize, 
         g = grad(lambda sub, p=p: objective({**p, **sub}))({k: p[k] for k in names})
         if first_order:
             g = {k: v.detach() for k, v in g.items()}
+        if precondition is not None:
+            g = precondition(p, g)
         path.append(sgd_step(p, g, lr, j))
     return path if keep_path else path[-1]
 
@@ -110,19 +123,20 @@ def sgd_path(objective: Objective, params: Params, *, steps: int, lr: StepSize, 
 @overload
 def inner_path(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, *, steps: int,
                lr: StepSize, first_order: bool = ..., only: Collection[str] | None = ...,
-               keep_path: Literal[False] = ...) -> Params: ...
+               keep_path: Literal[False] = ..., precondition: Precondition | None = ...) -> Params: ...
 @overload
 def inner_path(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, *, steps: int,
                lr: StepSize, first_order: bool = ..., only: Collection[str] | None = ...,
-               keep_path: Literal[True]) -> list[Params]: ...
+               keep_path: Literal[True], precondition: Precondition | None = ...) -> list[Params]: ...
 def inner_path(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, *, steps: int,
                lr: StepSize, first_order: bool = False, only: Collection[str] | None = None,
-               keep_path: bool = False) -> Params | list[Params]:
+               keep_path: bool = False, precondition: Precondition | None = None) -> Params | list[Params]:
     """The kernel on one task's support loss L(f_theta(x), y): see `sgd_path`."""
     def support_loss(p: Params) -> torch.Tensor:
         return loss_at(model, p, x, y, loss_fn)
 
-    path = sgd_path(support_loss, params, steps=steps, lr=lr, first_order=first_order, only=only, keep_path=True)
+    path = sgd_path(support_loss, params, steps=steps, lr=lr, first_order=first_order, only=only, keep_path=True,
+                    precondition=precondition)
     return path if keep_path else path[-1]
 
 

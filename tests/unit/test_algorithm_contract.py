@@ -186,6 +186,39 @@ def ref_anil(run: RunConfig, params: Params, batch: TaskBatch, round_index: int)
     return mean_over_tasks(out, pre, post)
 
 
+def curvature_names(name: str, w: Params) -> list[str]:
+    """Meta-Curvature's matrices of tensor `name`, by mode (out, in) or its diagonal, as they are in w."""
+    return [f"meta.mc.{m}.{name}" for m in ("diag", "out", "in") if f"meta.mc.{m}.{name}" in w]
+
+
+def curved(everything: Params, name: str, g: torch.Tensor) -> torch.Tensor:
+    """vec(G') = (M_out kron M_in) vec(G) (row-major vec) for a weight, M g or m * g for a bias."""
+    factors = [everything[n] for n in curvature_names(name, everything)]
+    if "meta.mc.diag." + name in everything:
+        return factors[0] * g
+    matrix = factors[0] if len(factors) == 1 else torch.kron(factors[0], factors[1])
+    return (matrix @ g.reshape(-1)).reshape(g.shape)
+
+
+def ref_metacurvature(run: RunConfig, params: Params, batch: TaskBatch, round_index: int) -> Result:
+    """theta' = theta - lr * M grad, M the Kronecker product of learned factors; the meta-gradient for
+    theta and every factor, second order unless --curvature-first-order (Park & Oliva 2019)."""
+    out, pre, post = [], [], []
+    for t in range(batch.num_tasks):
+        xs, ys, xq, yq = task(batch, t)
+        everything = leaves(params)
+        theta = {k: everything[k] for k in model_names(params)}
+        w = theta
+        for _ in range(run.inner_steps):
+            g = grads(loss(run, w, xs, ys), w, create_graph=not run.curvature_first_order)
+            w = {k: w[k] - run.inner_lr * curved(everything, k, g[k]) for k in w}
+        lq = loss(run, w, xq, yq)
+        out.append(grads(lq, everything))
+        pre.append(loss(run, theta, xq, yq).detach())
+        post.append(lq.detach())
+    return mean_over_tasks(out, pre, post)
+
+
 def ref_msl_weights(steps: int, round_index: int, rounds: int, enabled: bool) -> list[float]:
     """Antoniou et al. 2019's per-step loss importance, annealed over the first tenth of the run.
 
@@ -324,6 +357,16 @@ def adapt_mamlpp(run: RunConfig, params: Params, x: torch.Tensor, y: torch.Tenso
     return w
 
 
+def adapt_metacurvature(run: RunConfig, params: Params, x: torch.Tensor, y: torch.Tensor, steps: int,
+                        lr: float) -> Params:
+    w = dict(params)
+    for _ in range(steps):
+        theta = leaves({k: w[k] for k in model_names(w)})
+        g = grads(loss(run, theta, x, y), theta)
+        w = w | {k: (w[k] - lr * curved(w, k, g[k])).detach() for k in g}
+    return w
+
+
 def adapt_none(run: RunConfig, params: Params, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float) -> Params:
     return dict(params)
 
@@ -397,6 +440,11 @@ CASES: dict[str, Case] = {
                                   ({"local_lr": -1.0}, "--local-lr"),
                                   ({"local_lr": 0.0}, "--local-lr"))),
     "perfedavg-hf": Case("perfedavg", PD, ref_perfedavg, adapt_sgd, settings={"perfedavg_variant": "hf"}),
+    "metacurvature": Case("metacurvature", MG, ref_metacurvature, adapt_metacurvature,
+                          invalid=(({"curvature_bias": "block"}, "--curvature-bias"),)),
+    "metacurvature-first-order-diagonal": Case("metacurvature", MG, ref_metacurvature, adapt_metacurvature,
+                                               settings={"curvature_first_order": True,
+                                                         "curvature_bias": "diagonal"}),
     "protonet": Case("protonet", MG, ref_protonet, adapt_none, task="gaussian", predict_reference=prototype_logits,
                      invalid=(({"task": "sinusoid"}, "--algorithm protonet"),)),
     "fedavg": Case("fedavg", PD, ref_fedavg, adapt_sgd,
@@ -430,8 +478,11 @@ def perturbed(params: Params, seed: int) -> Params:
     """The meta-parameters with the extras ("meta.*") moved off their initial value (= --inner-lr),
     so that a rule using --inner-lr where it should use its learned rates disagrees."""
     gen = torch.Generator().manual_seed(seed)
-    return {k: v * (0.5 + torch.rand(v.shape, generator=gen, dtype=v.dtype)) if k.startswith(META) else v
-            for k, v in params.items()}
+    out = {k: v * (0.5 + torch.rand(v.shape, generator=gen, dtype=v.dtype)) if k.startswith(META) else v
+           for k, v in params.items()}
+    # Meta-Curvature's matrices start as the identity: move their off-diagonal entries too.
+    return {k: v + 0.1 * torch.randn(v.shape, generator=gen, dtype=v.dtype) if k.startswith(META + "mc.")
+            and v.dim() == 2 else v for k, v in out.items()}
 
 
 def setup(case: Case, *, dtype: torch.dtype = torch.float32, seed: int = 0,
@@ -529,7 +580,8 @@ def test_client_step_matches_the_reference_in_float32(name: str) -> None:
 
 def test_the_references_tell_the_variants_apart() -> None:
     """The rows that share an algorithm really test different things: their updates differ."""
-    for a, b in (("mamlpp", "mamlpp-first-order"), ("perfedavg-fo", "perfedavg-hf"), ("maml", "fomaml")):
+    for a, b in (("mamlpp", "mamlpp-first-order"), ("perfedavg-fo", "perfedavg-hf"), ("maml", "fomaml"),
+                 ("metacurvature", "metacurvature-first-order-diagonal")):
         run_a, _, params, batch = setup(CASES[a], dtype=torch.float64, seed=5)
         run_b = CASES[b].run()
         ua, _, _ = CASES[a].reference(run_a, params, batch, CASES[a].round_index)

@@ -97,7 +97,8 @@ def test_each_algorithm_declares_its_options_and_they_become_fields_and_flags() 
     by_algorithm = {name: {o.field for o in a.options} for name, a in ALGORITHMS.items() if a.options}
     assert by_algorithm == {"mamlpp": {"first_order_rounds", "msl", "lslr", "cosine_outer"},
                             "fedavg": {"local_steps", "local_lr"},
-                            "perfedavg": {"local_steps", "local_lr", "perfedavg_variant"}}
+                            "perfedavg": {"local_steps", "local_lr", "perfedavg_variant"},
+                            "metacurvature": {"curvature_bias", "curvature_first_order"}}
     for o in ALGORITHM_OPTIONS:
         assert o.field in fields and fields[o.field].default == o.field_default
         assert flags[o.name] is o
@@ -168,7 +169,8 @@ def test_the_resume_keys_are_those_declared_and_old_checkpoints_compare_with_def
     assert {o.field for o in OPTIONS if o.resume} == {
         "algorithm", "task", "model", "seed", "rounds", "shots", "queries", "tasks_per_client", "inner_steps",
         "inner_lr", "outer_lr", "ways", "dim", "partition", "shards", "rotations", "first_order_rounds", "msl",
-        "lslr", "cosine_outer", "local_steps", "local_lr", "perfedavg_variant", "eval_every", "eval_ways"}
+        "lslr", "cosine_outer", "local_steps", "local_lr", "perfedavg_variant", "eval_every", "eval_ways",
+        "curvature_bias", "curvature_first_order"}
     current = describe(build({"task": "gaussian", "ways": 3, "run_dir": "runs/unit"}))
     old = {k: v for k, v in current.items() if k not in ("eval_every", "eval_ways")}  # before they existed
     assert resume_differences(old, current) == []

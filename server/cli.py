@@ -20,6 +20,7 @@ from fedmeta.server import local
 from fedmeta.server.config import ServerConfig, add_arguments, resolve
 from fedmeta.server.coordinator import Coordinator
 from fedmeta.server.grpc_server import create_server
+from fedmeta.server.memory import fix_mmap_threshold
 
 log = logging.getLogger("fedmeta.server")
 
@@ -165,6 +166,7 @@ def serve(config: ServerConfig, *, progress_bar: bool) -> int:
         if progress is not None:
             progress(record)
 
+    fix_mmap_threshold(config.malloc_mmap_threshold)
     coordinator = Coordinator(config, on_round=on_round)
     if config.local_clients:
         torch.set_num_threads(1)  # leave the cores to the client processes

@@ -77,6 +77,7 @@ class Coordinator:
         self._on_round = on_round
         self._cond = threading.Condition()
         self._uploads = threading.BoundedSemaphore(config.max_concurrent_uploads)
+        self._downloads = threading.BoundedSemaphore(config.max_concurrent_downloads)
         self._stopping = threading.Event()
         self.finished = threading.Event()
         self.failed = threading.Event()  # the round thread stopped on an error: not a finished run
@@ -324,6 +325,10 @@ class Coordinator:
     def upload_slot(self) -> threading.BoundedSemaphore:
         """Bounds how many update payloads are buffered at once (memory: one model each)."""
         return self._uploads
+
+    def download_slot(self) -> threading.BoundedSemaphore:
+        """Bounds how many parameter streams send at once (memory: a few chunks each)."""
+        return self._downloads
 
     # ---- the round thread -------------------------------------------------------------------------
     def _clients_view(self, now: float) -> rounds.Clients:

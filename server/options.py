@@ -40,6 +40,14 @@ class ServerConfig:
                                                    minimum=1))
     max_concurrent_uploads: int = field(metadata=setting(
         "updates buffered at once (peak memory: this many model copies)", default=2, minimum=1))
+    malloc_mmap_threshold: int = field(metadata=setting(
+        "glibc: allocations from this many bytes are mapped and given back when freed; fixing it (glibc's own "
+        "default, 128 KiB) stops freed megabyte buffers piling up in per-thread arenas (server/memory.py); 0 "
+        "leaves glibc's dynamic threshold; MALLOC_MMAP_THRESHOLD_ in the environment wins", default=131072,
+        minimum=0))
+    max_concurrent_downloads: int = field(metadata=setting(
+        "parameter streams sending at once; the others wait (holding a thread, no memory) for a free one (peak "
+        "memory: about 3 x --chunk-bytes each; raise it for many clients on slow links)", default=16, minimum=1))
     aggregator: str = field(metadata=setting(
         "how a round's updates combine: mean and clipped-mean stream in O(model) memory; median and trimmed-mean "
         "keep every update of the round (memory: clients x model) and ignore weights", default="mean",

@@ -184,15 +184,25 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     ) -> Iterator[pb.FetchParametersResponse]:
         client_id = self._client_id(context, request.client_id)
         self.coordinator.check_run(request.run_id)
-        encoded: EncodedTensorSet = self.coordinator.acquire_parameters(client_id, request.parameter_version)
-        sent = WireBytes()
+        # Each sending stream holds about three copies of a chunk (the message, its serialised
+        # bytes, gRPC's buffer) until the peer's window takes it: a bounded number send at once,
+        # so memory stays O(model + slots x chunk) however many clients fetch together.
+        slot = self.coordinator.download_slot()
+        if not slot.acquire(timeout=self.coordinator.config.round_deadline_s):
+            raise Rejected(grpc.StatusCode.UNAVAILABLE, "too many parameter streams are sending; retry shortly",
+                           Reason.BUSY)
         try:
-            for msg in parameter_messages(request.parameter_version, encoded, self.run.chunk_bytes):
-                sent.add(msg)
-                yield msg
+            encoded: EncodedTensorSet = self.coordinator.acquire_parameters(client_id, request.parameter_version)
+            sent = WireBytes()
+            try:
+                for msg in parameter_messages(request.parameter_version, encoded, self.run.chunk_bytes):
+                    sent.add(msg)
+                    yield msg
+            finally:
+                self.coordinator.release_parameters()
+                self.coordinator.count_bytes(sent=sent.total, received=request.ByteSize())
         finally:
-            self.coordinator.release_parameters()
-            self.coordinator.count_bytes(sent=sent.total, received=request.ByteSize())
+            slot.release()
 
     @refusals
     def SubmitUpdate(

@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fedmeta.common import PROTOCOL_VERSION
-from fedmeta.common.proto import pb
+from fedmeta.common.proto import pb, pb_grpc
 from fedmeta.server import checkpoint
 from fedmeta.server.certs import generate
 from tests.integration.conftest import InProcessServer, wait_for
@@ -248,3 +248,47 @@ def test_tls_without_client_authentication_is_announced(inprocess_server, tmp_pa
     caplog.set_level(logging.WARNING, logger="fedmeta.service")
     inprocess_server(tls_cert=str(tmp_path / "server.pem"), tls_key=str(tmp_path / "server-key.pem"))
     assert any("TLS WITHOUT CLIENT AUTHENTICATION" in r.getMessage() for r in caplog.records)
+
+
+def test_parameter_streams_wait_for_a_download_slot(inprocess_server) -> None:
+    """--max-concurrent-downloads 1: a peer that reads a 4 MB θ's header and then nothing holds
+    the one sending slot (its chunk waits for its flow-control window); a second client's fetch
+    waits for the slot instead of buffering another copy, and gets θ whole once the first
+    stream is gone. Memory under concurrency: slots x chunk, not clients x model."""
+    from fedmeta.common.transfer import receive_parameters
+
+    server = inprocess_server(rounds=2, clients_per_round=2, min_clients=1, task="gaussian", dim=16000,
+                              max_concurrent_downloads=1, **FAST)
+    run_id = join(server, "slow").run_id
+    join(server, "next")
+    a = {cid: server.stub.WaitForAssignment(pb.WaitForAssignmentRequest(run_id=run_id, client_id=cid), timeout=30)
+         for cid in ("slow", "next")}
+    version = a["slow"].parameter_version
+    downloads = server.coordinator.download_slot()
+    # the slow peer's own channel: no window growth, so the server's first chunk waits for it
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}", options=[("grpc.http2.bdp_probe", 0)])
+    slow = pb_grpc.CoordinatorStub(channel).FetchParameters(
+        pb.FetchParametersRequest(run_id=run_id, client_id="slow", parameter_version=version), timeout=60)
+    assert next(slow).HasField("header")
+    wait_for(lambda: downloads._value == 0, what="the stalled stream to hold the download slot")
+    got: dict[str, object] = {}
+
+    def fetch_next() -> None:
+        request = pb.FetchParametersRequest(run_id=run_id, client_id="next", parameter_version=version)
+        try:
+            got["params"] = receive_parameters(server.stub.FetchParameters(request, timeout=60), max_bytes=1 << 24)
+        except Exception as exc:  # noqa: BLE001 (reported by the assertion below)
+            got["error"] = exc
+
+    thread = threading.Thread(target=fetch_next)
+    thread.start()
+    thread.join(timeout=1.0)
+    assert thread.is_alive(), got  # waiting for the slot, not sending
+    assert downloads._value == 0
+    slow.cancel()
+    thread.join(timeout=30)
+    assert not thread.is_alive() and "error" not in got, got
+    got_version, params = got["params"]  # type: ignore[misc]
+    assert got_version == version and sum(t.numel() for t in params.values()) > 1_000_000
+    wait_for(lambda: downloads._value == 1, what="the download slot back")
+    channel.close()

@@ -35,7 +35,7 @@ from fedmeta.common.config import RunConfig
 from fedmeta.common.refusal import Reason
 from fedmeta.server import rounds
 from fedmeta.server.admission import Admission, Ticket, UpdateMeta, assigned_tasks, check_run, check_values
-from fedmeta.server.broadcast import Broadcast, version_of
+from fedmeta.server.broadcast import Broadcast, Wire, WireCache, version_of
 from fedmeta.server.config import ServerConfig
 from fedmeta.server.errors import Rejected
 from fedmeta.server.registry import ClientInfo, Registry
@@ -78,6 +78,7 @@ class Coordinator:
         self._cond = threading.Condition()
         self._uploads = threading.BoundedSemaphore(config.max_concurrent_uploads)
         self._downloads = threading.BoundedSemaphore(config.max_concurrent_downloads)
+        self._wire = WireCache(config.run.chunk_bytes)
         self._stopping = threading.Event()
         self.finished = threading.Event()
         self.failed = threading.Event()  # the round thread stopped on an error: not a finished run
@@ -289,6 +290,10 @@ class Coordinator:
         with self._cond:
             self.registry.touch(client_id, self.clock())
             return self.broadcast.acquire(version)
+
+    def parameter_wire(self, version: str, encoded: EncodedTensorSet) -> Wire:
+        """FetchParameters' messages for an acquired version, serialised once (outside the lock)."""
+        return self._wire.messages(version, encoded)
 
     def release_parameters(self) -> None:
         with self._cond:

@@ -14,7 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from fedmeta.common.proto import pb_grpc
+from fedmeta.common.proto import pb, pb_grpc
 from fedmeta.server.auth import TokenInterceptor, TokenStore
 from fedmeta.server.config import ServerConfig, is_loopback
 from fedmeta.server.coordinator import Coordinator
@@ -73,6 +73,37 @@ class _Health(health.HealthServicer):
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "Health.Watch is not served; use Health.Check")
 
 
+def _as_is(message: bytes | pb.FetchParametersResponse) -> bytes:
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+class _Handlers:
+    """Collects the generated add_CoordinatorServicer_to_server's method handlers."""
+
+    def __init__(self) -> None:
+        self.methods: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, methods: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.methods = dict(methods)
+
+
+def add_coordinator_service(service: CoordinatorService, server: grpc.Server) -> None:
+    """The generated Coordinator handlers, with FetchParameters sending the serialised messages
+    the coordinator makes once per θ version as they are (server/broadcast.py WireCache)."""
+    collected = _Handlers()
+    pb_grpc.add_CoordinatorServicer_to_server(service, collected)  # type: ignore[arg-type]
+    fetch = collected.methods.get("FetchParameters")
+    if fetch is None or not fetch.response_streaming:
+        raise RuntimeError("the generated Coordinator service has no server-streaming FetchParameters")
+    collected.methods["FetchParameters"] = grpc.unary_stream_rpc_method_handler(
+        service.FetchParameters, request_deserializer=fetch.request_deserializer, response_serializer=_as_is)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, collected.methods),))
+    server.add_registered_method_handlers(SERVICE_NAME, collected.methods)
+
+
 def create_server(config: ServerConfig, coordinator: Coordinator) -> tuple[grpc.Server, int]:
     """A started-but-not-serving gRPC server bound to config.host:config.port; returns (server, port)."""
     max_message = config.run.chunk_bytes + _MESSAGE_OVERHEAD
@@ -93,7 +124,7 @@ def create_server(config: ServerConfig, coordinator: Coordinator) -> tuple[grpc.
         ],
     )
     service = CoordinatorService(coordinator)
-    pb_grpc.add_CoordinatorServicer_to_server(service, server)
+    add_coordinator_service(service, server)
     health_servicer = _Health()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):

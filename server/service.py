@@ -16,7 +16,7 @@ from fedmeta.common.config import check_client_id
 from fedmeta.common.proto import pb, pb_grpc
 from fedmeta.common.refusal import Reason
 from fedmeta.common.textsafe import RateLimit, clip
-from fedmeta.common.transfer import UPDATE, WireBytes, parameter_messages, receive_tensor_set
+from fedmeta.common.transfer import UPDATE, WireBytes, receive_tensor_set
 from fedmeta.common.wire import header_from_proto, header_to_proto, run_config_to_proto
 from fedmeta.server.auth import CLIENT_ID_KEY
 from fedmeta.server.config import read_allowed_clients
@@ -193,14 +193,16 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                            Reason.BUSY)
         try:
             encoded: EncodedTensorSet = self.coordinator.acquire_parameters(client_id, request.parameter_version)
-            sent = WireBytes()
+            sent = 0
             try:
-                for msg in parameter_messages(request.parameter_version, encoded, self.run.chunk_bytes):
-                    sent.add(msg)
-                    yield msg
+                # serialised once per version and sent as they are (server/grpc_server.py registers
+                # FetchParameters with a serialiser that passes bytes through)
+                for data, counted in self.coordinator.parameter_wire(request.parameter_version, encoded):
+                    sent += counted
+                    yield data  # type: ignore[misc]
             finally:
                 self.coordinator.release_parameters()
-                self.coordinator.count_bytes(sent=sent.total, received=request.ByteSize())
+                self.coordinator.count_bytes(sent=sent, received=request.ByteSize())
         finally:
             slot.release()
 

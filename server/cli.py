@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 import time
@@ -80,6 +81,7 @@ class Progress:
         self.first = start + 1
         self._last_r: int | None = None  # the round of the last line
         self._last_t = 0.0
+        self._val_t = -math.inf
         self.val = ""  # the last validation, shown on the progress line ("*": the best so far)
 
     def due(self, r: int) -> bool:
@@ -114,6 +116,10 @@ class Progress:
         shown = "nan" if value is None else f"{value:.3f}"
         self.val = f"val {record['val_metric']} {shown}{'*' if record.get('best') else ''}"
         pm = f" ± {ci:.3f}" if isinstance(ci, float) else ""
+        last = record["rounds_trained"] == self.total
+        if not (self.use_bar or last or self.clock() - self._val_t >= MIN_LINE_S):
+            return  # on a pipe: at most one validation line per MIN_LINE_S, and always the last one
+        self._val_t = self.clock()
         log.info("validation after %d rounds on %d tasks: %s %s%s%s", record["rounds_trained"], record["val_tasks"],
                  record["val_metric"], shown, pm, "  (best so far: exported to model-best/)" if record.get("best") else "",
                  extra=fields(event="validation", round=record["after_round"]))

@@ -145,3 +145,26 @@ def test_tracker_scalars_are_the_records_numbers() -> None:
     assert step == 10 and values == {"validation/accuracy": 0.8, "validation/accuracy_pre": 0.2}
     values, curve = trackers.eval_scalars({"eval": {"loss_pre": 2.0, "loss_post": 1.0, "curve": [2.0, 1.5, 1.0]}})
     assert values == {"eval/loss_pre": 2.0, "eval/loss_post": 1.0} and curve == [2.0, 1.5, 1.0]
+
+
+def test_the_shipped_dashboard_and_scrape_config_use_only_exported_metrics() -> None:
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    dashboard = json.loads((root / "docker/grafana/fedmeta-dashboard.json").read_text())
+    exported = {m[0] for m in prometheus.METRICS}
+    exported |= {f"{m[0]}_{s}" for m in prometheus.METRICS if m[1] == "histogram" for s in ("bucket", "sum", "count")}
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {name for e in exprs for name in re.findall(r"\b((?:fedmeta|process)_[a-z_]+)\b", e)}
+    assert len(dashboard["panels"]) >= 10 and used and used <= exported, used - exported
+    assert {"fedmeta_updates_refused_total", "fedmeta_round_duration_seconds_bucket"} <= used
+    scrape = (root / "docker/prometheus/prometheus.yml").read_text()
+    assert "metrics_path: /metrics" in scrape and re.search(r'targets: \["[\w.-]+:9464"\]', scrape)
+    yaml = pytest.importorskip("yaml")
+    config = yaml.safe_load(scrape)
+    assert config["scrape_configs"][0]["job_name"] == "fedmeta"
+    for path in ("docker/grafana/provisioning/dashboards/fedmeta.yml", "docker/grafana/provisioning/datasources/prometheus.yml"):
+        assert yaml.safe_load((root / path).read_text())["apiVersion"] == 1
+    datasource = yaml.safe_load((root / "docker/grafana/provisioning/datasources/prometheus.yml").read_text())
+    assert {t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]} == {datasource["datasources"][0]["uid"]}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import urllib.error
 import urllib.request
 from datetime import datetime
 from pathlib import Path
@@ -173,3 +174,50 @@ def test_cli_serves_metrics_writes_tensorboard_and_mlflow_and_json_logs_on_a_pip
     evcurve = sorted(client.get_metric_history(run.info.run_id, "eval.adaptation_curve"), key=lambda m: m.step)
     assert [m.value for m in evcurve] == pytest.approx(curve)
     assert math.isfinite(run.data.metrics["eval.loss_post"])
+
+
+class _Source:
+    """What the exporter reads, without a run (the HTTP server's bounds are the subject here)."""
+
+    def __init__(self) -> None:
+        from fedmeta.server.telemetry import Telemetry
+
+        self.telemetry = Telemetry()
+        self.config = type("C", (), {"rounds": 1, "max_concurrent_uploads": 1})()
+        self.next_round = self.bytes_sent = self.bytes_received = 0
+
+    def live_clients(self) -> int:
+        return 0
+
+    def uploads_in_use(self) -> int:
+        return 0
+
+
+def test_metrics_endpoint_bounds_its_connections() -> None:
+    import socket
+
+    from fedmeta.server import prometheus
+
+    metrics = MetricsServer(_Source(), "127.0.0.1", 0)  # type: ignore[arg-type]
+    idle = []
+    try:
+        idle = [socket.create_connection(("127.0.0.1", metrics.port), timeout=10)
+                for _ in range(prometheus.MAX_CONNECTIONS)]
+
+        def refused() -> bool:
+            try:
+                scrape(metrics.port)
+            except (OSError, ConnectionError, urllib.error.URLError):  # closed unanswered: every slot is held
+                return True
+            return False
+
+        wait_for(refused, timeout_s=30, what="a connection over the bound to be closed")
+        for s in idle:
+            s.close()
+        # the idle connections' slots come back once they close: scraping works again
+        wait_for(lambda: not refused(), timeout_s=30, what="the endpoint to answer again")
+        assert value(scrape(metrics.port), "fedmeta_rounds") == 1
+    finally:
+        for s in idle:
+            s.close()
+        metrics.close()

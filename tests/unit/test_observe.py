@@ -168,3 +168,19 @@ def test_the_shipped_dashboard_and_scrape_config_use_only_exported_metrics() -> 
         assert yaml.safe_load((root / path).read_text())["apiVersion"] == 1
     datasource = yaml.safe_load((root / "docker/grafana/provisioning/datasources/prometheus.yml").read_text())
     assert {t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]} == {datasource["datasources"][0]["uid"]}
+
+
+def test_mlflow_finds_its_run_again_on_resume(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "")  # so that teardown restores it, whatever MLflow() sets
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")  # a file: URI is the request for the file store
+    uri = f"file:{tmp_path / 'mlruns'}"
+    first = trackers.MLflow(uri, run_id="r-1", params={"rounds": 5, "model": {"name": "mlp"}})
+    first.record({"round": 0, "meta_loss": 2.0, "round_s": 0.1})
+    again = trackers.MLflow(uri, run_id="r-1", params={"rounds": 5, "model": {"name": "mlp"}})  # a restart
+    again.record({"round": 1, "meta_loss": 1.0, "round_s": 0.1})
+    other = trackers.MLflow(uri, run_id="r-2", params={})
+    assert again.run_id == first.run_id != other.run_id
+    history = again.client.get_metric_history(again.run_id, "train.meta_loss")
+    assert sorted((m.step, m.value) for m in history) == [(0, 2.0), (1, 1.0)]
+    assert again.client.get_run(again.run_id).data.params == {"rounds": "5", "model.name": "mlp"}

@@ -13,6 +13,7 @@ from fedmeta.client.config import ClientConfig
 from fedmeta.client.worker import ClientError, Shutdown, Worker
 from fedmeta.common.cli import OneLineErrorParser, add_model_import_argument, model_imports, setup_logging
 from fedmeta.common.config import check_client_id
+from fedmeta.common.logformat import FORMATS
 from fedmeta.common.settings import Setting, add_arguments, check_value, field_values, fill_defaults, settings_of
 
 
@@ -22,6 +23,8 @@ DOWNLOAD = Setting("download", bool, "fetch the official Omniglot archives into 
 GIVE_UP_S = Setting("give_up_s", float, "seconds to keep retrying an unreachable coordinator before exiting 1",
                     300.0, positive=True)
 LOG_LEVEL = Setting("log_level", str, "log verbosity", "info", choices=("debug", "info", "warning", "error"))
+LOG_FORMAT = Setting("log_format", str, "text (for people) or json: one JSON object per line with time, level, "
+                     "logger, event, round, client and message, for log shippers", "text", choices=FORMATS)
 SETTINGS: tuple[Setting, ...] = (*settings_of(ClientConfig), DOWNLOAD, GIVE_UP_S)
 
 
@@ -32,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(parser, SETTINGS, typed=True)
     add_model_import_argument(parser)
-    add_arguments(parser, (LOG_LEVEL,), typed=True)
+    add_arguments(parser, (LOG_LEVEL, LOG_FORMAT), typed=True)
     return parser
 
 
@@ -43,7 +46,6 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.log_level)
     host, sep, port = args.server.rpartition(":")
     if not (sep and host and port.isdigit() and 1 <= int(port) <= 65535):
         parser.error(f"--server: expected HOST:PORT with a port from 1 to 65535, got {args.server!r}")
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         check_client_id(args.client_id)
     except ValueError as exc:
         parser.error(f"--client-id: {exc}")
+    setup_logging(args.log_level, args.log_format, client=args.client_id)
     if args.download:
         if args.data_dir is None:
             parser.error("--download: needs --data-dir, the folder to put the Omniglot archives in")

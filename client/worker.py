@@ -26,6 +26,7 @@ from fedmeta.common.algorithms import InnerConfig, UpdateKind, get_algorithm, me
 from fedmeta.common.codec import ENCODINGS, TensorSetError, abs_max, encode, specs_of
 from fedmeta.common.config import RunConfig
 from fedmeta.common.evaluation import evaluate_holder, validate_holder
+from fedmeta.common.logformat import fields
 from fedmeta.common.models import build_model, prefers_vmap
 from fedmeta.common.proto import pb
 from fedmeta.common.tasks import STREAM_TRAIN, default_shard, is_classification, loss_for, make_tasks, task_seed
@@ -111,7 +112,8 @@ class Worker:
                 raise ClientError(str(exc)) from None
             self._cached_version = ""
         self.run = run
-        log.info("client %s joined run %s (%s on %s)", self.config.client_id, run.run_id, run.algorithm, run.task)
+        log.info("client %s joined run %s (%s on %s)", self.config.client_id, run.run_id, run.algorithm, run.task,
+                 extra=fields(event="joined"))
         return run
 
     def _hold(self, version: str, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -215,7 +217,7 @@ class Worker:
         level = logging.INFO if self.rounds_trained % 100 == 1 else logging.DEBUG
         log.log(level, "round %d: %d tasks, query loss %.3f -> %.3f, %.1f ms compute%s", round_index,
                 batch.num_tasks, update.metrics["loss_pre"], update.metrics["loss_post"], compute_s * 1e3,
-                " (duplicate)" if reply.duplicate else "")
+                " (duplicate)" if reply.duplicate else "", extra=fields(event="trained", round=round_index))
 
     def evaluate(self, round_index: int, version: str, *, validation: bool = False) -> None:
         with self._heartbeats(round_index):
@@ -238,13 +240,14 @@ class Worker:
         self._submit(header, None)
         what = "accuracy" if is_classification(run.task) else "loss"
         log.info("validation after %d rounds on %d tasks: %s %.3f", rounds_trained, run.val_tasks_per_client, what,
-                 metrics[f"{what}_post"])
+                 metrics[f"{what}_post"], extra=fields(event="validated", round=rounds_trained))
 
     def _evaluate(self, round_index: int, version: str) -> None:
         run = self.run
         assert run is not None
         params = self._fetch(version)
-        log.info("round %d: evaluating on %d held-out tasks", round_index, run.eval_tasks_per_client)
+        log.info("round %d: evaluating on %d held-out tasks", round_index, run.eval_tasks_per_client,
+                 extra=fields(event="evaluating", round=round_index))
         _test_eval_pause()
         metrics = evaluate_holder(self.algorithm, self.model, params, self.tasks, run, data_seed=self.config.data_seed,
                                   device=self.device, vectorize=self.vectorize)
@@ -255,7 +258,8 @@ class Worker:
         self._submit(header, None)
         what = "accuracy" if is_classification(run.task) else "loss"
         log.info("evaluation on %d held-out tasks: %s %.3f before, %.3f after %d steps", run.eval_tasks_per_client, what,
-                 metrics[f"{what}_pre"], metrics[f"{what}_post"], run.eval_steps)
+                 metrics[f"{what}_pre"], metrics[f"{what}_post"], run.eval_steps,
+                 extra=fields(event="evaluated", round=round_index))
 
     def run_forever(self) -> int:
         """The worker loop. Returns the process exit code."""
@@ -274,7 +278,8 @@ class Worker:
                     self.stop.wait(self._rng.uniform(0.5, 1.0) * min(2.0, run.poll_timeout_s))
                     continue
                 if a.action == pb.ACTION_FINISHED:
-                    log.info("the run is finished after %d rounds trained here; leaving", self.rounds_trained)
+                    log.info("the run is finished after %d rounds trained here; leaving", self.rounds_trained,
+                             extra=fields(event="finished"))
                     self.leave()
                     return 0
                 self._take_inline(a)
@@ -294,10 +299,11 @@ class Worker:
         step, label = after_refusal(exc)
         details = exc.details()
         if step is Next.REJOIN:
-            log.warning("the coordinator does not know this client (%s); joining again (%s)", details, label)
+            log.warning("the coordinator does not know this client (%s); joining again (%s)", details, label,
+                        extra=fields(event="rejoining"))
             self.join()
         elif step is Next.NEW_WORK:
-            log.warning("work refused (%s); asking for new work (%s)", details, label)
+            log.warning("work refused (%s); asking for new work (%s)", details, label, extra=fields(event="refused"))
         else:
             code = exc.code()
             what = code.name if label == code.name else f"{code.name} ({label})"

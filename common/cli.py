@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import NoReturn
 
@@ -16,13 +15,19 @@ class OneLineErrorParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
+def setup_logging(level: str, log_format: str = "text", *, client: str | None = None) -> None:
+    """Log to stderr (common/logformat.py: text for people, json for log shippers)."""
+    from fedmeta.common import logformat
+
+    logformat.setup_logging(level, log_format, client=client)
+
+
+def add_log_format_argument(parser: argparse.ArgumentParser) -> None:
+    from fedmeta.common.logformat import FORMATS
+
+    parser.add_argument("--log-format", default="text", choices=FORMATS,
+                        help="text (for people, the default) or json: one JSON object per line with time, level, "
+                             "logger, event, round, client and message, for log shippers")
 
 
 def add_model_import_argument(parser: argparse.ArgumentParser) -> None:

@@ -23,7 +23,7 @@ case "$kind" in
     rm -rf "$out" && mkdir -p "$out"
     extra=()
     if [ -n "${TORCH_CPU_INDEX:-}" ]; then extra=(--extra-index-url "$TORCH_CPU_INDEX"); fi
-    "$python" -m pip wheel --quiet --wheel-dir "$out" "${extra[@]}" ".[certs]" "torch==$torch_version" setuptools wheel
+    "$python" -m pip wheel --quiet --wheel-dir "$out" "${extra[@]}" ".[certs,metrics]" "torch==$torch_version" setuptools wheel
     rm -f "$out"/fedmeta-*.whl
     if ls "$out"/nvidia_* > /dev/null 2>&1; then
       echo "wheelhouse.sh: the torch that pip chose is a CUDA build ($(ls "$out"/torch-*.whl)); for the CPU image" \
@@ -37,7 +37,8 @@ case "$kind" in
     mapfile -t deps < <("$python" - <<'EOF'
 import re, tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-deps = project["dependencies"] + project["optional-dependencies"]["certs"]
+extras = project["optional-dependencies"]
+deps = project["dependencies"] + extras["certs"] + extras["metrics"]  # metrics: --metrics-port (one small wheel)
 print("\n".join(d for d in deps if re.split(r"[<>=!~ ;\[]", d, maxsplit=1)[0].lower() != "torch"))
 EOF
 )

@@ -29,6 +29,7 @@ from fedmeta.common.algorithms import UpdateKind
 from fedmeta.common.algorithms.outer import MAX_UPDATE_ABS
 from fedmeta.common.codec import TensorSetHeader, TensorSpec, abs_max, check_specs
 from fedmeta.common.config import RunConfig
+from fedmeta.common.logformat import fields
 from fedmeta.common.metrics import allowed_metrics, check_metrics
 from fedmeta.common.refusal import Reason
 from fedmeta.common.textsafe import RateLimit, clip
@@ -200,7 +201,8 @@ class Admission:
                     log.warning("round %d: the update from %s has L2 norm %.3g, over %g x the median of the "
                                 "last %d accepted (%.3g); scaled down to it (--norm-clip-factor)", rnd.index,
                                 meta.client_id, norm, self.norm_filter.factor, recent,
-                                limit / self.norm_filter.factor)
+                                limit / self.norm_filter.factor,
+                                extra=fields(event="update_clipped", round=rnd.index, client=meta.client_id))
                 tensors = {k: v * scale for k, v in tensors.items()}
             rnd.norms[meta.client_id] = norm
             rnd.accumulator.add(tensors, weight)

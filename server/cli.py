@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -15,9 +17,10 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from fedmeta.common.cli import OneLineErrorParser, setup_logging
-from fedmeta.server import local
-from fedmeta.server.config import ServerConfig, add_arguments, resolve
+from fedmeta.common.cli import OneLineErrorParser, add_log_format_argument, setup_logging
+from fedmeta.common.logformat import fields
+from fedmeta.server import local, trackers
+from fedmeta.server.config import ServerConfig, add_arguments, describe, resolve
 from fedmeta.server.coordinator import Coordinator
 from fedmeta.server.grpc_server import create_server
 from fedmeta.server.memory import fix_mmap_threshold
@@ -42,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(parser)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="log verbosity (default: info)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar; log every 10%% of rounds instead")
+    add_log_format_argument(parser)
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar; log the first and last round and every 10%% of rounds (at most one "
+                             "line per 5 s), as when stderr is not a terminal")
     return parser
 
 
@@ -53,17 +59,39 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     raise Shutdown(signal.Signals(signum).name)
 
 
+# Without a bar (a pipe, compose logs, CI, nohup, --no-progress, --log-format json) a round's line is
+# written for the first and last round, else at most one per MIN_LINE_S, when 10% of the rounds
+# passed since the last line or HEARTBEAT_S did (a slow run still says it is alive).
+MIN_LINE_S = 5.0
+HEARTBEAT_S = 300.0
+
+
 class Progress:
     """A progress bar over rounds with meta-loss, answers and round time, plus periodic log lines."""
 
-    def __init__(self, config: ServerConfig, start: int, *, bar: bool) -> None:
+    def __init__(self, config: ServerConfig, start: int, *, bar: bool,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.total = config.rounds
         self.clients = config.clients_per_round
         self.every = max(1, config.rounds // 10)
         self.bar = tqdm(total=config.rounds, initial=start, unit="round", dynamic_ncols=True, disable=not bar,
                         file=sys.stderr, mininterval=0.25)
         self.use_bar = bar
+        self.clock = clock
+        self.first = start + 1
+        self._last_r: int | None = None  # the round of the last line
+        self._last_t = 0.0
+        self._val_t = -math.inf
         self.val = ""  # the last validation, shown on the progress line ("*": the best so far)
+
+    def due(self, r: int) -> bool:
+        """Whether round r (1-based) gets a log line."""
+        if self.use_bar:
+            return r % self.every == 0 or r == self.total
+        if self._last_r is None or r == self.total or r == self.first:
+            return True
+        since = self.clock() - self._last_t
+        return since >= MIN_LINE_S and (r - self._last_r >= self.every or since >= HEARTBEAT_S)
 
     def __call__(self, record: dict[str, Any]) -> None:
         if record.get("event") == "validation":
@@ -79,16 +107,22 @@ class Progress:
                                      f"{record['clients_sampled']}  {record['round_s'] * 1e3:.0f} ms/round",
                                      refresh=False)
             self.bar.update(1)
-        if r % self.every == 0 or r == self.total or not self.use_bar:
-            log.info(text)
+        if self.due(r):
+            self._last_r, self._last_t = r, self.clock()
+            log.info(text, extra=fields(event="round", round=record["round"]))
 
     def _validation(self, record: dict[str, Any]) -> None:
         value, ci = record.get("val_value"), record.get("val_ci95")
         shown = "nan" if value is None else f"{value:.3f}"
         self.val = f"val {record['val_metric']} {shown}{'*' if record.get('best') else ''}"
         pm = f" ± {ci:.3f}" if isinstance(ci, float) else ""
+        last = record["rounds_trained"] == self.total
+        if not (self.use_bar or last or self.clock() - self._val_t >= MIN_LINE_S):
+            return  # on a pipe: at most one validation line per MIN_LINE_S, and always the last one
+        self._val_t = self.clock()
         log.info("validation after %d rounds on %d tasks: %s %s%s%s", record["rounds_trained"], record["val_tasks"],
-                 record["val_metric"], shown, pm, "  (best so far: exported to model-best/)" if record.get("best") else "")
+                 record["val_metric"], shown, pm, "  (best so far: exported to model-best/)" if record.get("best") else "",
+                 extra=fields(event="validation", round=record["after_round"]))
 
     def close(self) -> None:
         self.bar.close()
@@ -134,12 +168,30 @@ def print_summary(summary: dict[str, Any], run_dir: str) -> None:
     print("\n".join(lines), flush=True)
 
 
+def open_trackers(config: ServerConfig, next_round: int) -> list[trackers.Sink]:
+    return trackers.open_trackers(tensorboard=config.tensorboard, mlflow_uri=config.mlflow_uri,
+                                  run_id=config.run.run_id, params=describe(config), next_round=next_round)
+
+
 def run_centralized(config: ServerConfig, *, progress_bar: bool) -> int:
     from fedmeta.server import centralized_run
 
     progress = Progress(config, 0, bar=progress_bar)
-    with logging_redirect_tqdm():
-        summary = centralized_run.run(config, on_round=progress)
+    sinks = open_trackers(config, 0)
+
+    def on_round(record: dict[str, Any]) -> None:
+        progress(record)
+        for sink in sinks:
+            sink.record(record)
+
+    try:
+        with logging_redirect_tqdm():
+            summary = centralized_run.run(config, on_round=on_round)
+        for sink in sinks:
+            sink.summary(summary)
+    finally:
+        for sink in sinks:
+            sink.close()
     progress.close()
     print_summary(summary, str(config.run_dir))
     from fedmeta.server.plots import plots_after_run
@@ -159,8 +211,9 @@ def shutdown(server: grpc.Server, coordinator: Coordinator, *, grace_s: float = 
     coordinator.stop()
 
 
-def serve(config: ServerConfig, *, progress_bar: bool) -> int:
+def serve(config: ServerConfig, *, progress_bar: bool, log_format: str = "text") -> int:
     progress: Progress | None = None
+    metrics = None
 
     def on_round(record: dict[str, Any]) -> None:
         if progress is not None:
@@ -168,6 +221,7 @@ def serve(config: ServerConfig, *, progress_bar: bool) -> int:
 
     fix_mmap_threshold(config.malloc_mmap_threshold)
     coordinator = Coordinator(config, on_round=on_round)
+    coordinator.runstate.sinks.extend(open_trackers(config, coordinator.next_round))
     if config.local_clients:
         torch.set_num_threads(1)  # leave the cores to the client processes
     server, port = create_server(config, coordinator)
@@ -175,14 +229,20 @@ def serve(config: ServerConfig, *, progress_bar: bool) -> int:
     try:
         server.start()
         print(f"listening on {config.host}:{port}", flush=True)
+        if config.metrics_port is not None:
+            from fedmeta.server.prometheus import MetricsServer
+
+            metrics = MetricsServer(coordinator, config.metrics_host, config.metrics_port)
+            print(f"metrics on http://{metrics.host}:{metrics.port}/metrics", flush=True)
         log.info("run %s: %s on %s, %d rounds, %d clients per round; run directory %s", config.run.run_id,
-                 config.run.algorithm, config.run.task, config.rounds, config.clients_per_round, config.run_dir)
+                 config.run.algorithm, config.run.task, config.rounds, config.clients_per_round, config.run_dir,
+                 extra=fields(event="run_started"))
         progress = Progress(config, coordinator.next_round, bar=progress_bar)
         with logging_redirect_tqdm():
             coordinator.start()
             if config.local_clients:
                 procs = local.spawn(config.local_clients, port, config.run_dir / "logs", tls_ca=config.tls_ca,
-                                    data_dir=config.data_dir, device=config.local_device)
+                                    data_dir=config.data_dir, device=config.local_device, log_format=log_format)
                 log.info("started %d local client processes (logs in %s)", len(procs), config.run_dir / "logs")
             while not coordinator.finished.wait(0.5) and not coordinator.failed.is_set():
                 if procs and all(p.poll() is not None for p in procs):
@@ -199,6 +259,9 @@ def serve(config: ServerConfig, *, progress_bar: bool) -> int:
             progress.close()
         shutdown(server, coordinator)
         local.stop(procs, timeout_s=10.0 if coordinator.finished.is_set() else 0.0)
+        coordinator.runstate.close_sinks()
+        if metrics is not None:
+            metrics.close()
     if coordinator.summary is None:
         raise RuntimeError(f"the run stopped without finishing: {coordinator.error or 'see the log above'}")
     print_summary(coordinator.summary, str(config.run_dir))
@@ -215,7 +278,16 @@ def main(argv: list[str] | None = None) -> int:
         config = resolve(args)
     except ValueError as exc:
         parser.error(str(exc))
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
+    try:
+        if config.metrics_port is not None:
+            from fedmeta.server.prometheus import require
+
+            require()
+        trackers.check_installed(tensorboard=config.tensorboard, mlflow_uri=config.mlflow_uri)
+    except RuntimeError as exc:
+        print(f"fedmeta-server: error: {exc}", file=sys.stderr)
+        return 1
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     try:
@@ -225,10 +297,11 @@ def main(argv: list[str] | None = None) -> int:
             from fedmeta.common.tasks.omniglot_download import download
 
             download(Path(config.data_dir))
-        bar = not args.no_progress and sys.stderr.isatty()
+        # A bar only on a terminal, and never between JSON lines.
+        bar = not args.no_progress and args.log_format == "text" and sys.stderr.isatty()
         if config.mode == "centralized":
             return run_centralized(config, progress_bar=bar)
-        return serve(config, progress_bar=bar)
+        return serve(config, progress_bar=bar, log_format=args.log_format)
     except Shutdown as exc:
         log.warning("%s received: stopped; the last checkpoint in %s resumes the run", exc, config.run_dir)
         return 130 if str(exc) == "SIGINT" else 0

@@ -32,6 +32,7 @@ from fedmeta.common.aggregation import FlatLayout, NormFilter
 from fedmeta.common.algorithms import OuterConfig, get_algorithm, meta_parameters
 from fedmeta.common.codec import EncodedTensorSet, TensorSetHeader, TensorSpec
 from fedmeta.common.config import RunConfig
+from fedmeta.common.logformat import fields
 from fedmeta.common.refusal import Reason
 from fedmeta.server import rounds
 from fedmeta.server.admission import Admission, Ticket, UpdateMeta, assigned_tasks, check_run, check_values
@@ -42,6 +43,7 @@ from fedmeta.server.registry import ClientInfo, Registry
 from fedmeta.server.rounds import Round, RoundsState
 from fedmeta.server.round_thread import RoundThread
 from fedmeta.server.runstate import RunState
+from fedmeta.server.telemetry import Telemetry
 from fedmeta.server.validation import Best
 
 __all__ = ["Action", "Assignment", "ClientInfo", "Coordinator", "Rejected", "Round", "Ticket", "UpdateMeta"]
@@ -104,6 +106,8 @@ class Coordinator:
                                                           window=config.norm_clip_window,
                                                           warmup=config.norm_clip_warmup))
         self.runstate = RunState(config, clock)
+        self.telemetry = Telemetry()  # counted always (cheap); exported with --metrics-port (server/prometheus.py)
+        self.runstate.sinks.append(self.telemetry)
         self.rundir = self.runstate.rundir
         theta = self.runstate.resume(numel=self.layout.numel, version_of=self._version_of, outer=self.outer,
                                      registry=self.registry, rounds=self.state)
@@ -219,7 +223,8 @@ class Coordinator:
             if rnd is not None and client_id in rnd.sampled and client_id not in rnd.answered:
                 rnd.sampled.discard(client_id)
                 rnd.dropped.add(client_id)
-            log.log(logging.DEBUG if self.finished.is_set() else logging.INFO, "client %s left", client_id)
+            log.log(logging.DEBUG if self.finished.is_set() else logging.INFO, "client %s left", client_id,
+                    extra=fields(event="client_left", client=client_id))
             self._cond.notify_all()
 
     def heartbeat(self, client_id: str, round_index: int) -> bool:
@@ -274,6 +279,15 @@ class Coordinator:
             return Assignment(action, rnd.index, rnd.version, validation=rnd.validation)
         return Assignment(Action.WAIT, detail=f"round {rnd.index} is in progress without you")
 
+    def live_clients(self) -> int:
+        """Registered clients that called within their lease."""
+        with self._cond:
+            return len(self.registry.live(self.clock()))
+
+    def uploads_in_use(self) -> int:
+        """Upload slots held now (BoundedSemaphore keeps its free count in _value, as tests read it)."""
+        return self.config.max_concurrent_uploads - self._uploads._value  # type: ignore[attr-defined]
+
     def clients_pending_finish(self) -> int:
         """Live clients that have not yet been told the run is finished."""
         with self._cond:
@@ -315,6 +329,9 @@ class Coordinator:
         norm = check_values(tensors, self.admission.max_update_norm) if tensors is not None else 0.0  # O(model)
         with self._cond:
             rnd, duplicate = self.admission.count(ticket, self.state.round, tensors, norm)
+            if rnd is not None:
+                self.telemetry.update_accepted("validation" if rnd.validation else
+                                               "evaluation" if rnd.evaluation else "train")
             cid = ticket.meta.client_id
             if rnd is not None and (not rnd.sampled - rnd.answered or (cid in rnd.proven and rnd.proven <= rnd.answered)):
                 # Only the round thread cares, and only once every sampled client answered (it

@@ -32,7 +32,7 @@ def devices(spec: str, count: int) -> list[str]:
 
 def spawn(
     count: int, port: int, logs_dir: Path, *, tls_ca: str | None = None, data_dir: str | None = None,
-    device: str = "cpu",
+    device: str = "cpu", log_format: str = "text",
 ) -> list[subprocess.Popen[bytes]]:
     """Start count clients with data seeds and shards 0..count-1; each logs to logs_dir/client-local-<i>.log."""
     logs_dir.mkdir(parents=True, exist_ok=True)
@@ -45,6 +45,8 @@ def spawn(
                "--data-seed", str(i), "--threads", str(threads)]
         if per_client[i] != "cpu":
             cmd += ["--device", per_client[i]]
+        if log_format != "text":
+            cmd += ["--log-format", log_format]
         if tls_ca is not None:
             cmd += ["--tls-ca", tls_ca]
         if data_dir is not None:

@@ -133,6 +133,18 @@ class ServerConfig:
     max_silent_rounds: int = field(default=3, metadata=setting(
         "a client sampled and silent in this many rounds in a row is not sampled again for a while (3 rounds, "
         "doubling at each repeat)", minimum=1))
+    metrics_port: int | None = field(default=None, metadata=setting(
+        "serve Prometheus metrics at http://--metrics-host:PORT/metrics (0 picks a free port; off by default; "
+        "needs the metrics extra)", minimum=0, maximum=65535))
+    metrics_host: str = field(default="127.0.0.1", metadata=setting(
+        "address the metrics endpoint binds (0.0.0.0 for a Prometheus on another machine or container: anyone "
+        "who reaches it reads the run's counters, plain HTTP)"))
+    tensorboard: str | None = field(default=None, metadata=setting(
+        "write TensorBoard event files (meta-loss, validation, evaluation curve, client compute) to this folder "
+        "(needs the tensorboard extra)"))
+    mlflow_uri: str | None = field(default=None, metadata=setting(
+        "log the run's settings and metrics to MLflow at this tracking URI (file:DIR, http://HOST:PORT; needs the "
+        "mlflow extra)"))
 
     def __post_init__(self) -> None:
         check_fields(self)

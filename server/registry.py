@@ -23,6 +23,7 @@ from typing import Any
 
 import grpc
 
+from fedmeta.common.logformat import fields
 from fedmeta.common.refusal import Reason
 from fedmeta.server.errors import Rejected
 
@@ -85,7 +86,8 @@ class Registry:
             else:
                 self.seen += 1
             self.clients[client_id] = fresh
-            log.info("client %s joined (device %s)", client_id, device or "?")
+            log.info("client %s joined (device %s)", client_id, device or "?",
+                     extra=fields(event="client_joined", client=client_id))
         else:
             info.device, info.num_tasks, info.last_seen = device, num_tasks, now
 
@@ -156,7 +158,8 @@ class Registry:
                 info.silent = 0
                 benched.append(cid)
                 log.info("client %s was sampled and silent in %d rounds in a row: not sampled before round %d "
-                         "(--max-silent-rounds)", cid, limit, info.benched_until)
+                         "(--max-silent-rounds)", cid, limit, info.benched_until,
+                         extra=fields(event="client_benched", round=round_index, client=cid))
         return benched
 
     # ---- persistence ------------------------------------------------------------------------------

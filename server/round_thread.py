@@ -20,6 +20,7 @@ import torch
 from fedmeta.common.aggregation import FlatLayout, make_aggregator
 from fedmeta.common.algorithms.base import OuterStep
 from fedmeta.common.algorithms.outer import guarded_step
+from fedmeta.common.logformat import fields
 from fedmeta.server import rounds
 from fedmeta.server.admission import Admission
 from fedmeta.server.broadcast import Broadcast
@@ -137,7 +138,8 @@ class RoundThread:
         self.c.state.round = decision.round(self.c.broadcast.version, accumulator)
         if decision.short_of:
             log.info("round %d starts with %d of %d clients (only %d live after %.0f s)", decision.index,
-                     len(decision.sampled), self.c.policy.clients_per_round, decision.short_of, decision.waited_s)
+                     len(decision.sampled), self.c.policy.clients_per_round, decision.short_of, decision.waited_s,
+                     extra=fields(event="round_short", round=decision.index))
         self.c._cond.notify_all()
 
     def _try_open(self) -> None:
@@ -155,7 +157,7 @@ class RoundThread:
         log.warning("round %d: deadline passed with %d of %d answers (quorum %d); dropped unreachable %s, "
                     "added %s, waiting %g s more", rnd.index, len(rnd.answered), asked,
                     rounds.quorum(self.c.policy, rnd), _few(change.gone), _few(change.added),
-                    self.c.config.round_deadline_s)
+                    self.c.config.round_deadline_s, extra=fields(event="round_resampled", round=rnd.index))
         self.c._cond.notify_all()
 
     def _tally(self, rnd: Round) -> None:
@@ -197,7 +199,7 @@ class RoundThread:
         self._record(self.c.runstate.round_record(rnd, metrics, lr=lr, round_s=round_s, version=self.c.version))
 
     def _record(self, record: dict[str, Any]) -> None:
-        self.c.rundir.append_metrics(record)
+        self.c.runstate.record(record)
         if self.c._on_round is not None:
             self.c._on_round(record)
 
@@ -223,7 +225,8 @@ class RoundThread:
         suspects = ", ".join(f"{cid} (norm {norm:.3g})" for cid, norm in ranked) or "none"
         log.error("round %d: the outer step made theta or the optimiser state non-finite; undone (theta, its "
                   "version and the optimiser state are as before the round). Largest updates of the round's %d: "
-                  "%s. If no update stands out, lower --outer-lr", rnd.index, len(rnd.norms), suspects)
+                  "%s. If no update stands out, lower --outer-lr", rnd.index, len(rnd.norms), suspects,
+                  extra=fields(event="step_undone", round=rnd.index))
 
     def _finish(self, rnd: Round, metrics: dict[str, float]) -> None:
         self.c.summary = self.c.runstate.summary(rnd, metrics, self.c.parameters(), version=self.c.version,
@@ -233,4 +236,4 @@ class RoundThread:
             self.c.finished.set()
             self.c._cond.notify_all()
         log.info("run finished: %d rounds, evaluation on %d held-out tasks", self.c.next_round,
-                 self.c.summary["eval"]["tasks"])
+                 self.c.summary["eval"]["tasks"], extra=fields(event="run_finished", round=rnd.index))

@@ -23,6 +23,7 @@ from fedmeta.server.config import ServerConfig, describe, resume_differences
 from fedmeta.server.registry import Registry
 from fedmeta.server.rounds import Round, RoundsState
 from fedmeta.server.rundir import RunDir
+from fedmeta.server.trackers import Sink
 from fedmeta.server.validation import Best
 
 log = logging.getLogger("fedmeta.coordinator")
@@ -58,6 +59,8 @@ class RunState:
         self.wall_before = 0.0
         self.started = clock()
         self.best: Best | None = None
+        # What sees every record after metrics.jsonl: telemetry, TensorBoard, MLflow (server/trackers.py).
+        self.sinks: list[Sink] = []
 
     @property
     def wall_s(self) -> float:
@@ -119,6 +122,29 @@ class RunState:
                         keep=self.config.keep_checkpoints)
 
     # ---- records --------------------------------------------------------------------------------
+    def record(self, record: dict[str, Any]) -> None:
+        """Append a record to metrics.jsonl, then hand it to every sink."""
+        self.rundir.append_metrics(record)
+        self._feed("record", record)
+
+    def _feed(self, what: str, data: Mapping[str, Any]) -> None:
+        # A tracker that fails (a full disk, an unreachable MLflow server) is dropped with one error
+        # line: monitoring never stops training, and metrics.jsonl still has every record.
+        for sink in list(self.sinks):
+            try:
+                getattr(sink, what)(data)
+            except Exception as exc:  # noqa: BLE001
+                log.error("%s failed (%s: %s); no longer feeding it (metrics.jsonl has every record)",
+                          type(sink).__name__, type(exc).__name__, exc)
+                self.sinks.remove(sink)
+
+    def close_sinks(self) -> None:
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception as exc:  # noqa: BLE001
+                log.error("closing %s failed: %s", type(sink).__name__, exc)
+
     def round_record(self, rnd: Round, metrics: Mapping[str, float], *, lr: float | None, round_s: float,
                      version: str) -> dict[str, Any]:
         """The metrics.jsonl record of a training round."""
@@ -178,4 +204,5 @@ class RunState:
                                "metric": key.removesuffix("_post"), "value": self.best.value,
                                "model": str(self.rundir.best_dir / "model.safetensors")}
         self.rundir.write_summary(summary)
+        self._feed("summary", summary)
         return summary

@@ -13,6 +13,7 @@ from fedmeta.common import PROTOCOL_VERSION
 from fedmeta.common.algorithms import UpdateKind
 from fedmeta.common.codec import EncodedTensorSet, TensorSetError, TensorSetTooLarge
 from fedmeta.common.config import check_client_id
+from fedmeta.common.logformat import fields
 from fedmeta.common.proto import pb, pb_grpc
 from fedmeta.common.refusal import Reason
 from fedmeta.common.textsafe import RateLimit, clip
@@ -92,8 +93,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if earlier:
             log.warning("suppressed %d more refused updates from %s in the minute before", earlier, peer)
         if allowed:
+            header = first.header if first is not None and first.HasField("header") else None
             log.warning("update from %s refused (%s): %s (peer %s)", _peer_client(first), code,
-                        clip(message, MAX_MESSAGE_CHARS), peer)
+                        clip(message, MAX_MESSAGE_CHARS), peer,
+                        extra=fields(event="update_refused", round=None if header is None else int(header.round),
+                                     client=None if header is None else clip(header.client_id, 64)))
         elif self._refusals.suppressed(peer) == 1:
             log.warning("over %d refused updates from %s this minute: not logging more of them until it ends",
                         REFUSAL_LOG_BURST, peer)
@@ -212,6 +216,16 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     ) -> pb.SubmitUpdateResponse:
         """Bounded per call: a stream slot (--max-workers / 4), one upload per client id, and
         --stream-idle-s between messages (the watchdog cancels a stream that stalls)."""
+        try:
+            return self._submit_bounded(request_iterator, context)
+        except (Rejected, TensorSetError) as exc:
+            refusal = refusal_of(exc)
+            self.coordinator.telemetry.update_refused(refusal.reason if refusal is not None else None)
+            raise
+
+    def _submit_bounded(
+        self, request_iterator: Iterator[pb.SubmitUpdateRequest], context: grpc.ServicerContext
+    ) -> pb.SubmitUpdateResponse:
         if not self.streams.try_enter():
             raise Rejected(grpc.StatusCode.UNAVAILABLE, "too many streams are open; retry shortly", Reason.BUSY)
         claimed: list[str] = []

@@ -283,7 +283,7 @@ class _NoWorker:
 def client_main(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     # No worker (and so no channel) and no global logging setup, whatever the arguments.
     monkeypatch.setattr(client_cli, "Worker", _NoWorker)
-    monkeypatch.setattr(client_cli, "setup_logging", lambda level: None)
+    monkeypatch.setattr(client_cli, "setup_logging", lambda *a, **k: None)
     return client_cli.main
 
 

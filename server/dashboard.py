@@ -79,6 +79,12 @@ class _Server(ThreadingHTTPServer):
             return
         super().process_request(request, client_address)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A peer's broken request (plain HTTP to HTTPS, a reset, a timeout): one debug line, no traceback."""
+        import sys
+
+        log.debug("dashboard request from %s failed: %s", clip(client_address, 60), clip(sys.exc_info()[1], 200))
+
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)

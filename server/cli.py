@@ -226,6 +226,7 @@ def serve(config: ServerConfig, *, progress_bar: bool, log_format: str = "text")
         torch.set_num_threads(1)  # leave the cores to the client processes
     server, port = create_server(config, coordinator)
     procs: list = []
+    board = None
     try:
         server.start()
         print(f"listening on {config.host}:{port}", flush=True)
@@ -234,6 +235,11 @@ def serve(config: ServerConfig, *, progress_bar: bool, log_format: str = "text")
 
             metrics = MetricsServer(coordinator, config.metrics_host, config.metrics_port)
             print(f"metrics on http://{metrics.host}:{metrics.port}/metrics", flush=True)
+        if config.dashboard_port is not None:
+            from fedmeta.server.dashboard import start_dashboard
+
+            board = start_dashboard(config, coordinator)
+            print(f"dashboard on {board.url}", flush=True)
         log.info("run %s: %s on %s, %d rounds, %d clients per round; run directory %s", config.run.run_id,
                  config.run.algorithm, config.run.task, config.rounds, config.clients_per_round, config.run_dir,
                  extra=fields(event="run_started"))
@@ -244,7 +250,8 @@ def serve(config: ServerConfig, *, progress_bar: bool, log_format: str = "text")
                 procs = local.spawn(config.local_clients, port, config.run_dir / "logs", tls_ca=config.tls_ca,
                                     data_dir=config.data_dir, device=config.local_device, log_format=log_format)
                 log.info("started %d local client processes (logs in %s)", len(procs), config.run_dir / "logs")
-            while not coordinator.finished.wait(0.5) and not coordinator.failed.is_set():
+            stopped = coordinator.steering.stopped
+            while not coordinator.finished.wait(0.5) and not coordinator.failed.is_set() and not stopped.is_set():
                 if procs and all(p.poll() is not None for p in procs):
                     codes = sorted({p.returncode for p in procs})
                     raise RuntimeError(f"every local client exited (codes {codes}) before the run finished; "
@@ -257,11 +264,18 @@ def serve(config: ServerConfig, *, progress_bar: bool, log_format: str = "text")
     finally:
         if progress is not None:
             progress.close()
+        if board is not None:
+            board.close()
         shutdown(server, coordinator)
         local.stop(procs, timeout_s=10.0 if coordinator.finished.is_set() else 0.0)
         coordinator.runstate.close_sinks()
         if metrics is not None:
             metrics.close()
+    if coordinator.steering.stopped.is_set() and coordinator.summary is None:
+        print(f"fedmeta run {config.run.run_id} stopped by its operator after {coordinator.next_round} of "
+              f"{config.rounds} rounds: checkpoint and model/ in {config.run_dir}; run the same command to resume",
+              flush=True)
+        return 0
     if coordinator.summary is None:
         raise RuntimeError(f"the run stopped without finishing: {coordinator.error or 'see the log above'}")
     print_summary(coordinator.summary, str(config.run_dir))

@@ -92,6 +92,7 @@ def build(values: dict[str, Any]) -> ServerConfig:
         raise ValueError("--task omniglot: --local-clients need --data-dir, the folder holding the Omniglot "
                          "archives (images_background*.zip, images_evaluation.zip) or their extracted trees")
     _check_transport(v)
+    _check_admin(v)
     if v["allowed_clients"] is not None:
         read_allowed_clients(Path(v["allowed_clients"]))
     if v["aggregator"] == "clipped-mean" and not v["max_update_norm"]:
@@ -151,6 +152,26 @@ def _check_transport(v: dict[str, Any]) -> None:
     if v["tls_cert"] is None and not v["insecure"] and not is_loopback(v["host"]):
         raise ValueError(f"--host {v['host']}: serving beyond loopback without TLS exposes every update; "
                          "pass --tls-cert and --tls-key (see fedmeta-certs), or --insecure to accept plaintext")
+
+
+def _check_admin(v: dict[str, Any]) -> None:
+    """The admin credential must be usable and distinct; a dashboard beyond loopback must be protected."""
+    if v["admin_token_file"] is not None:
+        from fedmeta.server.admin_auth import check_distinct, read_admin_token
+
+        token = read_admin_token(Path(v["admin_token_file"]))
+        check_distinct(token, Path(v["tokens_file"]) if v["tokens_file"] else None)
+    if v["admin_cert_name"] is not None:
+        if not v["require_client_cert"]:
+            raise ValueError("--admin-cert-name: needs --require-client-cert (the certificate is checked by mutual TLS)")
+        check_client_id(v["admin_cert_name"])
+    if v["dashboard_port"] is not None and not is_loopback(v["dashboard_host"]):
+        if v["admin_token_file"] is None:
+            raise ValueError(f"--dashboard-host {v['dashboard_host']}: a dashboard beyond loopback needs "
+                             "--admin-token-file (browsers send it as a bearer token)")
+        if v["tls_cert"] is None and not v["insecure"]:
+            raise ValueError(f"--dashboard-host {v['dashboard_host']}: beyond loopback the dashboard serves HTTPS "
+                             "with --tls-cert/--tls-key; pass --insecure to accept plain HTTP")
 
 
 def describe(config: ServerConfig) -> dict[str, Any]:

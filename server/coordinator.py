@@ -37,12 +37,14 @@ from fedmeta.common.refusal import Reason
 from fedmeta.server import rounds
 from fedmeta.server.admission import Admission, Ticket, UpdateMeta, assigned_tasks, check_run, check_values
 from fedmeta.server.broadcast import Broadcast, Wire, WireCache, version_of
+from fedmeta.server.clientstats import ClientStats
 from fedmeta.server.config import ServerConfig
 from fedmeta.server.errors import Rejected
 from fedmeta.server.registry import ClientInfo, Registry
 from fedmeta.server.rounds import Round, RoundsState
 from fedmeta.server.round_thread import RoundThread
 from fedmeta.server.runstate import RunState
+from fedmeta.server.steering import Steering, read_revoked
 from fedmeta.server.telemetry import Telemetry
 from fedmeta.server.validation import Best
 
@@ -99,6 +101,7 @@ class Coordinator:
         self.registry = Registry(run_id=self.run.run_id, max_clients=config.max_clients,
                                  forget_client_s=config.forget_client_s, max_silent_rounds=config.max_silent_rounds,
                                  lease_s=2 * self.run.poll_timeout_s + 5.0)
+        self.stats = ClientStats(config.max_clients, clock)
         norm_refusal = None if config.aggregator == "clipped-mean" else config.max_update_norm  # clipped-mean scales
         self.admission = Admission(self.run, self.specs, self.algorithm.update_kind,
                                    max_update_bytes=config.max_update_bytes, max_update_norm=norm_refusal,
@@ -111,6 +114,9 @@ class Coordinator:
         self.rundir = self.runstate.rundir
         theta = self.runstate.resume(numel=self.layout.numel, version_of=self._version_of, outer=self.outer,
                                      registry=self.registry, rounds=self.state)
+        self.registry.revoked |= read_revoked(config.run_dir)  # revoked after the last checkpoint
+        self.stats.load(self.rundir.metrics_path)
+        self.steering = Steering(self, config.run_dir)
         self.broadcast = Broadcast(self.layout, self.layout.flatten(params) if theta is None else theta,
                                    encoding=self.run.encoding, chunk_bytes=self.run.chunk_bytes)
         self.runstate.started = clock()
@@ -168,8 +174,13 @@ class Coordinator:
         """The current meta-parameters as named views (read-only by convention)."""
         return self.broadcast.parameters()
 
-    def count_bytes(self, *, sent: int = 0, received: int = 0) -> None:
+    def count_bytes(self, *, sent: int = 0, received: int = 0, client: str | None = None) -> None:
         self.runstate.count_bytes(sent=sent, received=received)
+        self.stats.count_bytes(client, sent=sent, received=received)
+
+    def holding(self) -> bool:
+        """No round may open: stopping, paused by the operator, or stopping after the open round."""
+        return self._stopping.is_set() or self.steering.paused or self.steering.stop_requested
 
     def _version_of(self, theta: torch.Tensor) -> str:
         """The parameter version of a flat θ read from a checkpoint: the digest publishing it would give."""
@@ -214,6 +225,7 @@ class Coordinator:
             self.registry.join(client_id, device=device, num_tasks=num_tasks, now=self.clock(),
                                busy=rnd.sampled if rnd is not None else ())
             self._cond.notify_all()
+        self.stats.joined(client_id)
         return self.run
 
     def leave(self, client_id: str) -> None:
@@ -262,6 +274,7 @@ class Coordinator:
                         return assignment
                     self._cond.wait(timeout=min(remaining, 1.0))
                     if info.left:
+                        self.registry.check_not_revoked(client_id)
                         raise Rejected(grpc.StatusCode.NOT_FOUND, f"client {client_id!r} left the run",
                                        Reason.NOT_JOINED)
             finally:
@@ -318,6 +331,7 @@ class Coordinator:
         """Every check of an update's header, before its payload is read (server/admission.py)."""
         self.check_run(meta.run_id)
         with self._cond:
+            self.registry.check_not_revoked(meta.client_id, f"its update for round {meta.round} is")
             self.registry.touch(meta.client_id, self.clock())
             ticket = self.admission.admit(meta, self.state.round)
         return self.admission.weigh(ticket)
@@ -327,17 +341,20 @@ class Coordinator:
         if ticket.duplicate:
             return True
         norm = check_values(tensors, self.admission.max_update_norm) if tensors is not None else 0.0  # O(model)
+        cid = ticket.meta.client_id
         with self._cond:
+            self.registry.check_not_revoked(cid, f"its update for round {ticket.meta.round} is")  # revoked mid-stream
             rnd, duplicate = self.admission.count(ticket, self.state.round, tensors, norm)
             if rnd is not None:
                 self.telemetry.update_accepted("validation" if rnd.validation else
                                                "evaluation" if rnd.evaluation else "train")
-            cid = ticket.meta.client_id
             if rnd is not None and (not rnd.sampled - rnd.answered or (cid in rnd.proven and rnd.proven <= rnd.answered)):
                 # Only the round thread cares, and only once every sampled client answered (it
                 # wakes at the deadline by itself): waking every waiting long-poll on every
                 # update cost 256 clients half the coordinator's CPU (benchmarks/load_clients.py).
                 self._cond.notify_all()
+        if not duplicate:
+            self.stats.trained(cid, ticket.meta.metrics)
         return duplicate
 
     def assigned_tasks(self, meta: UpdateMeta) -> int:

@@ -30,11 +30,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 class Rejected(Exception):
     """A request refused with a gRPC status code, a sentence a person can act on, and a reason a program acts on."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, reason: Reason | None = None) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, reason: Reason | None = None, *,
+                 identity: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.reason = reason
+        self.identity = identity  # the caller's client id itself was refused: not counted against that id
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,17 @@ def abort(context: grpc.ServicerContext, refusal: Refusal) -> NoReturn:
     raise AssertionError("unreachable")  # context.abort raises
 
 
+def _refuse(servicer: Any, request: Any, context: grpc.ServicerContext, exc: Exception) -> NoReturn:
+    """Count the refusal (servicer.note_refusal, if it has one), then abort the call with it."""
+    refusal = refusal_of(exc)
+    assert refusal is not None
+    note = getattr(servicer, "note_refusal", None)
+    client_id = getattr(request, "client_id", None)  # None: a request stream (SubmitUpdate counts its own)
+    if note is not None and isinstance(client_id, str):
+        note("" if getattr(exc, "identity", False) else client_id, refusal.code, refusal.message, refusal.reason)
+    abort(context, refusal)
+
+
 def refusals(method: F) -> F:
     """Servicer method decorator: Rejected / TensorSetError -> context.abort(code, message) + reason."""
     if inspect.isgeneratorfunction(method):
@@ -70,7 +83,7 @@ def refusals(method: F) -> F:
             try:
                 yield from method(self, request, context)
             except (Rejected, TensorSetError) as exc:
-                abort(context, refusal_of(exc))  # type: ignore[arg-type]
+                _refuse(self, request, context, exc)
         return stream  # type: ignore[return-value]
 
     @functools.wraps(method)
@@ -78,5 +91,5 @@ def refusals(method: F) -> F:
         try:
             return method(self, request, context)
         except (Rejected, TensorSetError) as exc:
-            abort(context, refusal_of(exc))  # type: ignore[arg-type]
+            _refuse(self, request, context, exc)
     return unary  # type: ignore[return-value]

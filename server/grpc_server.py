@@ -14,7 +14,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from fedmeta.common.proto import pb, pb_grpc
+from fedmeta.common.proto import admin_pb_grpc, pb, pb_grpc
+from fedmeta.server.admin_auth import AdminCredential
+from fedmeta.server.admin_service import AdminService
 from fedmeta.server.auth import TokenInterceptor, TokenStore
 from fedmeta.server.config import ServerConfig, is_loopback
 from fedmeta.server.coordinator import Coordinator
@@ -125,6 +127,11 @@ def create_server(config: ServerConfig, coordinator: Coordinator) -> tuple[grpc.
     )
     service = CoordinatorService(coordinator)
     add_coordinator_service(service, server)
+    # The Admin service exists only with an admin credential: without one there is nobody it
+    # could be for, and a service that is not registered answers UNIMPLEMENTED to every caller.
+    admin = AdminCredential.load(config.admin_token_file, config.admin_cert_name, config.tokens_file)
+    if admin is not None:
+        admin_pb_grpc.add_AdminServicer_to_server(AdminService(coordinator, admin), server)
     health_servicer = _Health()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):

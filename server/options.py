@@ -146,6 +146,20 @@ class ServerConfig:
         "log the run's settings and metrics to MLflow at this tracking URI (file:DIR, http://HOST:PORT; needs the "
         "mlflow extra)"))
 
+    admin_token_file: str | None = field(default=None, metadata=setting(
+        "file holding the operator's admin token (one line, at least 32 characters; see README): turns on the Admin "
+        "service (fedmeta-status, fedmeta-admin) and the dashboard's credential; it must differ from every client "
+        "token"))
+    admin_cert_name: str | None = field(default=None, metadata=setting(
+        "with --require-client-cert: the CN or DNS SAN of the operator's client certificate, which may call the "
+        "Admin service (no client may join under this id)"))
+    dashboard_port: int | None = field(default=None, metadata=setting(
+        "serve the live dashboard (HTML and /api/status) on this port; 0 picks a free one (default: off)",
+        minimum=0, maximum=65535))
+    dashboard_host: str = field(default="127.0.0.1", metadata=setting(
+        "address the dashboard binds; beyond loopback it needs --admin-token-file (bearer token) and TLS or "
+        "--insecure"))
+
     def __post_init__(self) -> None:
         check_fields(self)
 

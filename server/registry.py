@@ -66,11 +66,13 @@ class Registry:
         self.max_silent_rounds = max_silent_rounds
         self.lease_s = lease_s
         self.clients: dict[str, ClientInfo] = {}
+        self.revoked: set[str] = set()  # by the operator (server/steering.py): refused for good
         self.seen = 0  # registrations: distinct ids, unless one was forgotten and came back
 
     # ---- membership -------------------------------------------------------------------------
     def join(self, client_id: str, *, device: str, num_tasks: int, now: float, busy: Iterable[str] = ()) -> None:
         """Register (or refresh) a client; `busy` are ids the open round still needs (never purged)."""
+        self.check_not_revoked(client_id)
         info = self.clients.get(client_id)
         if info is None and len(self.clients) >= self.max_clients:
             self.purge(now, busy=busy, left_too=True)
@@ -93,12 +95,26 @@ class Registry:
 
     def known(self, client_id: str) -> ClientInfo:
         """The record of a joined client; NOT_JOINED if it never joined, left or was forgotten."""
+        self.check_not_revoked(client_id)
         info = self.clients.get(client_id)
         if info is None or info.left:
             raise Rejected(grpc.StatusCode.NOT_FOUND,
                            f"client {client_id!r} has not joined run {self.run_id!r}; call Join first",
                            Reason.NOT_JOINED)
         return info
+
+    def check_not_revoked(self, client_id: str, refused: str = "its calls are") -> None:
+        if client_id in self.revoked:
+            raise Rejected(grpc.StatusCode.PERMISSION_DENIED,
+                           f"client {client_id!r} was revoked by the coordinator's operator: {refused} refused and "
+                           "it cannot take part in this run again", Reason.NOT_ALLOWED)
+
+    def revoke(self, client_id: str) -> None:
+        """Refuse the client from now on; it stops counting as live at once."""
+        self.revoked.add(client_id)
+        info = self.clients.get(client_id)
+        if info is not None:
+            info.left = True
 
     def touch(self, client_id: str, now: float) -> ClientInfo:
         """A call from a joined client renews its lease."""

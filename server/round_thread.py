@@ -29,6 +29,8 @@ from fedmeta.server.registry import Registry
 from fedmeta.server.rounds import Close, Open, Resample, Round, RoundsState, Wait
 from fedmeta.server.rundir import RunDir
 from fedmeta.server.runstate import RunState
+from fedmeta.server.clientstats import ClientStats
+from fedmeta.server.steering import Steering
 
 
 class Coordinator(Protocol):
@@ -52,6 +54,10 @@ class Coordinator(Protocol):
     layout: FlatLayout
     rundir: RunDir
     runstate: RunState
+    stats: ClientStats
+    steering: Steering
+
+    def holding(self) -> bool: ...
 
     def parameters(self) -> dict[str, torch.Tensor]: ...
 
@@ -90,13 +96,16 @@ class RoundThread:
             while not self.c._stopping.is_set() and not self.c.finished.is_set():
                 closing = None
                 with self.c._cond:
+                    stop_now = self.c.steering.stop_requested and self.c.state.round is None
                     now = self.c.clock()
                     if now - self._purged_at > min(5.0, self.c.config.forget_client_s / 2):
                         self._purged_at = now
                         rnd = self.c.state.round
                         self.c.registry.purge(now, busy=rnd.sampled if rnd is not None else ())
                     decision = rounds.decide(self.c.policy, self.c.state, self.c._clients_view(now), now,
-                                             stopping=self.c._stopping.is_set())
+                                             stopping=self.c.holding())
+                    if stop_now:
+                        break
                     if isinstance(decision, Open):
                         self._open(decision)
                     elif isinstance(decision, Close):
@@ -108,6 +117,8 @@ class RoundThread:
                         self._wait(decision, now)
                 if closing is not None:
                     self._close(closing)
+            if not self.c.finished.is_set() and self.c.steering.stop_requested and not self.c._stopping.is_set():
+                self._clean_stop()
         except Exception as exc:
             # A failed run is not a finished run: waiting clients are told UNAVAILABLE and keep
             # retrying (--give-up-s); the coordinator exits 1; restarted with the same --run-dir
@@ -145,7 +156,7 @@ class RoundThread:
     def _try_open(self) -> None:
         now = self.c.clock()
         opened = rounds.plan_open(self.c.policy, self.c.state, self.c._clients_view(now), now,
-                                  stopping=self.c._stopping.is_set())
+                                  stopping=self.c.holding())
         if opened is not None:
             self._open(opened)
 
@@ -200,14 +211,26 @@ class RoundThread:
 
     def _record(self, record: dict[str, Any]) -> None:
         self.c.runstate.record(record)
+        self.c.stats.observe(record)
         if self.c._on_round is not None:
             self.c._on_round(record)
 
     def _save_checkpoint(self) -> None:
         with self.c._cond:
             meta = self.c.runstate.meta(rounds=self.c.state, version=self.c.version, clients=self.c.registry.records(),
-                                      seen=self.c.registry.seen)
+                                        seen=self.c.registry.seen, revoked=sorted(self.c.registry.revoked))
         self.c.runstate.save(self.c.broadcast.theta, self.c.outer, meta)
+
+    def _clean_stop(self) -> None:
+        """The operator's stop (server/steering.py): no round open; checkpoint, export θ to model/, stop."""
+        self._save_checkpoint()
+        self.c.rundir.export_model(self.c.parameters(), self.c.config.run, self.c.version)
+        log.warning("stopped by the operator after %d rounds: checkpoint and model/ written; restart with the same "
+                    "--run-dir to resume", self.c.next_round)
+        with self.c._cond:
+            self.c.steering.stopped.set()
+            self.c._stopping.set()
+            self.c._cond.notify_all()
 
     def _validated(self, rnd: Round, metrics: dict[str, float]) -> None:
         """A validation closed: record it, export θ to model-best/ if it is the best so far."""

@@ -91,6 +91,8 @@ class RunState:
         self.bytes_received = int(meta.get("bytes_received", 0))
         self.wall_before = float(meta.get("wall_s", 0.0))
         self.best = Best.from_json(meta.get("best"))
+        revoked = meta.get("revoked", [])
+        registry.revoked = {r for r in revoked if isinstance(r, str)} if isinstance(revoked, list) else set()
         seen = meta.get("clients_seen", 0)
         registry.restore(meta.get("clients", {}), len(seen) if isinstance(seen, list) else int(seen),  # a list in older checkpoints
                          self.clock())
@@ -102,8 +104,10 @@ class RunState:
                  self.run.run_id, rounds.next_round, self.config.rounds, len(registry.clients))
         return state.theta.clone()
 
-    def meta(self, *, rounds: RoundsState, version: str, clients: Mapping[str, Any], seen: int) -> dict[str, Any]:
+    def meta(self, *, rounds: RoundsState, version: str, clients: Mapping[str, Any], seen: int,
+             revoked: list[str] | None = None) -> dict[str, Any]:
         return {
+            "revoked": revoked or [],
             "next_round": rounds.next_round,
             "version": version,
             "bytes_sent": self.bytes_sent,

@@ -76,6 +76,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         config = coordinator.config
         self.require_client_cert = config.require_client_cert
         self.tokens = config.tokens_file is not None
+        self.admin_name = config.admin_cert_name
         self._refusals = RateLimit(burst=REFUSAL_LOG_BURST, window_s=REFUSAL_LOG_WINDOW_S)
         self.allowed = read_allowed_clients(Path(config.allowed_clients)) if config.allowed_clients else None
         # Thread budget (--max-workers W): long-polls W/2, streams W/4, the rest for short calls.
@@ -84,6 +85,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.uploading = KeyedGate()
         self.watchdog = StreamWatchdog(config.stream_idle_s)
         self.joins = JoinRateLimiter(config.joins_per_s)
+
+    def note_refusal(self, client_id: str, code: grpc.StatusCode, message: str, reason: Reason | None) -> None:
+        """Counted for the status snapshot (server/clientstats.py), per reason and per joined client."""
+        self.coordinator.stats.refused(client_id, reason.value if reason is not None else code.name, message)
 
     def _log_refusal(self, context: grpc.ServicerContext, first: pb.SubmitUpdateRequest | None, code: str,
                      message: str) -> None:
@@ -109,20 +114,23 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             check_client_id(client_id)
         except ValueError as exc:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"client_id: {clip(exc, MAX_MESSAGE_CHARS)}",
-                           Reason.BAD_CLIENT_ID) from None
+                           Reason.BAD_CLIENT_ID, identity=True) from None
+        if client_id == self.admin_name:
+            raise Rejected(denied, f"client id {client_id!r} is the operator's certificate name (--admin-cert-name); "
+                           "no client may join under it", Reason.NOT_ALLOWED, identity=True)
         if self.allowed is not None and client_id not in self.allowed:
             raise Rejected(denied, f"client id {client_id!r} is not in the coordinator's --allowed-clients list",
-                           Reason.NOT_ALLOWED)
+                           Reason.NOT_ALLOWED, identity=True)
         if self.tokens:
             authenticated = dict(context.invocation_metadata()).get(CLIENT_ID_KEY)
             if client_id != authenticated:
                 raise Rejected(denied, f"client id {client_id!r} is not the id the token was checked for "
-                               f"({authenticated!r})", Reason.NOT_ALLOWED)
+                               f"({authenticated!r})", Reason.NOT_ALLOWED, identity=True)
         if self.require_client_cert:
             names = certificate_names(context)
             if client_id not in names:
                 raise Rejected(denied, f"client id {client_id!r} does not match the client certificate (it names "
-                               f"{names}); use the id the certificate was issued for", Reason.NOT_ALLOWED)
+                               f"{names}); use the id the certificate was issued for", Reason.NOT_ALLOWED, identity=True)
         return client_id
 
     @refusals
@@ -138,7 +146,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                            f"version {PROTOCOL_VERSION}: install a matching fedmeta release", Reason.BAD_PROTOCOL)
         config = self.coordinator.join(client_id, device=clip(request.device, 64), num_tasks=request.num_tasks)
         response = pb.JoinResponse(config=run_config_to_proto(config))
-        self.coordinator.count_bytes(sent=response.ByteSize(), received=request.ByteSize())
+        self.coordinator.count_bytes(sent=response.ByteSize(), received=request.ByteSize(), client=client_id)
         return response
 
     @refusals
@@ -168,7 +176,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             if inline is not None:
                 response.parameters.tensors.CopyFrom(header_to_proto(inline[0]))
                 response.parameters.payload = inline[1]
-        self.coordinator.count_bytes(sent=response.ByteSize(), received=request.ByteSize())
+        self.coordinator.count_bytes(sent=response.ByteSize(), received=request.ByteSize(), client=client_id)
         return response
 
     @refusals
@@ -206,7 +214,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                     yield data  # type: ignore[misc]
             finally:
                 self.coordinator.release_parameters()
-                self.coordinator.count_bytes(sent=sent, received=request.ByteSize())
+                self.coordinator.count_bytes(sent=sent, received=request.ByteSize(), client=client_id)
         finally:
             slot.release()
 
@@ -261,13 +269,16 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         committed (bounds, norm filter, counted once) after the end message."""
         received = WireBytes()
         first = None
+        client = None
         stream_error = grpc.StatusCode.INVALID_ARGUMENT
         try:
             first = next(request_iterator, None)
             if first is None or not first.HasField("header"):
                 raise Rejected(stream_error, "the first message of SubmitUpdate must be the header", Reason.BAD_STREAM)
             received.add(first)
-            ticket = self.coordinator.admit(self._meta(first.header, context))
+            meta = self._meta(first.header, context)
+            client = meta.client_id  # checked against its token or certificate: refusals count against it
+            ticket = self.coordinator.admit(meta)
             claim(ticket.meta.client_id)  # after the header checks: only a sampled client's id is held
             if ticket.duplicate:
                 self._drain(request_iterator)
@@ -297,9 +308,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             refusal = refusal_of(exc)
             if refusal is not None and not isinstance(exc, TensorSetTooLarge):
                 self._log_refusal(context, first, refusal.code.name, refusal.message)
+            if refusal is not None:
+                self.note_refusal(client or "", refusal.code, refusal.message, refusal.reason)
             raise
         finally:
-            self.coordinator.count_bytes(received=received.total)
+            self.coordinator.count_bytes(received=received.total, client=client)
 
     def _meta(self, header: pb.UpdateHeader, context: grpc.ServicerContext) -> UpdateMeta:
         client_id = self._client_id(context, header.client_id)

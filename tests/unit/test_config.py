@@ -166,7 +166,7 @@ def test_load_toml_valid_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [
-        ("epochs = 3\n", "unknown key 'epochs'; allowed: aggregator, algorithm, "),
+        ("epochs = 3\n", "unknown key 'epochs'; allowed: admin_cert_name, admin_token_file, aggregator, algorithm, "),
         ('rounds = "10"\n', "--rounds: expected int, got '10'"),
         ("rounds = 0\n", "--rounds"),
         ("inner_lr = true\n", "--inner-lr"),

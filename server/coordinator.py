@@ -30,12 +30,14 @@ import torch
 
 from fedmeta.common.aggregation import FlatLayout, NormFilter
 from fedmeta.common.algorithms import OuterConfig, get_algorithm, meta_parameters
+from fedmeta.common.clusters import ClusterState, stack
 from fedmeta.common.codec import EncodedTensorSet, TensorSetHeader, TensorSpec
 from fedmeta.common.config import RunConfig
 from fedmeta.common.logformat import fields
 from fedmeta.common.refusal import Reason
 from fedmeta.server import rounds
-from fedmeta.server.admission import Admission, Ticket, UpdateMeta, assigned_tasks, check_run, check_values
+from fedmeta.server.admission import (Admission, Ticket, UpdateMeta, assigned_tasks, check_cluster, check_run,
+                                      check_values)
 from fedmeta.server.broadcast import Broadcast, Wire, WireCache, version_of
 from fedmeta.server.config import ServerConfig
 from fedmeta.server.errors import Rejected
@@ -88,7 +90,8 @@ class Coordinator:
         self.error: str | None = None
         self.summary: dict[str, Any] | None = None
 
-        params = meta_parameters(self.run, self.run.seed)
+        params = stack(meta_parameters(self.run, self.run.seed), self.run.clusters)  # K identical θ's (--clusters)
+        self.clusters = ClusterState()
         self.layout = FlatLayout.of(params)
         self.specs: tuple[TensorSpec, ...] = self.layout.specs
         self.outer = self.algorithm.make_outer(OuterConfig(lr=config.outer_lr, rounds=config.rounds,
@@ -110,7 +113,7 @@ class Coordinator:
         self.runstate.sinks.append(self.telemetry)
         self.rundir = self.runstate.rundir
         theta = self.runstate.resume(numel=self.layout.numel, version_of=self._version_of, outer=self.outer,
-                                     registry=self.registry, rounds=self.state)
+                                     registry=self.registry, rounds=self.state, clusters=self.clusters)
         self.broadcast = Broadcast(self.layout, self.layout.flatten(params) if theta is None else theta,
                                    encoding=self.run.encoding, chunk_bytes=self.run.chunk_bytes)
         self.runstate.started = clock()
@@ -327,8 +330,9 @@ class Coordinator:
         if ticket.duplicate:
             return True
         norm = check_values(tensors, self.admission.max_update_norm) if tensors is not None else 0.0  # O(model)
+        cluster = check_cluster(tensors, self.run.clusters) if tensors is not None else None
         with self._cond:
-            rnd, duplicate = self.admission.count(ticket, self.state.round, tensors, norm)
+            rnd, duplicate = self.admission.count(ticket, self.state.round, tensors, norm, cluster)
             if rnd is not None:
                 self.telemetry.update_accepted("validation" if rnd.validation else
                                                "evaluation" if rnd.evaluation else "train")

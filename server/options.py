@@ -56,7 +56,7 @@ class ServerConfig:
     cluster_warmup: int = field(metadata=setting(
         "--clusters: rounds the clusters train as one θ before the coordinator splits them by the direction of "
         "the clients' updates (then each client trains the cluster that adapts best; default: 10)", minimum=0,
-        derive=lambda v: 10 if (v["clusters"] or 1) > 1 else 0, resume=True))
+        derive=lambda v: 10 if (v.get("clusters") or 1) > 1 else 0, resume=True))
     checkpoint_every: int = field(metadata=setting("write a checkpoint every this many rounds", default=1,
                                                    minimum=1))
     host: str = field(metadata=setting("address to bind (0.0.0.0 for every interface)", default="127.0.0.1"))

@@ -7,8 +7,9 @@ al. 2020, "An Efficient Framework for Clustered Federated Learning"), each clien
 every cluster's θ on its support sets and trains the one that adapts best (lowest support
 loss after adaptation), sending an update in that cluster's slice only; the coordinator
 infers the cluster from which slice is non-zero (`cluster_of`: exactly one, else refused),
-and aggregates each slice over the clients that chose it. A cluster nobody chose stays
-exactly as it was (`guarded_cluster_step`), optimiser state included.
+and aggregates each slice over the clients that chose it. A cluster fewer than
+MIN_UPDATES clients chose in a round stays exactly as it was (`guarded_cluster_step`),
+optimiser state included: one client alone never moves a cluster's θ.
 
 The K θ's start identical and are trained as one (every update counts for all of them)
 until the split: from round --cluster-warmup on, the coordinator groups a round's updates
@@ -39,6 +40,7 @@ from fedmeta.common.evaluation import evaluate
 from fedmeta.common.tasks import LossFn, TaskBatch
 
 PREFIX = "cluster."
+MIN_UPDATES = 2  # a cluster's θ moves only on the updates of at least this many clients in a round
 _NAME = re.compile(r"^cluster\.(\d{1,4})\.(.+)$")
 
 
@@ -141,7 +143,7 @@ class ClusteredAggregator:
 
     make_inner builds the --aggregator (mean, clipped-mean, median, trimmed-mean, task-aware)
     over one θ's layout; an update is added to the aggregator of the cluster it touches.
-    take_mean returns the stacked update; `idle` lists the (start, stop) slices nobody chose.
+    take_mean returns the stacked update; `idle` lists the (start, stop) slices fewer than MIN_UPDATES chose.
     """
 
     def __init__(self, layout: FlatLayout, k: int, make_inner: Callable[[FlatLayout], Aggregator], *,
@@ -196,7 +198,7 @@ class ClusteredAggregator:
                 out[j * d:(j + 1) * d] = mean
         else:
             for j, agg in enumerate(self.inner):
-                if agg.count:
+                if agg.count >= MIN_UPDATES:
                     out[j * d:(j + 1) * d] = agg.take_mean()
                 else:
                     self.idle.append((j * d, (j + 1) * d))

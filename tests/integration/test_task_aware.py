@@ -74,8 +74,9 @@ def test_task_aware_gives_an_update_against_the_federation_no_weight(inprocess_s
     # As if the attacker had sent nothing; the honest ones weigh 4 x their cosine to the median.
     expected = adam_step(ss[0], before.theta, [(u, float(x)) for (u, _), x in zip(honest, w[:3])])
     assert close_to(ss[0].coordinator.parameters(), expected)
-    record = ss[0].coordinator.rundir.metrics_path.read_text().splitlines()[0]
-    assert '"zero_weight": 1.0' in record
+    path = ss[0].coordinator.rundir.metrics_path
+    wait_for(lambda: path.exists() and path.read_text().endswith("\n"), timeout_s=20, what="the round's record")
+    assert '"zero_weight": 1.0' in path.read_text().splitlines()[0]
 
 
 def test_cluster_updates_that_touch_no_or_several_clusters_or_a_missing_one_are_refused(inprocess_server) -> None:
@@ -104,13 +105,25 @@ def test_clusters_split_by_direction_and_the_split_survives_a_restart(inprocess_
     for i, s in enumerate(ss):  # before the split every client trains cluster 0 (the θ's are identical)
         assert submit(s, stream(*encoded(s, direction(s, 1.0 if i < 2 else -1.0, i, cluster=0, k=2)))).accepted
     wait_for(lambda: c.version != before.version, timeout_s=20, what="the round to close")
-    wait_for(lambda: c.runstate.rundir.metrics_path.exists(), timeout_s=20, what="the round's record")
+    path = c.rundir.metrics_path
+    wait_for(lambda: path.exists() and path.read_text().endswith("\n"), timeout_s=20, what="the round's record")
     assert c.clusters.split_round == 0
-    theta = split(c.parameters(), 2)
+    theta = split({k: v.clone() for k, v in c.parameters().items()}, 2)
     assert not torch.equal(theta[0]["net.0.weight"], theta[1]["net.0.weight"])
     record = c.rundir.metrics_path.read_text().splitlines()[0]
     assert '"cluster_members": {"c0": 0, "c1": 0, "c2": 1, "c3": 1}' in record, record
-    wait_for(lambda: (c.rundir.checkpoint_dir / "state.safetensors").exists(), timeout_s=20, what="a checkpoint")
+    # Round 1: three clients train cluster 0; c3 alone pushes cluster 1, which therefore stays as it was.
+    ss = [session(s.server, s.client_id, s.run_id) for s in ss]
+    version = c.version
+    for i, s in enumerate(ss):
+        tensors = direction(s, 1.0, 10 + i, cluster=0, k=2) if i < 3 else {
+            k: 1e3 * v for k, v in direction(s, -1.0, 13, cluster=1, k=2).items()}
+        assert submit(s, stream(*encoded(s, tensors))).accepted
+    wait_for(lambda: c.version != version, timeout_s=20, what="round 1 to close")
+    moved = split(c.parameters(), 2)
+    assert torch.equal(moved[1]["net.0.weight"], theta[1]["net.0.weight"])
+    assert not torch.equal(moved[0]["net.0.weight"], theta[0]["net.0.weight"])
+    wait_for(lambda: len(c.rundir.metrics_path.read_text().splitlines()) == 2, timeout_s=20, what="round 1's record")
     kept = {k: v.clone() for k, v in c.parameters().items()}
     c.stop()
     resumed = Coordinator(build(FOUR | {"clusters": 2, "cluster_warmup": 0, "rounds": 3, "checkpoint_every": 1,

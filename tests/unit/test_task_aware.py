@@ -88,9 +88,10 @@ def test_clustered_aggregator_aggregates_each_slice_over_who_chose_it() -> None:
     agg = ClusteredAggregator(layout, k, make_inner("mean"), joint=False, try_split=False)
     agg.add(embed({"w": torch.ones(2, 2), "b": torch.ones(3)}, 1, thetas), 1.0)
     agg.add(embed({"w": 3 * torch.ones(2, 2), "b": 3 * torch.ones(3)}, 1, thetas), 3.0)
+    agg.add(embed({"w": 1e3 * torch.ones(2, 2), "b": torch.ones(3)}, 0, thetas), 4.0)  # alone in cluster 0
     out = agg.take_mean()
     assert torch.equal(out[:7], torch.zeros(7)) and torch.allclose(out[7:], torch.full((7,), 2.5))
-    assert agg.idle == [(0, 7)] and agg.report()["cluster_counts"] == [0, 2]
+    assert agg.idle == [(0, 7)] and agg.report()["cluster_counts"] == [1, 2]  # one client never moves a cluster
     joint = make_round_aggregator("mean", layout, clusters=2, joint=True)
     joint.add(embed({"w": torch.ones(2, 2), "b": torch.ones(3)}, 1, thetas), 1.0)  # before the split: for all
     assert torch.equal(joint.take_mean(), torch.ones(14))

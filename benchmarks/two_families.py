@@ -115,6 +115,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    at_start = machine()
     families = ["a"] * args.clients_a + ["b"] * args.clients_b
     results: dict[str, Any] = {}
     for aggregator, k in CONFIGS:
@@ -134,7 +135,7 @@ def main() -> None:
               f"b: MSE {row['b']['mse']:.3f} ± {row['b']['ci95']:.3f}   ({row['train_s']} s)", flush=True)
     write_result("two_families", {"settings": vars(args), "families": {"a": "phase U[0, pi/2]",
                                                                           "b": "phase U[pi, 3 pi/2]"},
-                                  "results": results, "machine": machine()})
+                                  "results": results, "machine": at_start})
     if not all(math.isfinite(r[f]["mse"]) for r in results.values() for f in ("a", "b")):
         sys.exit("a configuration diverged")
 

@@ -27,11 +27,11 @@ from fedmeta.common.algorithms import InnerConfig, UpdateKind, get_algorithm, me
 from fedmeta.common import clusters
 from fedmeta.common.codec import ENCODINGS, TensorSetError, abs_max, encode, specs_of
 from fedmeta.common.config import RunConfig
-from fedmeta.common.evaluation import evaluate_holder, validate_holder
+from fedmeta.common.evaluation import eval_steps, evaluate_holder, validate_holder
 from fedmeta.common.logformat import fields
 from fedmeta.common.models import build_model, prefers_vmap
 from fedmeta.common.proto import pb
-from fedmeta.common.tasks import STREAM_TRAIN, default_shard, is_classification, loss_for, make_tasks, task_seed
+from fedmeta.common.tasks import STREAM_TRAIN, TaskBatch, default_shard, is_classification, loss_for, make_tasks, task_seed
 from fedmeta.common.transfer import receive_inline
 
 log = logging.getLogger("fedmeta.client")
@@ -190,17 +190,17 @@ class Worker:
             thread.join()
 
     # ---- work ---------------------------------------------------------------------------------
-    def _cluster(self, params: dict[str, torch.Tensor], batch_index: int, *, steps: int
-                 ) -> tuple[int, list[dict[str, torch.Tensor]]]:
+    def _cluster(self, params: dict[str, torch.Tensor], batch_index: int, *, steps: int,
+                 batch: TaskBatch | None = None) -> tuple[int, list[dict[str, torch.Tensor]]]:
         """--clusters: (the cluster whose θ adapts best on this holder's training support sets, every θ)."""
         run = self.run
         assert run is not None
         thetas = clusters.split(params, run.clusters)
         if run.clusters == 1:
             return 0, thetas
-        seed = task_seed(run.seed, self.config.data_seed, STREAM_TRAIN, batch_index)
-        batch = self.tasks.sample("train", num_tasks=run.tasks_per_client, shots=run.shots, queries=run.queries,
-                                  seed=seed)
+        if batch is None:
+            batch = self.tasks.sample("train", num_tasks=run.tasks_per_client, shots=run.shots, queries=run.queries,
+                                      seed=task_seed(run.seed, self.config.data_seed, STREAM_TRAIN, batch_index))
         j, losses = clusters.choose(self.algorithm, self.model, thetas, batch.to(self.device), self.loss_fn,
                                     steps=steps, lr=run.inner_lr, vectorize=self.vectorize)
         if losses:
@@ -221,7 +221,7 @@ class Worker:
         start = time.perf_counter()
         _test_pause()
         inner = InnerConfig.from_run(run, round_index=round_index, vectorize=self.vectorize)
-        j, thetas = self._cluster(params, round_index, steps=max(1, run.inner_steps))
+        j, thetas = self._cluster(params, round_index, steps=max(1, run.inner_steps), batch=batch)
         update = self.algorithm.client_step(self.model, thetas[j], batch.to(self.device), self.loss_fn, inner)
         if run.clusters > 1:  # this cluster's slice; zeros in the others' (the coordinator checks it)
             update = dataclasses.replace(update, tensors=clusters.embed(update.tensors, j, thetas))
@@ -255,7 +255,7 @@ class Worker:
         run = self.run
         assert run is not None
         params = self._fetch(version)
-        j, thetas = self._cluster(params, rounds_trained, steps=run.eval_steps)
+        j, thetas = self._cluster(params, rounds_trained, steps=eval_steps(self.algorithm, run))
         params = thetas[j]
         metrics = validate_holder(self.algorithm, self.model, params, self.tasks, run, data_seed=self.config.data_seed,
                                   rounds_trained=rounds_trained, device=self.device, vectorize=self.vectorize)
@@ -275,7 +275,7 @@ class Worker:
         log.info("round %d: evaluating on %d held-out tasks", round_index, run.eval_tasks_per_client,
                  extra=fields(event="evaluating", round=round_index))
         _test_eval_pause()
-        j, thetas = self._cluster(params, round_index, steps=run.eval_steps)
+        j, thetas = self._cluster(params, round_index, steps=eval_steps(self.algorithm, run))
         if run.clusters > 1:
             log.info("evaluating cluster %d of %d, the one whose θ adapts best on this holder's support sets", j,
                      run.clusters)

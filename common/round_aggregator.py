@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fedmeta.common.aggregation import AGGREGATORS, Aggregator, FlatLayout, make_aggregator
 from fedmeta.common.clusters import ClusteredAggregator
 from fedmeta.common.task_aware import TaskAwareMean
@@ -9,7 +11,7 @@ from fedmeta.common.task_aware import TaskAwareMean
 ROUND_AGGREGATORS = (*AGGREGATORS, "task-aware")
 
 
-def make_inner(kind: str, *, max_norm: float | None = None, trim: float = 0.2):  # type: ignore[no-untyped-def]
+def make_inner(kind: str, *, max_norm: float | None = None, trim: float = 0.2) -> Callable[[FlatLayout], Aggregator]:
     """A factory of --aggregator over a layout (one θ's, or the whole set's)."""
     if kind not in ROUND_AGGREGATORS:
         raise ValueError(f"--aggregator: expected one of {', '.join(ROUND_AGGREGATORS)}, got {kind!r}")

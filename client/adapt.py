@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import sys
@@ -27,6 +28,7 @@ from torch import nn
 
 from fedmeta.common.algorithms import get_algorithm
 from fedmeta.common.algorithms.inner import EXTRA, forward
+from fedmeta.common.clusters import split
 from fedmeta.common.cli import OneLineErrorParser, add_model_import_argument, model_imports
 from fedmeta.common.models import ModelSpec, build_model, check_model_spec, uses_batch_statistics
 from fedmeta.common.tasks import is_classification, loss_for
@@ -72,8 +74,11 @@ def load_exported(path: Path, *, allowed_imports: Collection[str] = ()) -> Expor
     except (OSError, SafetensorError) as exc:
         raise ValueError(f"{folder / 'model.safetensors'}: cannot read it ({exc})") from exc
     adapt = meta.get("adapt") if isinstance(meta.get("adapt"), dict) else {}
+    clusters = meta.get("clusters", 1)
+    if not isinstance(clusters, int) or isinstance(clusters, bool) or not 1 <= clusters <= 64:
+        raise ValueError(f"{folder / 'model.json'}: clusters: expected an integer in [1, 64], got {clusters!r}")
     return Exported(folder, spec, algorithm, task, params, adapt, str(meta.get("parameter_version", "")),
-                    frozenset(allowed_imports))
+                    frozenset(allowed_imports), clusters)
 
 
 def check_parameters(model: nn.Module, params: Params, where: Path) -> None:
@@ -201,6 +206,21 @@ def personalise(exported: Exported, model: nn.Module, theta: Params, support: Ex
     return Result(adapted, report, header, rows)
 
 
+def choose_cluster(exported: Exported, support: Examples, query: Examples, device: torch.device, *, steps: int,
+                   lr: float, fine_tune: FineTune | None = None) -> Result:
+    """A model exported with --clusters K: personalise each cluster's θ, keep the one whose support loss after
+    adaptation is lowest (IFCA, Ghosh et al. 2020: a new client joins the cluster that fits its data best)."""
+    results = []
+    for theta in split(exported.params, exported.clusters):
+        one = dataclasses.replace(exported, params=theta, clusters=1)
+        model, prepared = prepare(one, support, device)
+        results.append(personalise(one, model, prepared, support, query, steps=steps, lr=lr, fine_tune=fine_tune))
+    losses = [r.report["support_loss_post"] for r in results]
+    best = min(range(len(losses)), key=lambda j: losses[j] if math.isfinite(losses[j]) else math.inf)
+    results[best].report["cluster"] = {"index": best, "of": exported.clusters, "support_loss_post": losses}
+    return results[best]
+
+
 def summary_lines(report: dict[str, Any], out: Path) -> list[str]:
     support, classes = report["support"], report["support"]["classes"]
     of_classes = f" of {len(classes)} classes" if classes else ""
@@ -209,6 +229,11 @@ def summary_lines(report: dict[str, Any], out: Path) -> list[str]:
             f"{report['lr']:g} on {fit}{support['examples']} support examples{of_classes}")
     lines = [head, f"  support loss      {report['support_loss_pre']:.4f} -> {report['support_loss_post']:.4f}"]
     lines += finetune.summary_lines(report)
+    if "cluster" in report:
+        c = report["cluster"]
+        losses = ", ".join(f"{v:.4f}" for v in c["support_loss_post"])
+        lines.append(f"  cluster           {c['index']} of {c['of']}: its θ adapts best on the support set "
+                     f"(support loss after adaptation per cluster: {losses})")
     for metric, name in (("query_accuracy", "query accuracy"), ("query_mse", "query MSE")):
         if metric in report:
             middle = f"{report[metric + '_adapted']:.4f} (meta-learned steps) -> " if metric + "_adapted" in report else ""
@@ -288,11 +313,16 @@ def main(argv: list[str] | None = None) -> int:
         support = read_examples(args.support, exported=exported, support=None)
         if not support.names:
             raise ValueError(f"--support {args.support}: expected labelled examples, got none")
-        model, theta = prepare(exported, support, device)
+        first = exported if exported.clusters == 1 else dataclasses.replace(
+            exported, params=split(exported.params, exported.clusters)[0], clusters=1)
+        model, theta = prepare(first, support, device)
         query = read_examples(args.query, exported=exported, support=support)
         if not query.names:
             raise ValueError(f"--query {args.query}: expected examples to predict, got none")
-        result = personalise(exported, model, theta, support, query, steps=steps, lr=lr, fine_tune=tuning)
+        if exported.clusters > 1:
+            result = choose_cluster(exported, support, query, device, steps=steps, lr=lr, fine_tune=tuning)
+        else:
+            result = personalise(exported, model, theta, support, query, steps=steps, lr=lr, fine_tune=tuning)
     except ValueError as exc:
         parser.error(str(exc))
     result.report["support"]["path"], result.report["query"]["path"] = str(args.support), str(args.query)

@@ -33,6 +33,7 @@ class Exported:
     adapt: dict[str, Any]
     version: str
     allowed_imports: frozenset[str] = frozenset()  # the local operator's --allow-model-import, not the file's
+    clusters: int = 1  # --clusters K: params holds K θ's named cluster.<j>.<name>
 
 
 @dataclass(frozen=True)

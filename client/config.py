@@ -59,6 +59,9 @@ class ClientConfig:
     shard: int | None = field(default=None, metadata=setting(
         "this client's share of a partitioned data set, taken mod the run's --shards (default: the number the "
         "client id ends with, else the data seed)", minimum=0))
+    task_family: str = field(default="all", metadata=setting(
+        "sinusoid: the sub-family this holder's tasks come from: a (phase in [0, pi/2]), b (phase in [pi, "
+        "3 pi/2]: minus an a task) or all", choices=("all", "a", "b")))
     # Import paths ("package.module:Class") this client's operator allows as models; none by default,
     # so a coordinator can name only zoo models (common/models.py check_model_spec). Flag: common/cli.py.
     allow_model_imports: frozenset[str] = frozenset()

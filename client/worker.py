@@ -7,6 +7,7 @@ The loop is the same in every deployment: a local child of `fedmeta-server
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import logging
 import math
@@ -23,13 +24,14 @@ import torch
 from fedmeta.client.config import KEEPALIVE_PING_S, ClientConfig, channel_options, default_data_seed  # noqa: F401
 from fedmeta.client.session import Next, Session, after_refusal
 from fedmeta.common.algorithms import InnerConfig, UpdateKind, get_algorithm, meta_parameters
+from fedmeta.common import clusters
 from fedmeta.common.codec import ENCODINGS, TensorSetError, abs_max, encode, specs_of
 from fedmeta.common.config import RunConfig
-from fedmeta.common.evaluation import evaluate_holder, validate_holder
+from fedmeta.common.evaluation import eval_steps, evaluate_holder, validate_holder
 from fedmeta.common.logformat import fields
 from fedmeta.common.models import build_model, prefers_vmap
 from fedmeta.common.proto import pb
-from fedmeta.common.tasks import STREAM_TRAIN, default_shard, is_classification, loss_for, make_tasks, task_seed
+from fedmeta.common.tasks import STREAM_TRAIN, TaskBatch, default_shard, is_classification, loss_for, make_tasks, task_seed
 from fedmeta.common.transfer import receive_inline
 
 log = logging.getLogger("fedmeta.client")
@@ -93,7 +95,7 @@ class Worker:
             fresh = self.run is None or self.run.run_id != run.run_id
             if fresh:
                 model = build_model(run.model, allowed_imports=allowed)
-                specs = specs_of(meta_parameters(run, 0, allowed_imports=allowed))
+                specs = specs_of(clusters.stack(meta_parameters(run, 0, allowed_imports=allowed), run.clusters))
         except ValueError as exc:
             raise ClientError(f"refusing the coordinator's run configuration: {exc}") from None
         if fresh:
@@ -107,7 +109,8 @@ class Worker:
             shard = self.config.shard if self.config.shard is not None else default_shard(
                 self.config.client_id, self.config.data_seed)
             try:
-                self.tasks = make_tasks(run, data_seed=self.config.data_seed, shard=shard, data_dir=self.config.data_dir)
+                self.tasks = make_tasks(run, data_seed=self.config.data_seed, shard=shard, data_dir=self.config.data_dir,
+                                        family=self.config.task_family)
             except ValueError as exc:
                 raise ClientError(str(exc)) from None
             self._cached_version = ""
@@ -187,6 +190,24 @@ class Worker:
             thread.join()
 
     # ---- work ---------------------------------------------------------------------------------
+    def _cluster(self, params: dict[str, torch.Tensor], batch_index: int, *, steps: int,
+                 batch: TaskBatch | None = None) -> tuple[int, list[dict[str, torch.Tensor]]]:
+        """--clusters: (the cluster whose θ adapts best on this holder's training support sets, every θ)."""
+        run = self.run
+        assert run is not None
+        thetas = clusters.split(params, run.clusters)
+        if run.clusters == 1:
+            return 0, thetas
+        if batch is None:
+            batch = self.tasks.sample("train", num_tasks=run.tasks_per_client, shots=run.shots, queries=run.queries,
+                                      seed=task_seed(run.seed, self.config.data_seed, STREAM_TRAIN, batch_index))
+        j, losses = clusters.choose(self.algorithm, self.model, thetas, batch.to(self.device), self.loss_fn,
+                                    steps=steps, lr=run.inner_lr, vectorize=self.vectorize)
+        if losses:
+            log.debug("cluster %d of %d (support loss after adaptation: %s)", j, run.clusters,
+                      ", ".join(f"{v:.4g}" for v in losses))
+        return j, thetas
+
     def train(self, round_index: int, version: str) -> None:
         with self._heartbeats(round_index):
             self._train(round_index, version)
@@ -200,7 +221,10 @@ class Worker:
         start = time.perf_counter()
         _test_pause()
         inner = InnerConfig.from_run(run, round_index=round_index, vectorize=self.vectorize)
-        update = self.algorithm.client_step(self.model, params, batch.to(self.device), self.loss_fn, inner)
+        j, thetas = self._cluster(params, round_index, steps=max(1, run.inner_steps), batch=batch)
+        update = self.algorithm.client_step(self.model, thetas[j], batch.to(self.device), self.loss_fn, inner)
+        if run.clusters > 1:  # this cluster's slice; zeros in the others' (the coordinator checks it)
+            update = dataclasses.replace(update, tensors=clusters.embed(update.tensors, j, thetas))
         compute_s = time.perf_counter() - start
         finite = all(math.isfinite(abs_max(t)) for t in update.tensors.values())
         if not finite or not all(math.isfinite(v) for v in update.metrics.values()):
@@ -231,6 +255,8 @@ class Worker:
         run = self.run
         assert run is not None
         params = self._fetch(version)
+        j, thetas = self._cluster(params, rounds_trained, steps=eval_steps(self.algorithm, run))
+        params = thetas[j]
         metrics = validate_holder(self.algorithm, self.model, params, self.tasks, run, data_seed=self.config.data_seed,
                                   rounds_trained=rounds_trained, device=self.device, vectorize=self.vectorize)
         header = pb.UpdateHeader(
@@ -249,6 +275,11 @@ class Worker:
         log.info("round %d: evaluating on %d held-out tasks", round_index, run.eval_tasks_per_client,
                  extra=fields(event="evaluating", round=round_index))
         _test_eval_pause()
+        j, thetas = self._cluster(params, round_index, steps=eval_steps(self.algorithm, run))
+        if run.clusters > 1:
+            log.info("evaluating cluster %d of %d, the one whose θ adapts best on this holder's support sets", j,
+                     run.clusters)
+        params = thetas[j]
         metrics = evaluate_holder(self.algorithm, self.model, params, self.tasks, run, data_seed=self.config.data_seed,
                                   device=self.device, vectorize=self.vectorize)
         header = pb.UpdateHeader(

@@ -124,6 +124,11 @@ class RunConfig:
     eval_curve_tasks: int = field(default=10, metadata=setting(
         "held-out tasks per client on which the adaptation curve (the metric after each step) is measured; it "
         "costs a query pass per step, so not on all of them (0: no curve)", minimum=0))
+    # None (0 on the wire, from a coordinator before --clusters): 1, set in __post_init__.
+    clusters: int | None = field(default=None, metadata=setting(
+        "meta-parameter sets learned, one per cluster of clients whose tasks pull apart (IFCA): each client "
+        "trains the cluster whose θ adapts best on its support set; the broadcast and every update are this "
+        "many times one θ (default: 1, no clusters)", minimum=1, maximum=64, derive=lambda v: 1, resume=True))
     # Then the algorithms' own settings (ALGORITHM_OPTIONS), as fields.
 
     if TYPE_CHECKING:
@@ -133,6 +138,8 @@ class RunConfig:
         check_fields(self)
         if self.eval_ways is None:
             object.__setattr__(self, "eval_ways", self.ways)
+        if self.clusters is None:
+            object.__setattr__(self, "clusters", 1)
         algorithm = ALGORITHMS[self.algorithm]
         if algorithm.check is not None:
             algorithm.check(self)

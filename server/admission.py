@@ -8,7 +8,8 @@ admit, before the payload is read (so a refused update costs its header only):
 commit, on the decoded tensors:
   every |value| <= MAX_UPDATE_ABS (common/algorithms/outer.py: Adam squares each coordinate;
   g^2 overflows float32 for |g| > 1.8e19) and the norm <= --max-update-norm (BAD_VALUES),
-  both outside the lock; then, under it, the round again, NormFilter (--norm-clip-factor
+  both outside the lock, and under --clusters that it changes exactly one cluster (BAD_TENSORS);
+  then, under it, the round again, NormFilter (--norm-clip-factor
   scales an outlier down to factor x the recent median norm), and the weighted sums.
 An update weighs min(claimed, assigned) tasks, so no client outweighs what it was given.
 
@@ -27,6 +28,7 @@ import torch
 from fedmeta.common.aggregation import NormFilter, update_norm
 from fedmeta.common.algorithms import UpdateKind
 from fedmeta.common.algorithms.outer import MAX_UPDATE_ABS
+from fedmeta.common.clusters import cluster_of
 from fedmeta.common.codec import TensorSetHeader, TensorSpec, abs_max, check_specs
 from fedmeta.common.config import RunConfig
 from fedmeta.common.logformat import fields
@@ -153,6 +155,20 @@ def check_values(tensors: Mapping[str, torch.Tensor], max_update_norm: float | N
     return norm
 
 
+def check_cluster(tensors: Mapping[str, torch.Tensor], clusters: int) -> int | None:
+    """--clusters K: the one cluster an update changes (BAD_TENSORS if none or several); None without clusters.
+
+    The coordinator reads the cluster off the tensors themselves: a client cannot name a cluster that does
+    not exist (its tensors' names are checked against the run's), nor count in two.
+    """
+    if clusters <= 1:
+        return None
+    try:
+        return cluster_of(tensors, clusters)
+    except ValueError as exc:
+        raise Rejected(INVALID, str(exc), Reason.BAD_TENSORS) from None
+
+
 class Admission:
     """Which updates count: the checks above, the (round, client) pairs counted, the norm filter."""
 
@@ -185,7 +201,7 @@ class Admission:
         return Ticket(ticket.meta, weight)
 
     def count(self, ticket: Ticket, rnd: Round | None, tensors: Mapping[str, torch.Tensor] | None,
-              norm: float) -> tuple[Round | None, bool]:
+              norm: float, cluster: int | None = None) -> tuple[Round | None, bool]:
         """Under the lock: count a checked update once. Returns (its round, whether it was a duplicate)."""
         meta, weight = ticket.meta, ticket.weight
         if self.counted(meta):
@@ -205,6 +221,8 @@ class Admission:
                                 extra=fields(event="update_clipped", round=rnd.index, client=meta.client_id))
                 tensors = {k: v * scale for k, v in tensors.items()}
             rnd.norms[meta.client_id] = norm
+            if cluster is not None:
+                rnd.cluster_of[meta.client_id] = cluster
             rnd.accumulator.add(tensors, weight)
         for name, value in meta.metrics.items():
             rnd.metric_sums[name] = rnd.metric_sums.get(name, 0.0) + weight * value

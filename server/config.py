@@ -97,12 +97,31 @@ def build(values: dict[str, Any]) -> ServerConfig:
         read_allowed_clients(Path(v["allowed_clients"]))
     if v["aggregator"] == "clipped-mean" and not v["max_update_norm"]:
         raise ValueError("--aggregator clipped-mean: needs a positive --max-update-norm to clip to")
+    _check_clusters(v, warmup_given=values.get("cluster_warmup") is not None)
     if 0 < v["norm_clip_factor"] < 1:
         raise ValueError(f"--norm-clip-factor: expected 0 (off) or at least 1, got {v['norm_clip_factor']!r}")
     if v["norm_clip_warmup"] > v["norm_clip_window"]:
         raise ValueError(f"--norm-clip-warmup: expected at most --norm-clip-window ({v['norm_clip_window']}), "
                          f"got {v['norm_clip_warmup']}")
     return ServerConfig(run=run, **server)
+
+
+def _check_clusters(v: dict[str, Any], *, warmup_given: bool) -> None:
+    """--clusters K combines with every --aggregator (each cluster's slice is aggregated by it) and the norm
+    bounds (applied to each update as it arrives); these combinations make no sense and are refused."""
+    k = v["clusters"] or 1
+    if k == 1:
+        if warmup_given:
+            raise ValueError("--cluster-warmup: needs --clusters 2 or more")
+        return
+    if v["mode"] == "centralized":
+        raise ValueError(f"--clusters {k}: only with --mode federated (clusters are groups of clients)")
+    if v["clients_per_round"] < 2 * k:
+        raise ValueError(f"--clusters {k}: needs --clients-per-round of at least {2 * k} (2 per cluster), "
+                         f"got {v['clients_per_round']}; a split makes groups of at least 2 updates")
+    if v["cluster_warmup"] >= v["rounds"]:
+        raise ValueError(f"--cluster-warmup {v['cluster_warmup']}: expected fewer than --rounds "
+                         f"({v['rounds']}), else the clusters never split")
 
 
 def read_allowed_clients(path: Path) -> frozenset[str]:

@@ -30,12 +30,14 @@ import torch
 
 from fedmeta.common.aggregation import FlatLayout, NormFilter
 from fedmeta.common.algorithms import OuterConfig, get_algorithm, meta_parameters
+from fedmeta.common.clusters import ClusterState, stack
 from fedmeta.common.codec import EncodedTensorSet, TensorSetHeader, TensorSpec
 from fedmeta.common.config import RunConfig
 from fedmeta.common.logformat import fields
 from fedmeta.common.refusal import Reason
 from fedmeta.server import rounds
-from fedmeta.server.admission import Admission, Ticket, UpdateMeta, assigned_tasks, check_run, check_values
+from fedmeta.server.admission import (Admission, Ticket, UpdateMeta, assigned_tasks, check_cluster, check_run,
+                                      check_values)
 from fedmeta.server.broadcast import Broadcast, Wire, WireCache, version_of
 from fedmeta.server.clientstats import ClientStats
 from fedmeta.server.config import ServerConfig
@@ -90,7 +92,8 @@ class Coordinator:
         self.error: str | None = None
         self.summary: dict[str, Any] | None = None
 
-        params = meta_parameters(self.run, self.run.seed)
+        params = stack(meta_parameters(self.run, self.run.seed), self.run.clusters)  # K identical θ's (--clusters)
+        self.clusters = ClusterState()
         self.layout = FlatLayout.of(params)
         self.specs: tuple[TensorSpec, ...] = self.layout.specs
         self.outer = self.algorithm.make_outer(OuterConfig(lr=config.outer_lr, rounds=config.rounds,
@@ -113,7 +116,7 @@ class Coordinator:
         self.runstate.sinks.append(self.telemetry)
         self.rundir = self.runstate.rundir
         theta = self.runstate.resume(numel=self.layout.numel, version_of=self._version_of, outer=self.outer,
-                                     registry=self.registry, rounds=self.state)
+                                     registry=self.registry, rounds=self.state, clusters=self.clusters)
         self.registry.revoked |= read_revoked(config.run_dir)  # revoked after the last checkpoint
         self.stats.load(self.rundir.metrics_path)
         self.steering = Steering(self, config.run_dir)
@@ -342,9 +345,10 @@ class Coordinator:
             return True
         norm = check_values(tensors, self.admission.max_update_norm) if tensors is not None else 0.0  # O(model)
         cid = ticket.meta.client_id
+        cluster = check_cluster(tensors, self.run.clusters) if tensors is not None else None
         with self._cond:
             self.registry.check_not_revoked(cid, f"its update for round {ticket.meta.round} is")  # revoked mid-stream
-            rnd, duplicate = self.admission.count(ticket, self.state.round, tensors, norm)
+            rnd, duplicate = self.admission.count(ticket, self.state.round, tensors, norm, cluster)
             if rnd is not None:
                 self.telemetry.update_accepted("validation" if rnd.validation else
                                                "evaluation" if rnd.evaluation else "train")

@@ -10,9 +10,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedmeta.common.aggregation import AGGREGATORS
 from fedmeta.common.algorithms import ALGORITHMS
 from fedmeta.common.config import RunConfig
+from fedmeta.common.round_aggregator import ROUND_AGGREGATORS
 from fedmeta.common.settings import Values, check_fields, setting
 
 
@@ -50,8 +50,13 @@ class ServerConfig:
         "memory: about 3 x --chunk-bytes each; raise it for many clients on slow links)", default=16, minimum=1))
     aggregator: str = field(metadata=setting(
         "how a round's updates combine: mean and clipped-mean stream in O(model) memory; median and trimmed-mean "
-        "keep every update of the round (memory: clients x model) and ignore weights", default="mean",
-        choices=AGGREGATORS))
+        "keep every update of the round (memory: clients x model) and ignore weights; task-aware weights each "
+        "update by its tasks x max(0, cosine to the round's coordinate-wise median) (memory: clients x model); "
+        "with --clusters, per cluster", default="mean", choices=ROUND_AGGREGATORS))
+    cluster_warmup: int = field(metadata=setting(
+        "--clusters: rounds the clusters train as one θ before the coordinator splits them by the direction of "
+        "the clients' updates (then each client trains the cluster that adapts best; default: 10)", minimum=0,
+        derive=lambda v: 10 if (v.get("clusters") or 1) > 1 else 0, resume=True))
     checkpoint_every: int = field(metadata=setting("write a checkpoint every this many rounds", default=1,
                                                    minimum=1))
     host: str = field(metadata=setting("address to bind (0.0.0.0 for every interface)", default="127.0.0.1"))

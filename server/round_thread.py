@@ -17,10 +17,11 @@ from typing import Any, Protocol
 
 import torch
 
-from fedmeta.common.aggregation import FlatLayout, make_aggregator
+from fedmeta.common.aggregation import FlatLayout
 from fedmeta.common.algorithms.base import OuterStep
-from fedmeta.common.algorithms.outer import guarded_step
+from fedmeta.common.clusters import ClusteredAggregator, ClusterState, guarded_cluster_step
 from fedmeta.common.logformat import fields
+from fedmeta.common.round_aggregator import make_round_aggregator
 from fedmeta.server import rounds
 from fedmeta.server.admission import Admission
 from fedmeta.server.broadcast import Broadcast
@@ -56,6 +57,7 @@ class Coordinator(Protocol):
     runstate: RunState
     stats: ClientStats
     steering: Steering
+    clusters: ClusterState
 
     def holding(self) -> bool: ...
 
@@ -144,8 +146,11 @@ class RoundThread:
     def _open(self, decision: Open) -> None:
         accumulator = None
         if not decision.evaluation:
-            accumulator = make_aggregator(self.c.config.aggregator, self.c.layout,
-                                          max_norm=self.c.config.max_update_norm, trim=self.c.config.trim_fraction)
+            joint = self.c.clusters.split_round is None
+            accumulator = make_round_aggregator(
+                self.c.config.aggregator, self.c.layout, max_norm=self.c.config.max_update_norm,
+                trim=self.c.config.trim_fraction, clusters=self.c.config.run.clusters, joint=joint,
+                try_split=joint and decision.index >= self.c.config.cluster_warmup)
         self.c.state.round = decision.round(self.c.broadcast.version, accumulator)
         if decision.short_of:
             log.info("round %d starts with %d of %d clients (only %d live after %.0f s)", decision.index,
@@ -192,7 +197,11 @@ class RoundThread:
             in_place = self.c.broadcast.begin_step()  # no new reader of the old version from here on
         # Step in place unless a straggler is still streaming the old buffer: O(model) memory.
         theta = self.c.broadcast.theta if in_place else self.c.broadcast.theta.clone()
-        lr = guarded_step(self.c.outer, theta, rnd.accumulator.take_mean(), rnd.index)
+        accumulator = rnd.accumulator
+        update = accumulator.take_mean()
+        idle = accumulator.idle if isinstance(accumulator, ClusteredAggregator) else []
+        lr = guarded_cluster_step(self.c.outer, theta, update, rnd.index, idle)
+        extra = self._aggregation_report(rnd, accumulator)
         rnd.accumulator = None
         if lr is None:
             self._log_undone(rnd)
@@ -207,7 +216,25 @@ class RoundThread:
             self._try_open()
         if self.c.next_round % self.c.config.checkpoint_every == 0 or self.c.next_round == self.c.config.rounds:
             self._save_checkpoint()
-        self._record(self.c.runstate.round_record(rnd, metrics, lr=lr, round_s=round_s, version=self.c.version))
+        self._record(self.c.runstate.round_record(rnd, metrics, lr=lr, round_s=round_s, version=self.c.version)
+                     | extra)
+
+    def _aggregation_report(self, rnd: Round, accumulator: object) -> dict[str, Any]:
+        """What the aggregator tells metrics.jsonl: task-aware agreement, cluster counts and members."""
+        report = getattr(accumulator, "report", None)
+        extra: dict[str, Any] = dict(report()) if callable(report) else {}
+        if isinstance(accumulator, ClusteredAggregator):
+            members = dict(rnd.cluster_of)
+            if accumulator.split_now and accumulator.groups is not None:
+                order = list(rnd.cluster_of)  # the order the updates were added in
+                members = {order[i]: g for g, group in enumerate(accumulator.groups) for i in group}
+                self.c.clusters.split_round = rnd.index
+                log.info("round %d: the clusters split into groups of %s updates", rnd.index,
+                         [len(g) for g in accumulator.groups])
+            inner = [getattr(a, "report", None) for a in accumulator.inner]
+            extra |= {"cluster_members": members, "cluster_split_round": self.c.clusters.split_round}
+            extra |= {f"cluster_{j}": r() for j, r in enumerate(inner) if callable(r) and r()}
+        return extra
 
     def _record(self, record: dict[str, Any]) -> None:
         self.c.runstate.record(record)
@@ -218,7 +245,8 @@ class RoundThread:
     def _save_checkpoint(self) -> None:
         with self.c._cond:
             meta = self.c.runstate.meta(rounds=self.c.state, version=self.c.version, clients=self.c.registry.records(),
-                                        seen=self.c.registry.seen, revoked=sorted(self.c.registry.revoked))
+                                        seen=self.c.registry.seen, revoked=sorted(self.c.registry.revoked),
+                                        clusters=self.c.clusters)
         self.c.runstate.save(self.c.broadcast.theta, self.c.outer, meta)
 
     def _clean_stop(self) -> None:

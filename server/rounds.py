@@ -58,6 +58,7 @@ class Round:
     metric_weight: float = 0.0
     metric_weights: dict[str, float] = field(default_factory=dict)  # per name: the weight of who sent it
     norms: dict[str, float] = field(default_factory=dict)  # per client: its update's L2 norm as sent
+    cluster_of: dict[str, int] = field(default_factory=dict)  # --clusters: the cluster each update changed, in order
     attempts: int = 0
     proven: set[str] = field(default_factory=set)  # sampled clients that had answered a round before
     proven_done: float | None = None  # when the last of them answered

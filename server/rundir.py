@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from fedmeta.common.algorithms import get_algorithm
+from fedmeta.common.clusters import split
 from fedmeta.common.config import RunConfig
 from fedmeta.common.evaluation import eval_steps
 
@@ -77,25 +78,42 @@ class RunDir:
 
     def export_model(self, params: Mapping[str, torch.Tensor], run: RunConfig, version: str, *,
                      best: bool = False) -> Path:
-        """Write model/ (or, for the best-validation θ, model-best/): model.safetensors and model.json."""
+        """Write model/ (or, for the best-validation θ, model-best/): model.safetensors and model.json.
+
+        Under --clusters K, model.safetensors holds the K θ's (cluster.<j>.<name>) and model.json says
+        "clusters": K; each θ is also exported alone to model/cluster-<j>/.
+        """
         folder = self.best_dir if best else self.model_dir
-        folder.mkdir(parents=True, exist_ok=True)
-        weights = folder / "model.safetensors"
-        tmp = folder / ".model.safetensors.tmp"
-        save_file({k: v.contiguous() for k, v in params.items()}, str(tmp), metadata={"parameter_version": version})
-        os.replace(tmp, weights)
-        spec = {
-            "model": {"name": run.model.name, "kwargs": run.model.kwargs},
-            "algorithm": run.algorithm,
-            "task": run.task,
-            "parameter_version": version,
-            "adapt": {"steps": eval_steps(get_algorithm(run.algorithm), run), "lr": run.inner_lr, "shots": run.eval_shots},
-            # Trained --ways-way, tested --eval-ways-way (ProtoNets may differ; a head has `ways` outputs).
-            "ways": {"train": run.ways, "eval": run.eval_ways},
-            "run": {k: v for k, v in asdict(run).items() if k != "model"},
-        }
-        _write_json_atomic(folder / "model.json", spec)
-        return weights
+        if run.clusters > 1:
+            for j, theta in enumerate(split(params, run.clusters)):
+                _export(folder / f"cluster-{j}", theta, run, version, cluster=j)
+        return _export(folder, params, run, version)
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         _write_json_atomic(self.summary_path, dict(summary))
+
+
+def _export(folder: Path, params: Mapping[str, torch.Tensor], run: RunConfig, version: str, *,
+            cluster: int | None = None) -> Path:
+    """model.safetensors and model.json in folder: all K θ's (cluster None), or cluster j's alone."""
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / "model.safetensors"
+    tmp = folder / ".model.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in params.items()}, str(tmp), metadata={"parameter_version": version})
+    os.replace(tmp, weights)
+    spec = {
+        "model": {"name": run.model.name, "kwargs": run.model.kwargs},
+        "algorithm": run.algorithm,
+        "task": run.task,
+        "parameter_version": version,
+        "adapt": {"steps": eval_steps(get_algorithm(run.algorithm), run), "lr": run.inner_lr, "shots": run.eval_shots},
+        # Trained --ways-way, tested --eval-ways-way (ProtoNets may differ; a head has `ways` outputs).
+        "ways": {"train": run.ways, "eval": run.eval_ways},
+        "run": {k: v for k, v in asdict(run).items() if k != "model"},
+        "clusters": run.clusters if cluster is None else 1,
+    }
+    if cluster is not None:
+        spec["cluster"] = {"index": cluster, "of": run.clusters}
+    _write_json_atomic(folder / "model.json", spec)
+    return weights
+

@@ -3,7 +3,7 @@
 A checkpoint holds θ, the outer optimiser state and `meta`: next round, version, bytes and
 wall time so far, the client registry (bounded by --max-clients), the rounds validated
 through, the best validation, and the run's settings, which must match to resume
-(check_resumable). Sampling is a pure function of (seed, round, attempt): no generator
+(check_resumable), and under --clusters the round the clusters split at. Sampling is a pure function of (seed, round, attempt): no generator
 state to save.
 """
 
@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from fedmeta.common.algorithms.base import OuterStep
+from fedmeta.common.clusters import ClusterState
 from fedmeta.server import checkpoint, report, validation
 from fedmeta.server.config import ServerConfig, describe, resume_differences
 from fedmeta.server.registry import Registry
@@ -73,7 +74,7 @@ class RunState:
 
     # ---- resume and checkpoints ----------------------------------------------------------------
     def resume(self, *, numel: int, version_of: Callable[[torch.Tensor], str], outer: OuterStep,
-               registry: Registry, rounds: RoundsState) -> torch.Tensor | None:
+               registry: Registry, rounds: RoundsState, clusters: ClusterState | None = None) -> torch.Tensor | None:
         """Load the last checkpoint into outer, registry and rounds; returns its θ, or None for a new run."""
         self.rundir.check_not_finished()
         state = checkpoint.load(self.rundir.checkpoint_dir, version_of=version_of)
@@ -93,6 +94,8 @@ class RunState:
         self.best = Best.from_json(meta.get("best"))
         revoked = meta.get("revoked", [])
         registry.revoked = {r for r in revoked if isinstance(r, str)} if isinstance(revoked, list) else set()
+        if clusters is not None:
+            clusters.split_round = ClusterState.from_json(meta.get("clusters")).split_round
         seen = meta.get("clients_seen", 0)
         registry.restore(meta.get("clients", {}), len(seen) if isinstance(seen, list) else int(seen),  # a list in older checkpoints
                          self.clock())
@@ -105,9 +108,10 @@ class RunState:
         return state.theta.clone()
 
     def meta(self, *, rounds: RoundsState, version: str, clients: Mapping[str, Any], seen: int,
-             revoked: list[str] | None = None) -> dict[str, Any]:
+             revoked: list[str] | None = None, clusters: ClusterState | None = None) -> dict[str, Any]:
         return {
             "revoked": revoked or [],
+            "clusters": None if clusters is None else clusters.to_json(),
             "next_round": rounds.next_round,
             "version": version,
             "bytes_sent": self.bytes_sent,

@@ -36,16 +36,20 @@ __all__ = ["CLASSIFICATION", "PARTITIONS", "STREAM_EVAL", "STREAM_TRAIN", "STREA
 
 
 def make_tasks(
-    run: TaskSettings, *, data_seed: int = 0, shard: int = 0, data_dir: str | Path | None = None
+    run: TaskSettings, *, data_seed: int = 0, shard: int = 0, data_dir: str | Path | None = None,
+    family: str = "all",
 ) -> TaskFamily:
     """The task family of `run.task` as seen by one data holder.
 
-    `shard` is taken modulo `run.shards`; `data_dir` is needed by families backed by files.
+    `shard` is taken modulo `run.shards`; `data_dir` is needed by families backed by files;
+    `family` picks a sub-family (sinusoid: "a" or "b", common/tasks/sinusoid.py), "all" the whole.
     """
     if run.task == "sinusoid":
         from fedmeta.common.tasks.sinusoid import SinusoidTasks
 
-        return SinusoidTasks()
+        return SinusoidTasks(family)
+    if family != "all":
+        raise ValueError(f"--task-family {family}: only --task sinusoid has sub-families (a, b)")
     if run.task == "gaussian":
         from fedmeta.common.tasks.gaussian import GaussianTasks
 

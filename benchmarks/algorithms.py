@@ -10,7 +10,7 @@ Workloads (one thread, as a client on a 2-core machine uses):
   conv4      Conv4 on 28x28 inputs, 5-way 1-shot, 15 queries per class, meta-batch --conv-tasks,
              1 inner step (inputs are random: timing and memory do not depend on the pixels)
 
-protonet runs on Gaussian 5-way tasks instead of sinusoid (it is classification only);
+protonet, matchingnet and relationnet run on Gaussian 5-way tasks instead of sinusoid (classification only);
 fedavg and perfedavg are sequential by definition (local SGD steps) and always loop.
 
     python benchmarks/algorithms.py                         # every algorithm, both workloads
@@ -40,7 +40,7 @@ def _batch(workload: str, algorithm: str, tasks: int):  # type: ignore[no-untype
     import torch
 
     from fedmeta.common.config import RunConfig
-    from fedmeta.common.models import default_model
+    from fedmeta.common.models import ENCODERS, default_model
     from fedmeta.common.tasks import TaskBatch, make_tasks
 
     if workload == "conv4":
@@ -54,7 +54,7 @@ def _batch(workload: str, algorithm: str, tasks: int):  # type: ignore[no-untype
         batch = TaskBatch(torch.rand(tasks, n * k, 1, 28, 28, generator=gen), labels_s,
                           torch.rand(tasks, n * q, 1, 28, 28, generator=gen), labels_q)
         return run, batch
-    task = "gaussian" if algorithm == "protonet" else "sinusoid"
+    task = "gaussian" if algorithm in ENCODERS else "sinusoid"  # the metric-based ones: classification only
     run = RunConfig(run_id="bench", algorithm=algorithm, task=task, model=default_model(task, algorithm=algorithm),
                     inner_steps=1, inner_lr=0.01 if task == "sinusoid" else 0.4, tasks_per_client=tasks, shots=5,
                     queries=10)

@@ -46,13 +46,18 @@ CLIENTS = 5
 EVAL_TASKS_PER_CLIENT = 120  # x 5 clients = 600 test tasks
 
 SETTINGS = {"5w1s": {"ways": 5, "shots": 1}, "20w1s": {"ways": 20, "shots": 1}}
-ALGORITHMS = ("protonet", "maml", "fomaml", "reptile", "anil", "metasgd", "metacurvature", "fedavg")
+ALGORITHMS = ("protonet", "matchingnet", "relationnet", "maml", "fomaml", "reptile", "anil", "metasgd", "metacurvature",
+              "fedavg")
 
 # The training budget per algorithm (the same for both modes): rounds, tasks per client per
 # round, and what differs from the defaults. ProtoNets train 20-way for 5-way tests (Snell et
 # al. 2017) where --eval-ways allows it; gradient-based methods train on the test's ways.
 BUDGET: dict[str, dict[str, Any]] = {
     "protonet": {"rounds": 400, "tasks": 2, "flags": [], "train_ways": 20},
+    # Matching and Relation Nets train on the test's ways (Vinyals et al. 2016, Sung et al. 2018); plain
+    # matching (FCE gains little on Omniglot, their Table 1), the relation module with the paper's MSE.
+    "matchingnet": {"rounds": 400, "tasks": 2, "flags": []},
+    "relationnet": {"rounds": 400, "tasks": 2, "flags": []},
     "maml": {"rounds": 300, "tasks": 2, "flags": ["--inner-steps", "1", "--eval-steps", "10"]},
     "fomaml": {"rounds": 300, "tasks": 2, "flags": ["--inner-steps", "1", "--eval-steps", "10"]},
     "reptile": {"rounds": 300, "tasks": 2, "flags": ["--inner-steps", "5", "--inner-lr", "0.1", "--eval-steps", "10"]},

@@ -6,7 +6,8 @@ reports the metric after adaptation with its 95% confidence interval, the metric
 wall time and bytes moved (sent + received by the coordinator).
 
   gaussian   5-way 5-shot, 16-d, --rounds-gaussian rounds, inner lr 0.1, 8 tasks per client per round
-  sinusoid   5-shot regression, --rounds-sinusoid rounds, the defaults (protonet: classification only)
+  sinusoid   5-shot regression, --rounds-sinusoid rounds, the defaults (protonet, matchingnet, relationnet:
+             classification only)
   both       reptile with 5 inner steps, mamlpp with 3; otherwise each algorithm's defaults
 
     python benchmarks/results_table.py                    # writes results/results_table.json
@@ -67,6 +68,7 @@ def run_one(algorithm: str, task: str, rounds: int, clients: int, workdir: Path)
 
 def main() -> int:
     from fedmeta.common.algorithms import ALGORITHMS
+    from fedmeta.common.models import ENCODERS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--algorithms", default=",".join(sorted(ALGORITHMS)))
@@ -83,8 +85,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="fedmeta-results-") as tmp:
         for algorithm in args.algorithms.split(","):
             for task in args.tasks.split(","):
-                if algorithm == "protonet" and task == "sinusoid":
-                    continue  # classification only
+                if algorithm in ENCODERS and task == "sinusoid":
+                    continue  # the metric-based algorithms: classification only
                 rounds = args.rounds_gaussian if task == "gaussian" else args.rounds_sinusoid
                 r = run_one(algorithm, task, rounds, args.clients, Path(tmp))
                 rows.setdefault(algorithm, {})[task] = r

@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fedmeta.common.algorithms import get_algorithm
+from fedmeta.common.algorithms import Algorithm, configured, get_algorithm
 from fedmeta.common.algorithms.inner import EXTRA, forward
 from fedmeta.common.clusters import split
 from fedmeta.common.cli import OneLineErrorParser, add_model_import_argument, model_imports
@@ -77,8 +77,9 @@ def load_exported(path: Path, *, allowed_imports: Collection[str] = ()) -> Expor
     clusters = meta.get("clusters", 1)
     if not isinstance(clusters, int) or isinstance(clusters, bool) or not 1 <= clusters <= 64:
         raise ValueError(f"{folder / 'model.json'}: clusters: expected an integer in [1, 64], got {clusters!r}")
+    run = meta.get("run") if isinstance(meta.get("run"), dict) else {}
     return Exported(folder, spec, algorithm, task, params, adapt, str(meta.get("parameter_version", "")),
-                    frozenset(allowed_imports), clusters)
+                    frozenset(allowed_imports), clusters, run)
 
 
 def check_parameters(model: nn.Module, params: Params, where: Path) -> None:
@@ -118,13 +119,38 @@ def prepare(exported: Exported, support: Examples, device: torch.device) -> tupl
     check_parameters(model, exported.params, exported.folder / "model.safetensors")
     theta = {k: v.to(device=device, dtype=torch.float32) for k, v in exported.params.items()}
     outputs = _forward(model, theta, support.x.to(device)).shape[-1]
-    prototypes = get_algorithm(exported.algorithm).predict is not None  # ProtoNets: any number of classes
+    algorithm = algorithm_of(exported)
+    prototypes = algorithm.predict is not None  # ProtoNets, Matching and Relation Nets: any number of classes
+    _check_rule(algorithm, model, theta, support, exported.folder / "model.safetensors")
     if is_classification(exported.task) and not prototypes and len(support.classes) != outputs:
         raise ValueError(f"--support: expected {outputs} classes, as the model has {outputs} outputs; got "
                          f"{len(support.classes)} ({', '.join(support.classes[:10])})")
     if not is_classification(exported.task) and outputs != 1:
         raise ValueError(f"the model has {outputs} outputs; a CSV with one target column needs 1")
     return model, theta
+
+
+def algorithm_of(exported: Exported) -> Algorithm:
+    """The run's algorithm with the settings of its prediction rule from model.json's "run"."""
+    try:
+        return configured(get_algorithm(exported.algorithm), exported.run)
+    except ValueError as exc:
+        raise ValueError(f"{exported.folder / 'model.json'}: run: {exc}") from None
+
+
+def _check_rule(algorithm: Algorithm, model: nn.Module, theta: Params, support: Examples, where: Path) -> None:
+    """Refuse an export that lacks the tensors its prediction rule needs (Relation Nets' relation module)."""
+    if algorithm.predict is None or support.y is None:
+        return
+    device = next(iter(theta.values())).device
+    x, y = support.x.to(device), support.y.to(device)
+    try:
+        with torch.no_grad():
+            algorithm.predict(model, theta, x, y, x[:1])
+    except KeyError as exc:
+        raise ValueError(f"{where}: it lacks the tensor {exc} that {algorithm.name} predicts with") from None
+    except RuntimeError as exc:
+        raise ValueError(f"{where}: its {algorithm.name} tensors do not fit the model ({exc})") from None
 
 
 @dataclass(frozen=True)
@@ -153,7 +179,7 @@ def personalise(exported: Exported, model: nn.Module, theta: Params, support: Ex
         fit, held = finetune.split_support(support, fine_tune.holdout, classification=classification)
     xs, ys, xq = fit.x.to(device), fit.y.to(device), query.x.to(device)  # type: ignore[union-attr]
     loss_fn = loss_for(exported.task)
-    algorithm = get_algorithm(exported.algorithm)
+    algorithm = algorithm_of(exported)
     adapted = algorithm.adapt(model, theta, xs, ys, loss_fn, steps=steps, lr=lr)
     adapted = few_shot = {k: v.detach() for k, v in adapted.items()}
     tuned: dict[str, Any] | None = None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ class Exported:
     version: str
     allowed_imports: frozenset[str] = frozenset()  # the local operator's --allow-model-import, not the file's
     clusters: int = 1  # --clusters K: params holds K θ's named cluster.<j>.<name>
+    run: dict[str, Any] = field(default_factory=dict)  # model.json's "run": the settings it was trained with
 
 
 @dataclass(frozen=True)

@@ -117,8 +117,8 @@ class RunConfig:
         "validation tasks each sampled client adapts on (with --eval-every)", minimum=1))
     # None: `ways` (set in __post_init__).
     eval_ways: int | None = field(default=None, metadata=setting(
-        "classes per held-out task in the final evaluation (default: --ways); protonet may test with other ways "
-        "than it trained with, models with a head need --ways", minimum=2, maximum=1000,
+        "classes per held-out task in the final evaluation (default: --ways); protonet, matchingnet and "
+        "relationnet may test with other ways than they trained with, models with a head need --ways", minimum=2, maximum=1000,
         derive=lambda v: v["ways"], resume=True))
     # The first held-out tasks per client, whose adaptation curve is measured; 0: no curve.
     eval_curve_tasks: int = field(default=10, metadata=setting(
@@ -146,7 +146,8 @@ class RunConfig:
         if is_classification(self.task) and self.eval_ways != self.ways and algorithm.predict is None:
             raise ValueError(f"--eval-ways {self.eval_ways}: {self.algorithm} adapts a head with --ways "
                              f"{self.ways} outputs, one per class, so it is tested {self.ways}-way; only "
-                             "protonet (no head) can test with other ways than it trains with")
+                             "the metric-based algorithms (protonet, matchingnet, relationnet: no head) can test with "
+                             "other ways than they train with")
         _check_work(self)
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from fedmeta.common.algorithms import Algorithm
+from fedmeta.common.algorithms import Algorithm, configured
 from fedmeta.common.algorithms.inner import Params, forward, map_tasks
 from fedmeta.common.tasks import STREAM_EVAL, STREAM_VAL, LossFn, TaskBatch, TaskFamily, is_classification, loss_for, task_seed
 
@@ -160,6 +160,7 @@ def evaluate_holder(
     """
     classification = is_classification(run.task)
     primary = "accuracy" if classification else "loss"
+    algorithm = configured(algorithm, run)  # the run's settings of its prediction rule (Matching Nets' steps)
     # Other ways than training only when asked (--eval-ways), so families without the keyword still work.
     ways = {"ways": run.eval_ways} if classification and run.eval_ways != run.ways else {}
     batch = tasks.sample("eval", num_tasks=run.eval_tasks_per_client, shots=run.eval_shots,
@@ -234,6 +235,7 @@ def validate_holder(
     onboarding batch and its curve (--eval-ways, --eval-shots, --eval-steps as the test).
     """
     classification = is_classification(run.task)
+    algorithm = configured(algorithm, run)
     ways = {"ways": run.eval_ways} if classification and run.eval_ways != run.ways else {}
     batch = tasks.sample("val", num_tasks=run.val_tasks_per_client, shots=run.eval_shots, queries=run.eval_queries,
                          seed=task_seed(run.seed, data_seed, STREAM_VAL, rounds_trained), **ways)

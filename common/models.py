@@ -178,18 +178,19 @@ def uses_batch_statistics(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats for m in model.modules())
 
 
-EMBEDDING = 64  # output size of an encoder trained by ProtoNets (it has no classification head)
+EMBEDDING = 64  # output size of an encoder trained by a metric-based algorithm (it has no classification head)
+ENCODERS = ("protonet", "matchingnet", "relationnet")  # the algorithms whose model is such an encoder
 
 
 def default_model(task: str, *, ways: int = 5, dim: int = 16, name: str | None = None,
                   algorithm: str = "maml", norm: str | None = None) -> ModelSpec:
-    """The model a task family uses unless the user names another (ProtoNets: a 64-d encoder).
+    """The model a task family uses unless the user names another (metric-based algorithms: a 64-d encoder).
 
     `norm` is Conv4's normalisation (see Conv4); other models have none to choose.
     """
     if norm is not None and norm not in NORMS:
         raise ValueError(f"--norm: expected one of {', '.join(NORMS)}, got {norm!r}")
-    if algorithm == "protonet":
+    if algorithm in ENCODERS:
         ways = EMBEDDING
     name = name or {"sinusoid": "mlp", "gaussian": "mlp", "omniglot": "conv4"}.get(task, "mlp")
     if name == "conv4":

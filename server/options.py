@@ -33,8 +33,8 @@ class ServerConfig:
     round_deadline_s: float = field(metadata=setting("seconds a round waits for its sampled clients", default=30.0,
                                                      minimum=0.05))
     outer_lr: float = field(metadata=setting(
-        "outer learning rate (default: Adam 3e-3 for maml, fomaml, metasgd, anil, mamlpp; 1e-3 for protonet; 1.0 "
-        "for reptile (annealed), perfedavg and fedavg (averaging))", minimum=0.0, positive=True,
+        "outer learning rate (default: Adam 3e-3 for maml, fomaml, metasgd, anil, mamlpp; 1e-3 for protonet, "
+        "matchingnet, relationnet; 1.0 for reptile (annealed), perfedavg and fedavg (averaging))", minimum=0.0, positive=True,
         derive=lambda v: ALGORITHMS[v["algorithm"]].default_outer_lr, resume=True))
     max_update_bytes: int = field(metadata=setting("largest update payload accepted, in bytes", default=1 << 31,
                                                    minimum=1))

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+import dataclasses
+from collections.abc import Collection, Iterable, Mapping
+from typing import Any
 
 import torch
 
-from fedmeta.common.algorithms import (anil, fedavg, fomaml, maml, mamlpp, metacurvature, metasgd, perfedavg, protonet,
-                                       reptile)
+from fedmeta.common.algorithms import (anil, fedavg, fomaml, maml, mamlpp, matchingnet, metacurvature, metasgd,
+                                       perfedavg, protonet, relationnet, reptile)
 from fedmeta.common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, OuterConfig, RunConfig, UpdateKind
 from fedmeta.common.settings import Setting
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     maml.ALGORITHM, fomaml.ALGORITHM, reptile.ALGORITHM, metasgd.ALGORITHM, anil.ALGORITHM, mamlpp.ALGORITHM,
     metacurvature.ALGORITHM,
-    perfedavg.ALGORITHM, protonet.ALGORITHM, fedavg.ALGORITHM,
+    perfedavg.ALGORITHM, protonet.ALGORITHM, matchingnet.ALGORITHM, relationnet.ALGORITHM, fedavg.ALGORITHM,
 )}
 
 
@@ -39,6 +41,17 @@ def get_algorithm(name: str) -> Algorithm:
     return ALGORITHMS[name]
 
 
+def configured(algorithm: Algorithm, run: RunConfig | Mapping[str, Any]) -> Algorithm:
+    """The algorithm with the run's settings bound into its prediction rule (`Algorithm.bind`; most have none).
+
+    `run`: a RunConfig, or the settings by field name (an exported model.json's "run").
+    """
+    if algorithm.bind is None:
+        return algorithm
+    options = run if isinstance(run, Mapping) else {f.name: getattr(run, f.name) for f in dataclasses.fields(run)}
+    return algorithm.bind(options)
+
+
 def meta_parameters(run: RunConfig, seed: int, *, allowed_imports: Collection[str] = ()) -> dict[str, torch.Tensor]:
     """Everything the server meta-learns: the model's parameters, then the algorithm's extras."""
     from fedmeta.common.models import init_parameters
@@ -48,5 +61,6 @@ def meta_parameters(run: RunConfig, seed: int, *, allowed_imports: Collection[st
     return params | (extra(params, run) if extra is not None else {})
 
 
-__all__ = ["ALGORITHMS", "ALGORITHM_OPTIONS", "Algorithm", "ClientUpdate", "InnerConfig", "OuterConfig", "UpdateKind", "collect_options", "get_algorithm",
+__all__ = ["ALGORITHMS", "ALGORITHM_OPTIONS", "Algorithm", "ClientUpdate", "InnerConfig", "OuterConfig", "UpdateKind", "collect_options", "configured",
+           "get_algorithm",
            "meta_parameters"]

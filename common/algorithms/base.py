@@ -114,3 +114,7 @@ class Algorithm:
     # The algorithm's own run settings (fedmeta.common.settings.option), declared in its module; RunConfig
     # gets each as a field, the server a flag (an option shared by two algorithms: the same object).
     options: tuple[Setting, ...] = ()
+    # The algorithm with the run's settings (a mapping by field name: a RunConfig's, or the "run" of an
+    # exported model.json) bound into `predict`, for a prediction rule that has settings (Matching
+    # Nets' --matching-steps, Relation Nets' --relation-pool); raises ValueError naming the flag.
+    bind: Callable[[Mapping[str, Any]], Algorithm] | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,17 +13,18 @@ import torch
 
 from fedmeta.client.adapt import main
 from fedmeta.common.config import RunConfig
-from fedmeta.common.models import ModelSpec, init_parameters
+from fedmeta.common.algorithms import meta_parameters
+from fedmeta.common.models import ENCODERS, ModelSpec
 from fedmeta.server.rundir import RunDir
 from tests.unit.test_adapt import SHAPES, image_folder, write_csv
 
 CONV = {"in_channels": 1, "ways": 3, "hidden": 8, "image_size": 16}
 
 
-def _export(root: Path, spec: ModelSpec, *, task: str, algorithm: str, ways: int = 3) -> Path:
+def _export(root: Path, spec: ModelSpec, *, task: str, algorithm: str, ways: int = 3, **settings: Any) -> Path:
     run = RunConfig(run_id="unit", algorithm=algorithm, task=task, model=spec, ways=ways, dim=4, eval_steps=3,
-                    inner_lr=0.3)
-    RunDir(root).export_model(init_parameters(spec, 0), run, "v0")
+                    inner_lr=0.3, **settings)
+    RunDir(root).export_model(meta_parameters(run, 0), run, "v0")  # with the algorithm's "meta.*" modules
     return root
 
 
@@ -34,11 +36,16 @@ def _predict(capsys: pytest.CaptureFixture[str], model: Path, support: Path, que
     return rows[1:]
 
 
-@pytest.mark.parametrize("algorithm,norm", [("maml", "support"), ("protonet", "support"), ("anil", "group")])
-def test_an_image_alone_is_predicted_as_in_its_folder(algorithm: str, norm: str, tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    spec = ModelSpec("conv4", CONV | {"norm": norm, "ways": 8 if algorithm == "protonet" else 3})
-    model = _export(tmp_path / "run", spec, task="omniglot", algorithm=algorithm)
+@pytest.mark.parametrize("algorithm,norm,settings", [
+    ("maml", "support", {}), ("protonet", "support", {}), ("anil", "group", {}),
+    ("matchingnet", "support", {"matching_fce": True, "matching_steps": 3}), ("matchingnet", "layer", {}),
+    ("relationnet", "support", {}),
+    ("relationnet", "group", {"relation_loss": "ce", "relation_pool": "mean", "relation_hidden": 64}),
+])
+def test_an_image_alone_is_predicted_as_in_its_folder(algorithm: str, norm: str, settings: dict[str, Any],
+                                                      tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = ModelSpec("conv4", CONV | {"norm": norm, "ways": 8 if algorithm in ENCODERS else 3})
+    model = _export(tmp_path / "run", spec, task="omniglot", algorithm=algorithm, **settings)
     support = image_folder(tmp_path / "support", SHAPES, 2)
     folder = image_folder(tmp_path / "query", SHAPES, 3, flat=True)
     batched = _predict(capsys, model, support, folder, tmp_path / "all")

@@ -13,6 +13,7 @@ tests/integration/test_algorithm_family.py runs the same table through real fede
 from __future__ import annotations
 
 import math
+from functools import partial
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,13 +22,14 @@ import pytest
 import torch
 
 from fedmeta.common.aggregation import FlatLayout
-from fedmeta.common.algorithms import ALGORITHMS, InnerConfig, OuterConfig, UpdateKind, meta_parameters
+from fedmeta.common.algorithms import ALGORITHMS, InnerConfig, OuterConfig, UpdateKind, configured, meta_parameters
 from fedmeta.common.centralized import train
 from fedmeta.common.config import RunConfig
 from fedmeta.common.evaluation import evaluate
-from fedmeta.common.models import ModelSpec, build_model
+from fedmeta.common.models import ENCODERS, ModelSpec, build_model
 from fedmeta.common.tasks import STREAM_TRAIN, TaskBatch, is_classification, loss_for, make_tasks, task_seed
 from fedmeta.server.config import build
+from tests.unit import metric_references as metric
 
 Params = dict[str, torch.Tensor]
 META = "meta."
@@ -48,6 +50,10 @@ def mlp(w: Params, x: torch.Tensor) -> torch.Tensor:
         if i < len(layers) - 1:
             h = torch.relu(h)
     return h
+
+
+def model_part_of(params: Params) -> Params:
+    return {k: v for k, v in params.items() if not k.startswith(META)}
 
 
 def head_names(w: Params) -> list[str]:
@@ -387,7 +393,7 @@ def unit_model(task: str, algorithm: str) -> ModelSpec:
     if task == "sinusoid":
         return ModelSpec("mlp", {"in_features": 1, "hidden": [16, 16], "out_features": 1})
     dim, ways = TASK_SETTINGS["gaussian"]["dim"], TASK_SETTINGS["gaussian"]["ways"]
-    out = 8 if algorithm == "protonet" else ways  # protonet: an encoder, 4 -> 8 -> 8
+    out = 8 if algorithm in ENCODERS else ways  # protonet, matchingnet, relationnet: an encoder, 4 -> 8 -> 8
     return ModelSpec("mlp", {"in_features": dim, "hidden": [8], "out_features": out})
 
 
@@ -410,6 +416,8 @@ class Case:
     predict_reference: PredictReference | None = None
     # Settings this variant must refuse, and the flag the message names; every row also gets INVALID.
     invalid: tuple[tuple[dict[str, Any], str], ...] = ()
+    # Whether tests/integration/test_algorithm_family.py expects this variant to learn Gaussian tasks.
+    learns: bool = True
 
     def flags(self) -> dict[str, Any]:
         """The coordinator's option values (server.config.build) for this row, with its task's settings."""
@@ -418,6 +426,8 @@ class Case:
     def run(self, **overrides: Any) -> RunConfig:
         """The RunConfig of the unit tests: small model, small batches."""
         values = COMMON_SETTINGS | TASK_SETTINGS[self.task] | self.settings | overrides
+        # A --no-x flag (no_x: True) is the field x = False.
+        values = {(k[3:] if k.startswith("no_") else k): (not v if k.startswith("no_") else v) for k, v in values.items()}
         return RunConfig(run_id="contract", algorithm=self.algorithm, task=self.task,
                          model=unit_model(self.task, self.algorithm), **values)
 
@@ -447,6 +457,29 @@ CASES: dict[str, Case] = {
                                                          "curvature_bias": "diagonal"}),
     "protonet": Case("protonet", MG, ref_protonet, adapt_none, task="gaussian", predict_reference=prototype_logits,
                      invalid=(({"task": "sinusoid"}, "--algorithm protonet"),)),
+    "matchingnet": Case("matchingnet", MG, metric.episodic_reference(mlp, metric.matching_loss), adapt_none,
+                        task="gaussian", predict_reference=partial(metric.matching_logits, mlp),
+                        invalid=(({"task": "sinusoid"}, "--algorithm matchingnet"),
+                                 ({"matching_steps": 0}, "--matching-steps"),
+                                 ({"matching_steps": 21}, "--matching-steps"))),
+    "matchingnet-fce": Case("matchingnet", MG, metric.episodic_reference(mlp, metric.matching_loss), adapt_none,
+                            task="gaussian", settings={"matching_fce": True, "matching_steps": 3},
+                            predict_reference=partial(metric.matching_logits, mlp)),
+    "relationnet": Case("relationnet", MG, metric.episodic_reference(mlp, metric.relation_loss), adapt_none,
+                        task="gaussian", predict_reference=partial(metric.relation_logits, mlp),
+                        invalid=(({"task": "sinusoid"}, "--algorithm relationnet"),
+                                 ({"relation_loss": "l1"}, "--relation-loss"),
+                                 ({"relation_pool": "max"}, "--relation-pool"),
+                                 ({"relation_hidden": 0}, "--relation-hidden"))),
+    "relationnet-ce-mean": Case("relationnet", MG, metric.episodic_reference(mlp, metric.relation_loss), adapt_none,
+                                task="gaussian", settings={"relation_loss": "ce", "relation_pool": "mean",
+                                                           "relation_hidden": 5},
+                                predict_reference=partial(metric.relation_logits, mlp)),
+    # Without the support-pair norm the relation module settles in a query-independent score on Gaussian
+    # tasks (accuracy exactly chance after 150 rounds: see common/algorithms/relationnet.py).
+    "relationnet-no-norm": Case("relationnet", MG, metric.episodic_reference(mlp, metric.relation_loss), adapt_none,
+                                task="gaussian", settings={"no_relation_norm": True},
+                                predict_reference=partial(metric.relation_logits, mlp), learns=False),
     "fedavg": Case("fedavg", PD, ref_fedavg, adapt_sgd,
                    invalid=(({"local_steps": 0}, "--local-steps"), ({"local_lr": -1.0}, "--local-lr"))),
 }
@@ -517,7 +550,8 @@ def test_update_has_the_meta_parameters_names_shapes_and_kind(name: str) -> None
     assert list(params) == list(expected)
     model_keys = [k for k, _ in model.named_parameters()]
     assert [k for k in expected if not k.startswith(META)] == model_keys
-    assert (algorithm.extra_parameters is not None) == any(k.startswith(META) for k in expected)
+    extras = algorithm.extra_parameters(model_part_of(expected), run) if algorithm.extra_parameters else {}
+    assert [k for k in expected if k.startswith(META)] == list(extras)
     before = {k: v.clone() for k, v in params.items()}
     update = client_step(case, run, model, params, batch)
     assert list(update.tensors) == list(expected)
@@ -629,7 +663,8 @@ def test_anil_adapts_the_head_only() -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_predict_matches_the_reference_rule(name: str) -> None:
     case = CASES[name]
-    predict = ALGORITHMS[case.algorithm].predict
+    run = case.run()
+    predict = configured(ALGORITHMS[case.algorithm], run).predict  # with the run's settings of the rule
     assert (predict is None) == (case.predict_reference is None)
     if predict is None or case.predict_reference is None:
         return
@@ -653,7 +688,8 @@ def test_evaluate_matches_the_reference_adaptation(name: str) -> None:
     run, model, params, batch = setup(case, dtype=torch.float64, seed=10)
     classification = is_classification(run.task)
     steps = run.eval_steps
-    metrics = evaluate(ALGORITHMS[case.algorithm], model, params, batch, loss_for(run.task), steps=steps,
+    algorithm = configured(ALGORITHMS[case.algorithm], run)  # with the run's settings of its prediction rule
+    metrics = evaluate(algorithm, model, params, batch, loss_for(run.task), steps=steps,
                        lr=run.inner_lr, classification=classification)
     assert all(math.isfinite(v) for v in metrics.values())
     keys = {"loss_pre", "loss_post", "loss_pre_sq", "loss_post_sq"}

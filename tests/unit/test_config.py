@@ -388,7 +388,8 @@ NON_DEFAULT = dict(
     ways=7, dim=3, partition="characters", shards=9, rotations=False,
     first_order_rounds=4, msl=False, lslr=False, cosine_outer=False, local_steps=2, local_lr=0.25, perfedavg_variant="hf", eval_every=7, val_tasks_per_client=9,
     curvature_bias="diagonal", curvature_first_order=True,
-    eval_ways=7, eval_curve_tasks=3, clusters=3,
+    eval_ways=7, eval_curve_tasks=3, clusters=3, matching_fce=True, matching_steps=5, relation_loss="ce",
+    relation_pool="mean", relation_hidden=16, relation_norm=False,
 )
 
 

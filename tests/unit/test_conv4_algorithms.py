@@ -12,14 +12,14 @@ from fedmeta.common.algorithms import ALGORITHMS, InnerConfig, get_algorithm, me
 from fedmeta.common.algorithms.anil import split
 from fedmeta.common.config import RunConfig
 from fedmeta.common.evaluation import evaluate
-from fedmeta.common.models import Conv4, ModelSpec, build_model, head_parameters, uses_batch_statistics
+from fedmeta.common.models import ENCODERS, Conv4, ModelSpec, build_model, head_parameters, uses_batch_statistics
 from fedmeta.common.tasks import TaskBatch, loss_for
 
 WAYS, SHOTS, QUERIES, TASKS = 3, 1, 2, 2
 
 
 def conv_run(algorithm: str) -> RunConfig:
-    out = 8 if algorithm == "protonet" else WAYS  # ProtoNets: an embedding, not logits
+    out = 8 if algorithm in ENCODERS else WAYS  # ProtoNets, Matching and Relation Nets: an embedding, not logits
     spec = ModelSpec("conv4", {"in_channels": 1, "ways": out, "hidden": 4, "image_size": 28})
     return RunConfig(run_id="c", algorithm=algorithm, task="omniglot", model=spec, ways=WAYS, shots=SHOTS,
                      queries=QUERIES, inner_steps=2, inner_lr=0.1, rounds=4, local_steps=2, local_lr=0.05)

@@ -98,7 +98,9 @@ def test_each_algorithm_declares_its_options_and_they_become_fields_and_flags() 
     assert by_algorithm == {"mamlpp": {"first_order_rounds", "msl", "lslr", "cosine_outer"},
                             "fedavg": {"local_steps", "local_lr"},
                             "perfedavg": {"local_steps", "local_lr", "perfedavg_variant"},
-                            "metacurvature": {"curvature_bias", "curvature_first_order"}}
+                            "metacurvature": {"curvature_bias", "curvature_first_order"},
+                            "matchingnet": {"matching_fce", "matching_steps"},
+                            "relationnet": {"relation_loss", "relation_pool", "relation_norm", "relation_hidden"}}
     for o in ALGORITHM_OPTIONS:
         assert o.field in fields and fields[o.field].default == o.field_default
         assert flags[o.name] is o
@@ -170,9 +172,12 @@ def test_the_resume_keys_are_those_declared_and_old_checkpoints_compare_with_def
         "algorithm", "task", "model", "seed", "rounds", "shots", "queries", "tasks_per_client", "inner_steps",
         "inner_lr", "outer_lr", "ways", "dim", "partition", "shards", "rotations", "first_order_rounds", "msl",
         "lslr", "cosine_outer", "local_steps", "local_lr", "perfedavg_variant", "eval_every", "eval_ways",
-        "curvature_bias", "curvature_first_order", "clusters", "cluster_warmup"}
+        "curvature_bias", "curvature_first_order", "clusters", "cluster_warmup",
+        "matching_fce", "matching_steps", "relation_loss", "relation_pool", "relation_norm", "relation_hidden"}
     current = describe(build({"task": "gaussian", "ways": 3, "run_dir": "runs/unit"}))
-    old = {k: v for k, v in current.items() if k not in ("eval_every", "eval_ways", "clusters", "cluster_warmup")}
+    newer = ("eval_every", "eval_ways", "clusters", "cluster_warmup", "matching_fce", "matching_steps",
+             "relation_loss", "relation_pool", "relation_norm", "relation_hidden")
+    old = {k: v for k, v in current.items() if k not in newer}  # before they existed
     assert resume_differences(old, current) == []
     assert resume_differences(dict(old, ways=4), current) == ["ways: checkpoint 4, now 3",
                                                               "eval_ways: checkpoint 4, now 3"]

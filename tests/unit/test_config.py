@@ -388,7 +388,8 @@ NON_DEFAULT = dict(
     ways=7, dim=3, partition="characters", shards=9, rotations=False,
     first_order_rounds=4, msl=False, lslr=False, cosine_outer=False, local_steps=2, local_lr=0.25, perfedavg_variant="hf", eval_every=7, val_tasks_per_client=9,
     curvature_bias="diagonal", curvature_first_order=True,
-    eval_ways=7, eval_curve_tasks=3, clusters=3,
+    eval_ways=7, eval_curve_tasks=3, clusters=3, schedule="buffered", buffer_size=5, staleness_exponent=1.5,
+    max_staleness=3,
 )
 
 
@@ -411,6 +412,20 @@ def test_model_spec_proto_rejects_non_object_kwargs() -> None:
     assert model_spec_from_proto(pb.ModelSpec(name="mlp")) == ModelSpec("mlp", {})
     with pytest.raises(ValueError, match="JSON object"):
         model_spec_from_proto(pb.ModelSpec(name="mlp", kwargs_json="[1, 2]"))
+
+
+def test_a_run_config_from_before_the_buffered_schedule_is_synchronous() -> None:
+    msg = run_config_to_proto(RunConfig(run_id="r", schedule="buffered", buffer_size=3))
+    msg.ClearField("schedule")
+    msg.ClearField("buffer_size")  # an older coordinator sends neither
+    back = run_config_from_proto(msg)
+    assert back.schedule == "sync" and back.buffer_size == RunConfig(run_id="r").buffer_size
+    with pytest.raises(ValueError, match="^--schedule buffered: mamlpp"):
+        RunConfig(run_id="r", algorithm="mamlpp", schedule="buffered")
+    with pytest.raises(ValueError, match="^--schedule buffered: needs --mode federated"):
+        build({"run_dir": "runs/unit", "schedule": "buffered", "mode": "centralized"})
+    with pytest.raises(ValueError, match="^--schedule buffered: --clusters needs synchronous rounds"):
+        build({"run_dir": "runs/unit", "schedule": "buffered", "clusters": 2})
 
 
 def test_run_config_from_proto_validates() -> None:

@@ -170,9 +170,10 @@ def test_the_resume_keys_are_those_declared_and_old_checkpoints_compare_with_def
         "algorithm", "task", "model", "seed", "rounds", "shots", "queries", "tasks_per_client", "inner_steps",
         "inner_lr", "outer_lr", "ways", "dim", "partition", "shards", "rotations", "first_order_rounds", "msl",
         "lslr", "cosine_outer", "local_steps", "local_lr", "perfedavg_variant", "eval_every", "eval_ways",
-        "curvature_bias", "curvature_first_order", "clusters", "cluster_warmup"}
+        "curvature_bias", "curvature_first_order", "clusters", "cluster_warmup", "schedule"}
     current = describe(build({"task": "gaussian", "ways": 3, "run_dir": "runs/unit"}))
-    old = {k: v for k, v in current.items() if k not in ("eval_every", "eval_ways", "clusters", "cluster_warmup")}
+    old = {k: v for k, v in current.items()
+           if k not in ("eval_every", "eval_ways", "clusters", "cluster_warmup", "schedule")}  # before they existed
     assert resume_differences(old, current) == []
     assert resume_differences(dict(old, ways=4), current) == ["ways: checkpoint 4, now 3",
                                                               "eval_ways: checkpoint 4, now 3"]

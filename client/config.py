@@ -65,6 +65,9 @@ class ClientConfig:
     # Import paths ("package.module:Class") this client's operator allows as models; none by default,
     # so a coordinator can name only zoo models (common/models.py check_model_spec). Flag: common/cli.py.
     allow_model_imports: frozenset[str] = frozenset()
+    slow_task_s: float = field(default=0.0, metadata=setting(
+        "benchmarking and testing aid: sleep this many seconds before each training step (one TRAIN assignment), "
+        "to play a slow client (benchmarks/buffered.py); never set it in a real run", minimum=0.0, maximum=3600.0))
     # allow sending --token-file over plaintext beyond loopback
     insecure: bool = field(default=False, metadata=setting(
         "send --token-file without TLS to a coordinator beyond loopback (anyone on the path can read the token; "

@@ -41,7 +41,9 @@ class Next(Enum):
 def after_refusal(exc: grpc.Call) -> tuple[Next, str]:
     """(what to do, the reason or status name) for a refusal, from its reason (common/refusal.py),
     never its message: NOT_JOINED and WRONG_RUN rejoin; ROUND_CLOSED, NOT_SAMPLED and STALE_VERSION
-    drop the work and ask for new work; any other reason stops. Without a reason (an older
+    drop the work and ask for new work (under --schedule buffered, STALE_VERSION also answers an update
+    more than --max-staleness versions behind: the next assignment names the current θ, which the
+    worker fetches, and it trains again); any other reason stops. Without a reason (an older
     coordinator, a proxy), the status code alone: NOT_FOUND rejoins, FAILED_PRECONDITION asks
     for new work, anything else stops."""
     reason = reason_from_metadata(exc.trailing_metadata())

@@ -220,6 +220,8 @@ class Worker:
         batch = self.tasks.sample("train", num_tasks=run.tasks_per_client, shots=run.shots, queries=run.queries, seed=seed)
         start = time.perf_counter()
         _test_pause()
+        if self.config.slow_task_s > 0:  # --slow-task-s: a deliberately slow client (benchmarks, tests)
+            self.stop.wait(self.config.slow_task_s)
         inner = InnerConfig.from_run(run, round_index=round_index, vectorize=self.vectorize)
         j, thetas = self._cluster(params, round_index, steps=max(1, run.inner_steps), batch=batch)
         update = self.algorithm.client_step(self.model, thetas[j], batch.to(self.device), self.loss_fn, inner)

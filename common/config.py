@@ -24,6 +24,7 @@ CLIENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 MAX_BATCH_VALUES = 1 << 30
 MAX_STEPS = 10_000
 _INPUT_VALUES = {"sinusoid": 1, "omniglot": 28 * 28}  # per example; gaussian: dim
+SCHEDULES = ("sync", "buffered")
 
 
 def check_client_id(client_id: str) -> str:
@@ -129,6 +130,19 @@ class RunConfig:
         "meta-parameter sets learned, one per cluster of clients whose tasks pull apart (IFCA): each client "
         "trains the cluster whose θ adapts best on its support set; the broadcast and every update are this "
         "many times one θ (default: 1, no clusters)", minimum=1, maximum=64, derive=lambda v: 1, resume=True))
+    # The round schedule (server/buffered.py): sync rounds, or FedBuff's buffered asynchronous ones.
+    schedule: str = field(default="sync", metadata=setting(
+        "sync: rounds of sampled clients, each closed before the next; buffered: free clients train at once "
+        "against the current θ, an outer step every --buffer-size accepted updates, each weighted "
+        "(1 + staleness)^-a (FedBuff, Nguyen et al. 2022)", choices=SCHEDULES, resume=True))
+    buffer_size: int = field(default=2, metadata=setting(
+        "buffered: accepted updates per outer step (K)", minimum=1, maximum=100000))
+    staleness_exponent: float = field(default=0.5, metadata=setting(
+        "buffered: an update tau versions behind weighs (1 + tau)^-a, a this exponent (0: no discount)",
+        minimum=0.0, maximum=16.0))
+    max_staleness: int = field(default=16, metadata=setting(
+        "buffered: an update more than this many versions behind is refused (FAILED_PRECONDITION, STALE_VERSION; "
+        "the client trains again on the current θ)", minimum=0, maximum=100000))
     # Then the algorithms' own settings (ALGORITHM_OPTIONS), as fields.
 
     if TYPE_CHECKING:
@@ -148,6 +162,11 @@ class RunConfig:
                              f"{self.ways} outputs, one per class, so it is tested {self.ways}-way; only "
                              "the metric-based algorithms (protonet, matchingnet, relationnet: no head) can test with "
                              "other ways than they train with")
+        if self.schedule == "buffered" and self.algorithm == "mamlpp":
+            # MAML++ anneals its multi-step loss and first-order warm-up by the round a client is given;
+            # a buffered assignment's number is not an outer step, so those schedules would be wrong.
+            raise ValueError("--schedule buffered: mamlpp's per-round schedules (--first-order-rounds, --msl) "
+                             "need synchronous rounds; use --schedule sync or another algorithm")
         _check_work(self)
 
 

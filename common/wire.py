@@ -47,6 +47,10 @@ def run_config_to_proto(config: RunConfig) -> pb.RunConfig:
     return pb.RunConfig(**out)
 
 
+# Settings whose proto3 zero value is not a valid value: an older coordinator never sent them.
+_UNSET_IS_DEFAULT = frozenset({"schedule", "buffer_size"})
+
+
 def run_config_from_proto(msg: pb.RunConfig) -> RunConfig:
     out: dict[str, Any] = {}
     for f in fields(RunConfig):
@@ -57,6 +61,8 @@ def run_config_from_proto(msg: pb.RunConfig) -> RunConfig:
             value = encoding_from_proto(value)
         elif f.default is None and not value:
             value = None  # proto3 has no presence: 0 (an older coordinator) is unset, as eval_ways's None (= ways)
+        elif f.name in _UNSET_IS_DEFAULT and not value:
+            value = f.default  # "" or 0 from a coordinator older than the setting: its default (sync rounds)
         out[f.name] = value
     return RunConfig(**out)
 

@@ -100,6 +100,8 @@ class Progress:
         r = record["round"] + 1
         loss = record["meta_loss"]
         val = f"  {self.val}" if self.val else ""
+        if record.get("staleness_max") is not None:  # --schedule buffered: the staleness of the step's updates
+            val += f"  staleness {record['staleness_mean']:.1f}/{record['staleness_max']}"
         text = (f"round {r}/{self.total}  meta-loss {loss:.3f}{val}  clients {record['clients_answered']}/"
                 f"{record['clients_sampled']}  round {record['round_s'] * 1e3:.0f} ms")
         if self.use_bar:

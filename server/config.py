@@ -100,6 +100,11 @@ def build(values: dict[str, Any]) -> ServerConfig:
     _check_clusters(v, warmup_given=values.get("cluster_warmup") is not None)
     if 0 < v["norm_clip_factor"] < 1:
         raise ValueError(f"--norm-clip-factor: expected 0 (off) or at least 1, got {v['norm_clip_factor']!r}")
+    if v["schedule"] == "buffered" and v["mode"] == "centralized":
+        raise ValueError("--schedule buffered: needs --mode federated (a centralised run has no clients to wait for)")
+    if v["schedule"] == "buffered" and (v["clusters"] or 1) > 1:
+        raise ValueError("--schedule buffered: --clusters needs synchronous rounds (a split is decided on one round's "
+                         "updates); use --schedule sync")
     if v["norm_clip_warmup"] > v["norm_clip_window"]:
         raise ValueError(f"--norm-clip-warmup: expected at most --norm-clip-window ({v['norm_clip_window']}), "
                          f"got {v['norm_clip_warmup']}")

@@ -40,6 +40,7 @@ from fedmeta.server.admission import (Admission, Ticket, UpdateMeta, assigned_ta
                                       check_values)
 from fedmeta.server.broadcast import Broadcast, Wire, WireCache, version_of
 from fedmeta.server.clientstats import ClientStats
+from fedmeta.server.buffered_run import BufferedRounds
 from fedmeta.server.config import ServerConfig
 from fedmeta.server.errors import Rejected
 from fedmeta.server.registry import ClientInfo, Registry
@@ -123,6 +124,9 @@ class Coordinator:
         self.broadcast = Broadcast(self.layout, self.layout.flatten(params) if theta is None else theta,
                                    encoding=self.run.encoding, chunk_bytes=self.run.chunk_bytes)
         self.runstate.started = clock()
+        # --schedule buffered (server/buffered.py): training without rounds; evaluations stay rounds.
+        self.buffered = (BufferedRounds(self, resumed=self.runstate.resumed_meta)
+                         if self.run.schedule == "buffered" else None)
 
     # ---- views of the parts (read by the service, the CLI and tests) ---------------------------
     @property
@@ -224,9 +228,7 @@ class Coordinator:
     def join(self, client_id: str, *, device: str, num_tasks: int) -> RunConfig:
         with self._cond:
             self._check_available()
-            rnd = self.state.round
-            self.registry.join(client_id, device=device, num_tasks=num_tasks, now=self.clock(),
-                               busy=rnd.sampled if rnd is not None else ())
+            self.registry.join(client_id, device=device, num_tasks=num_tasks, now=self.clock(), busy=self.busy())
             self._cond.notify_all()
         self.stats.joined(client_id)
         return self.run
@@ -234,6 +236,8 @@ class Coordinator:
     def leave(self, client_id: str) -> None:
         with self._cond:
             self.registry.leave(client_id)
+            if self.buffered is not None:
+                self.buffered.leave(client_id)
             rnd = self.state.round
             if rnd is not None and client_id in rnd.sampled and client_id not in rnd.answered:
                 rnd.sampled.discard(client_id)
@@ -247,6 +251,8 @@ class Coordinator:
         with self._cond:
             self.registry.touch(client_id, self.clock())
             rnd = self.state.round
+            if self.buffered is not None and self.buffered.heartbeat(client_id, round_index):
+                return True
             return (rnd is not None and rnd.index == round_index and client_id in rnd.sampled
                     and client_id not in rnd.answered)
 
@@ -288,6 +294,8 @@ class Coordinator:
         if self.finished.is_set():
             return Assignment(Action.FINISHED, detail="the run is finished")
         rnd = self.state.round
+        if rnd is None and self.buffered is not None:
+            return self._buffered_assignment(client_id)
         if rnd is None:
             return Assignment(Action.WAIT, detail="waiting for clients to start the next round")
         if client_id in rnd.sampled and client_id not in rnd.answered:
@@ -303,6 +311,20 @@ class Coordinator:
     def uploads_in_use(self) -> int:
         """Upload slots held now (BoundedSemaphore keeps its free count in _value, as tests read it)."""
         return self.config.max_concurrent_uploads - self._uploads._value  # type: ignore[attr-defined]
+
+    def _buffered_assignment(self, client_id: str) -> Assignment:
+        """--schedule buffered: TRAIN at once on the current θ while a slot is free (server/buffered.py)."""
+        assert self.buffered is not None
+        a = self.buffered.assignment(client_id)
+        if a is None:
+            return Assignment(Action.WAIT, detail=f"the {self.buffered.policy.max_assignments} training slots are "
+                              "taken, or an outer step or an evaluation is under way")
+        return Assignment(Action.TRAIN, a.number, a.version)
+
+    def busy(self) -> set[str]:
+        """Clients the run is waiting for: sampled in the open round, or holding a buffered assignment."""
+        rnd = self.state.round
+        return (set(rnd.sampled) if rnd else set()) | (self.buffered.busy() if self.buffered else set())
 
     def clients_pending_finish(self) -> int:
         """Live clients that have not yet been told the run is finished."""
@@ -336,7 +358,10 @@ class Coordinator:
         with self._cond:
             self.registry.check_not_revoked(meta.client_id, f"its update for round {meta.round} is")
             self.registry.touch(meta.client_id, self.clock())
-            ticket = self.admission.admit(meta, self.state.round)
+            if self.buffered is not None and meta.kind is not None:  # a training update: no rounds
+                ticket = self.buffered.admit(meta)
+            else:
+                ticket = self.admission.admit(meta, self.state.round)
         return self.admission.weigh(ticket)
 
     def commit(self, ticket: Ticket, tensors: Mapping[str, torch.Tensor] | None) -> bool:
@@ -344,6 +369,8 @@ class Coordinator:
         if ticket.duplicate:
             return True
         norm = check_values(tensors, self.admission.max_update_norm) if tensors is not None else 0.0  # O(model)
+        if self.buffered is not None and ticket.meta.kind is not None:
+            return self.buffered.commit(ticket, tensors, norm)  # under the lock
         cid = ticket.meta.client_id
         cluster = check_cluster(tensors, self.run.clusters) if tensors is not None else None
         with self._cond:

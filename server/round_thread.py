@@ -22,9 +22,10 @@ from fedmeta.common.algorithms.base import OuterStep
 from fedmeta.common.clusters import ClusteredAggregator, ClusterState, guarded_cluster_step
 from fedmeta.common.logformat import fields
 from fedmeta.common.round_aggregator import make_round_aggregator
-from fedmeta.server import rounds
+from fedmeta.server import buffered, rounds
 from fedmeta.server.admission import Admission
 from fedmeta.server.broadcast import Broadcast
+from fedmeta.server.buffered import Drop, Step
 from fedmeta.server.options import ServerConfig
 from fedmeta.server.registry import Registry
 from fedmeta.server.rounds import Close, Open, Resample, Round, RoundsState, Wait
@@ -60,6 +61,7 @@ class Coordinator(Protocol):
     clusters: ClusterState
 
     def holding(self) -> bool: ...
+    buffered: Any  # server.buffered_run.BufferedRounds | None (--schedule buffered)
 
     def parameters(self) -> dict[str, torch.Tensor]: ...
 
@@ -73,6 +75,8 @@ class Coordinator(Protocol):
     def clients_seen(self) -> int: ...
 
     def _clients_view(self, now: float) -> rounds.Clients: ...
+
+    def busy(self) -> set[str]: ...
 
 log = logging.getLogger("fedmeta.coordinator")
 
@@ -97,18 +101,21 @@ class RoundThread:
         try:
             while not self.c._stopping.is_set() and not self.c.finished.is_set():
                 closing = None
+                stepping = False
                 with self.c._cond:
                     stop_now = self.c.steering.stop_requested and self.c.state.round is None
                     now = self.c.clock()
                     if now - self._purged_at > min(5.0, self.c.config.forget_client_s / 2):
                         self._purged_at = now
-                        rnd = self.c.state.round
-                        self.c.registry.purge(now, busy=rnd.sampled if rnd is not None else ())
-                    decision = rounds.decide(self.c.policy, self.c.state, self.c._clients_view(now), now,
-                                             stopping=self.c.holding())
+                        self.c.registry.purge(now, busy=self.c.busy())
+                    decision = self._decide(now)
                     if stop_now:
                         break
-                    if isinstance(decision, Open):
+                    if isinstance(decision, Step):
+                        stepping = True
+                    elif isinstance(decision, Drop):
+                        self.c.buffered.drop(decision)
+                    elif isinstance(decision, Open):
                         self._open(decision)
                     elif isinstance(decision, Close):
                         closing = decision.round
@@ -119,6 +126,8 @@ class RoundThread:
                         self._wait(decision, now)
                 if closing is not None:
                     self._close(closing)
+                if stepping:
+                    self.c.buffered.step(self)
             if not self.c.finished.is_set() and self.c.steering.stop_requested and not self.c._stopping.is_set():
                 self._clean_stop()
         except Exception as exc:
@@ -135,6 +144,13 @@ class RoundThread:
                 self.c.failed.set()
                 self.c._stopping.set()
                 self.c._cond.notify_all()
+
+    def _decide(self, now: float) -> buffered.Decision:
+        view, stopping = self.c._clients_view(now), self.c.holding()
+        if self.c.buffered is not None:
+            return buffered.decide(self.c.policy, self.c.buffered.policy, self.c.state, self.c.buffered.state, view,
+                                   now, stopping=stopping)
+        return rounds.decide(self.c.policy, self.c.state, view, now, stopping=stopping)
 
     def _wait(self, decision: Wait, now: float) -> None:
         rnd = self.c.state.round
@@ -162,7 +178,7 @@ class RoundThread:
         now = self.c.clock()
         opened = rounds.plan_open(self.c.policy, self.c.state, self.c._clients_view(now), now,
                                   stopping=self.c.holding())
-        if opened is not None:
+        if opened is not None and (self.c.buffered is None or opened.evaluation):  # buffered: no training rounds
             self._open(opened)
 
     def _resample(self, change: Resample, now: float) -> None:
@@ -247,6 +263,8 @@ class RoundThread:
             meta = self.c.runstate.meta(rounds=self.c.state, version=self.c.version, clients=self.c.registry.records(),
                                         seen=self.c.registry.seen, revoked=sorted(self.c.registry.revoked),
                                         clusters=self.c.clusters)
+            if self.c.buffered is not None:
+                meta["buffered"] = self.c.buffered.meta()
         self.c.runstate.save(self.c.broadcast.theta, self.c.outer, meta)
 
     def _clean_stop(self) -> None:

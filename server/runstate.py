@@ -62,6 +62,7 @@ class RunState:
         self.best: Best | None = None
         # What sees every record after metrics.jsonl: telemetry, TensorBoard, MLflow (server/trackers.py).
         self.sinks: list[Sink] = []
+        self.resumed_meta: Mapping[str, Any] = {}  # the checkpoint's meta a resume started from
 
     @property
     def wall_s(self) -> float:
@@ -86,6 +87,7 @@ class RunState:
             raise ValueError(f"checkpoint in {self.config.run_dir} does not match the model's size")
         outer.load_state_dict(state.outer)
         meta = state.meta
+        self.resumed_meta = meta
         rounds.next_round = int(meta["next_round"])
         rounds.validated_through = int(meta.get("validated_through", 0))
         self.bytes_sent = int(meta.get("bytes_sent", 0))

@@ -390,6 +390,8 @@ NON_DEFAULT = dict(
     curvature_bias="diagonal", curvature_first_order=True,
     eval_ways=7, eval_curve_tasks=3, clusters=3, matching_fce=True, matching_steps=5, relation_loss="ce",
     relation_pool="mean", relation_hidden=16, relation_norm=False,
+    schedule="buffered", buffer_size=5, staleness_exponent=1.5,
+    max_staleness=3,
 )
 
 
@@ -412,6 +414,20 @@ def test_model_spec_proto_rejects_non_object_kwargs() -> None:
     assert model_spec_from_proto(pb.ModelSpec(name="mlp")) == ModelSpec("mlp", {})
     with pytest.raises(ValueError, match="JSON object"):
         model_spec_from_proto(pb.ModelSpec(name="mlp", kwargs_json="[1, 2]"))
+
+
+def test_a_run_config_from_before_the_buffered_schedule_is_synchronous() -> None:
+    msg = run_config_to_proto(RunConfig(run_id="r", schedule="buffered", buffer_size=3))
+    msg.ClearField("schedule")
+    msg.ClearField("buffer_size")  # an older coordinator sends neither
+    back = run_config_from_proto(msg)
+    assert back.schedule == "sync" and back.buffer_size == RunConfig(run_id="r").buffer_size
+    with pytest.raises(ValueError, match="^--schedule buffered: mamlpp"):
+        RunConfig(run_id="r", algorithm="mamlpp", schedule="buffered")
+    with pytest.raises(ValueError, match="^--schedule buffered: needs --mode federated"):
+        build({"run_dir": "runs/unit", "schedule": "buffered", "mode": "centralized"})
+    with pytest.raises(ValueError, match="^--schedule buffered: --clusters needs synchronous rounds"):
+        build({"run_dir": "runs/unit", "schedule": "buffered", "clusters": 2})
 
 
 def test_run_config_from_proto_validates() -> None:

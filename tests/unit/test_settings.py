@@ -173,10 +173,11 @@ def test_the_resume_keys_are_those_declared_and_old_checkpoints_compare_with_def
         "inner_lr", "outer_lr", "ways", "dim", "partition", "shards", "rotations", "first_order_rounds", "msl",
         "lslr", "cosine_outer", "local_steps", "local_lr", "perfedavg_variant", "eval_every", "eval_ways",
         "curvature_bias", "curvature_first_order", "clusters", "cluster_warmup",
-        "matching_fce", "matching_steps", "relation_loss", "relation_pool", "relation_norm", "relation_hidden"}
+        "matching_fce", "matching_steps", "relation_loss", "relation_pool", "relation_norm", "relation_hidden",
+        "schedule"}
     current = describe(build({"task": "gaussian", "ways": 3, "run_dir": "runs/unit"}))
     newer = ("eval_every", "eval_ways", "clusters", "cluster_warmup", "matching_fce", "matching_steps",
-             "relation_loss", "relation_pool", "relation_norm", "relation_hidden")
+             "relation_loss", "relation_pool", "relation_norm", "relation_hidden", "schedule")
     old = {k: v for k, v in current.items() if k not in newer}  # before they existed
     assert resume_differences(old, current) == []
     assert resume_differences(dict(old, ways=4), current) == ["ways: checkpoint 4, now 3",

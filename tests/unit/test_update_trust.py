@@ -114,14 +114,17 @@ GAUSSIAN = RunConfig(run_id="u", task="gaussian", ways=3, dim=4, inner_lr=0.4, e
 
 
 def _run_for(algorithm: str, task: str) -> RunConfig:
-    if algorithm == "protonet":  # an encoder, 4 -> 8 -> 8
+    if algorithm in METRIC:  # an encoder, 4 -> 8 -> 8
         model = ModelSpec("mlp", {"in_features": 4, "hidden": [8], "out_features": 8})
         return dataclasses.replace(GAUSSIAN, algorithm=algorithm, model=model)
     return dataclasses.replace(SINUSOID if task == "sinusoid" else GAUSSIAN, algorithm=algorithm)
 
 
-@pytest.mark.parametrize(("name", "task"), [*((a, "sinusoid") for a in sorted(ALGORITHMS) if a != "protonet"),
-                                           ("maml", "gaussian"), ("protonet", "gaussian")])
+METRIC = ("protonet", "matchingnet", "relationnet")  # classification only
+
+
+@pytest.mark.parametrize(("name", "task"), [*((a, "sinusoid") for a in sorted(ALGORITHMS) if a not in METRIC),
+                                           ("maml", "gaussian"), *((a, "gaussian") for a in METRIC)])
 def test_what_evaluate_holder_reports_fits_the_schema(name: str, task: str) -> None:
     run = _run_for(name, task)
     algorithm = get_algorithm(run.algorithm)

@@ -82,7 +82,7 @@ class ModelSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kwargs_json: _Optional[str] = ...) -> None: ...
 
 class RunConfig(_message.Message):
-    __slots__ = ("run_id", "algorithm", "task", "model", "shots", "queries", "tasks_per_client", "inner_steps", "inner_lr", "seed", "encoding", "chunk_bytes", "eval_shots", "eval_steps", "eval_tasks_per_client", "poll_timeout_s", "rounds", "eval_queries", "ways", "dim", "partition", "shards", "rotations", "first_order_rounds", "msl", "lslr", "cosine_outer", "local_steps", "local_lr", "perfedavg_variant", "curvature_bias", "curvature_first_order", "eval_every", "val_tasks_per_client", "eval_ways", "eval_curve_tasks", "clusters", "matching_fce", "matching_steps", "relation_loss", "relation_pool", "relation_hidden", "relation_norm")
+    __slots__ = ("run_id", "algorithm", "task", "model", "shots", "queries", "tasks_per_client", "inner_steps", "inner_lr", "seed", "encoding", "chunk_bytes", "eval_shots", "eval_steps", "eval_tasks_per_client", "poll_timeout_s", "rounds", "eval_queries", "ways", "dim", "partition", "shards", "rotations", "first_order_rounds", "msl", "lslr", "cosine_outer", "local_steps", "local_lr", "perfedavg_variant", "curvature_bias", "curvature_first_order", "eval_every", "val_tasks_per_client", "eval_ways", "eval_curve_tasks", "clusters", "matching_fce", "matching_steps", "relation_loss", "relation_pool", "relation_hidden", "relation_norm", "schedule", "buffer_size", "staleness_exponent", "max_staleness")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,10 @@ class RunConfig(_message.Message):
     RELATION_POOL_FIELD_NUMBER: _ClassVar[int]
     RELATION_HIDDEN_FIELD_NUMBER: _ClassVar[int]
     RELATION_NORM_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_SIZE_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_EXPONENT_FIELD_NUMBER: _ClassVar[int]
+    MAX_STALENESS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     algorithm: str
     task: str
@@ -169,7 +173,11 @@ class RunConfig(_message.Message):
     relation_pool: str
     relation_hidden: int
     relation_norm: bool
-    def __init__(self, run_id: _Optional[str] = ..., algorithm: _Optional[str] = ..., task: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., shots: _Optional[int] = ..., queries: _Optional[int] = ..., tasks_per_client: _Optional[int] = ..., inner_steps: _Optional[int] = ..., inner_lr: _Optional[float] = ..., seed: _Optional[int] = ..., encoding: _Optional[_Union[_tensor_pb2.Encoding, str]] = ..., chunk_bytes: _Optional[int] = ..., eval_shots: _Optional[int] = ..., eval_steps: _Optional[int] = ..., eval_tasks_per_client: _Optional[int] = ..., poll_timeout_s: _Optional[float] = ..., rounds: _Optional[int] = ..., eval_queries: _Optional[int] = ..., ways: _Optional[int] = ..., dim: _Optional[int] = ..., partition: _Optional[str] = ..., shards: _Optional[int] = ..., rotations: _Optional[bool] = ..., first_order_rounds: _Optional[int] = ..., msl: _Optional[bool] = ..., lslr: _Optional[bool] = ..., cosine_outer: _Optional[bool] = ..., local_steps: _Optional[int] = ..., local_lr: _Optional[float] = ..., perfedavg_variant: _Optional[str] = ..., curvature_bias: _Optional[str] = ..., curvature_first_order: _Optional[bool] = ..., eval_every: _Optional[int] = ..., val_tasks_per_client: _Optional[int] = ..., eval_ways: _Optional[int] = ..., eval_curve_tasks: _Optional[int] = ..., clusters: _Optional[int] = ..., matching_fce: _Optional[bool] = ..., matching_steps: _Optional[int] = ..., relation_loss: _Optional[str] = ..., relation_pool: _Optional[str] = ..., relation_hidden: _Optional[int] = ..., relation_norm: _Optional[bool] = ...) -> None: ...
+    schedule: str
+    buffer_size: int
+    staleness_exponent: float
+    max_staleness: int
+    def __init__(self, run_id: _Optional[str] = ..., algorithm: _Optional[str] = ..., task: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., shots: _Optional[int] = ..., queries: _Optional[int] = ..., tasks_per_client: _Optional[int] = ..., inner_steps: _Optional[int] = ..., inner_lr: _Optional[float] = ..., seed: _Optional[int] = ..., encoding: _Optional[_Union[_tensor_pb2.Encoding, str]] = ..., chunk_bytes: _Optional[int] = ..., eval_shots: _Optional[int] = ..., eval_steps: _Optional[int] = ..., eval_tasks_per_client: _Optional[int] = ..., poll_timeout_s: _Optional[float] = ..., rounds: _Optional[int] = ..., eval_queries: _Optional[int] = ..., ways: _Optional[int] = ..., dim: _Optional[int] = ..., partition: _Optional[str] = ..., shards: _Optional[int] = ..., rotations: _Optional[bool] = ..., first_order_rounds: _Optional[int] = ..., msl: _Optional[bool] = ..., lslr: _Optional[bool] = ..., cosine_outer: _Optional[bool] = ..., local_steps: _Optional[int] = ..., local_lr: _Optional[float] = ..., perfedavg_variant: _Optional[str] = ..., curvature_bias: _Optional[str] = ..., curvature_first_order: _Optional[bool] = ..., eval_every: _Optional[int] = ..., val_tasks_per_client: _Optional[int] = ..., eval_ways: _Optional[int] = ..., eval_curve_tasks: _Optional[int] = ..., clusters: _Optional[int] = ..., matching_fce: _Optional[bool] = ..., matching_steps: _Optional[int] = ..., relation_loss: _Optional[str] = ..., relation_pool: _Optional[str] = ..., relation_hidden: _Optional[int] = ..., relation_norm: _Optional[bool] = ..., schedule: _Optional[str] = ..., buffer_size: _Optional[int] = ..., staleness_exponent: _Optional[float] = ..., max_staleness: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("client_id", "protocol_version", "device", "num_tasks", "encodings")

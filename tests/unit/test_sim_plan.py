@@ -90,3 +90,10 @@ def test_the_report_separates_accepted_duplicate_refused_and_in_doubt_updates() 
     assert r.counted_twice == [("d", 1, "train")]  # what the exactly-once check exists to catch
     assert r.by_node == {"n1": 1, "n2": 1}
     assert r.replaced == 1
+
+
+def test_every_algorithm_has_a_memory_factor() -> None:
+    from fedmeta.client.sim_plan import STEP_FACTORS
+    from fedmeta.common.algorithms import ALGORITHMS
+
+    assert set(STEP_FACTORS) == set(ALGORITHMS)

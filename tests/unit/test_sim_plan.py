@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fedmeta.client import sim
-from fedmeta.client.sim_plan import (BASE_BYTES, SimConfig, actor_count, concurrency, estimate, split,
+from fedmeta.client.sim_plan import (BASE_BYTES, PER_CLIENT_BYTES, SimConfig, actor_count, concurrency, estimate, split,
                                      virtual_clients)
 from fedmeta.client.sim_report import summarize
 
@@ -63,7 +63,7 @@ def test_second_order_clients_reserve_more_memory_and_grow_with_inner_steps() ->
     assert fomaml[0] == fomaml[1]  # first order: the step count does not change the peak
     assert maml[1] > maml[0] > fomaml[0]
     e = estimate("reptile", p, 1, hosted=100, computing=4)
-    assert e.total_bytes == BASE_BYTES + 100 * 2 * 4 * p + 4 * 3 * 4 * p
+    assert e.total_bytes == BASE_BYTES + 100 * (PER_CLIENT_BYTES + 2 * 4 * p) + 4 * 3 * 4 * p
     assert "reptile (first order)" in e.describe() and "second order" in estimate("metacurvature", p, 1, hosted=1,
                                                                                       computing=1).describe()
 

@@ -14,7 +14,9 @@ import math
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -22,6 +24,7 @@ import torch
 
 # ClientConfig and its helpers lived here; importers keep `from client.worker import ClientConfig`.
 from fedmeta.client.config import KEEPALIVE_PING_S, ClientConfig, channel_options, default_data_seed  # noqa: F401
+from fedmeta.client.retry import retryable
 from fedmeta.client.session import Next, Session, after_refusal
 from fedmeta.common.algorithms import InnerConfig, UpdateKind, get_algorithm, meta_parameters
 from fedmeta.common import clusters
@@ -62,11 +65,33 @@ class Shutdown(Exception):
     """Raised in the main thread by SIGTERM/SIGINT to stop the worker cleanly."""
 
 
-class Worker:
-    """Runs one client until the coordinator says FINISHED (exit 0) or it gives up (exit 1)."""
+def _ignore(*_: object) -> None:
+    return None
 
-    def __init__(self, config: ClientConfig) -> None:
+
+@dataclass(frozen=True)
+class WorkerHooks:
+    """What a host of many clients in one process (client/virtual.py) adds to each worker; the
+    defaults change nothing. compute_slot is held around each client step and evaluation (a bound
+    on how many compute at once); on_submit runs before an update is sent, on_answer after the
+    coordinator's reply (None: it refused the update with a status) - an exactly-once ledger of what
+    this client saw accepted."""
+
+    compute_slot: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext
+    on_submit: Callable[[pb.UpdateHeader], None] = _ignore
+    on_answer: Callable[[pb.UpdateHeader, pb.SubmitUpdateResponse | None], None] = _ignore
+
+
+class Worker:
+    """Runs one client until the coordinator says FINISHED (exit 0) or it gives up (exit 1).
+
+    It holds no process-wide state (but --threads): many run side by side on threads of one
+    process with their own ids, data seeds and shards (client/virtual.py).
+    """
+
+    def __init__(self, config: ClientConfig, hooks: WorkerHooks = WorkerHooks()) -> None:
         self.config = config
+        self.hooks = hooks
         self.stop = threading.Event()
         self._rng = random.Random(config.client_id)
         self.device = torch.device(config.device)
@@ -151,7 +176,15 @@ class Worker:
         encoded = None
         if tensors is not None:
             encoded = encode({k: v.detach().cpu() for k, v in tensors.items()}, encoding=self.run.encoding)
-        return self.session.submit(header, encoded, chunk_bytes=self.run.chunk_bytes)
+        self.hooks.on_submit(header)
+        try:
+            reply = self.session.submit(header, encoded, chunk_bytes=self.run.chunk_bytes)
+        except grpc.RpcError as exc:
+            if not retryable(exc, overload=False):  # the coordinator's answer: the update does not count
+                self.hooks.on_answer(header, None)
+            raise
+        self.hooks.on_answer(header, reply)
+        return reply
 
     def leave(self) -> None:
         if self.run is None:
@@ -208,6 +241,19 @@ class Worker:
                       ", ".join(f"{v:.4g}" for v in losses))
         return j, thetas
 
+    def warm_up(self) -> None:
+        """Join, then one client step on the run's initial θ and a task of this client's own stream,
+        sent nowhere: a fresh process pays torch's first-call costs (vmap, kernels) before the
+        coordinator times a first answer (it does not wait long for newcomers: server/rounds.py)."""
+        run = self.join()
+        params = {k: v.to(self.device) for k, v in
+                  meta_parameters(run, 0, allowed_imports=self.config.allow_model_imports).items()}
+        batch = self.tasks.sample("train", num_tasks=run.tasks_per_client, shots=run.shots, queries=run.queries,
+                                  seed=task_seed(run.seed, self.config.data_seed, STREAM_TRAIN, 0))
+        inner = InnerConfig.from_run(run, round_index=0, vectorize=self.vectorize)
+        j, thetas = self._cluster(params, 0, steps=max(1, run.inner_steps), batch=batch)
+        self.algorithm.client_step(self.model, thetas[j], batch.to(self.device), self.loss_fn, inner)
+
     def train(self, round_index: int, version: str) -> None:
         with self._heartbeats(round_index):
             self._train(round_index, version)
@@ -217,17 +263,18 @@ class Worker:
         assert run is not None
         params = self._fetch(version)
         seed = task_seed(run.seed, self.config.data_seed, STREAM_TRAIN, round_index)
-        batch = self.tasks.sample("train", num_tasks=run.tasks_per_client, shots=run.shots, queries=run.queries, seed=seed)
-        start = time.perf_counter()
-        _test_pause()
-        if self.config.slow_task_s > 0:  # --slow-task-s: a deliberately slow client (benchmarks, tests)
-            self.stop.wait(self.config.slow_task_s)
-        inner = InnerConfig.from_run(run, round_index=round_index, vectorize=self.vectorize)
-        j, thetas = self._cluster(params, round_index, steps=max(1, run.inner_steps), batch=batch)
-        update = self.algorithm.client_step(self.model, thetas[j], batch.to(self.device), self.loss_fn, inner)
-        if run.clusters > 1:  # this cluster's slice; zeros in the others' (the coordinator checks it)
-            update = dataclasses.replace(update, tensors=clusters.embed(update.tensors, j, thetas))
-        compute_s = time.perf_counter() - start
+        with self.hooks.compute_slot():
+            batch = self.tasks.sample("train", num_tasks=run.tasks_per_client, shots=run.shots, queries=run.queries, seed=seed)
+            start = time.perf_counter()
+            _test_pause()
+            if self.config.slow_task_s > 0:  # --slow-task-s: a deliberately slow client (benchmarks, tests)
+                self.stop.wait(self.config.slow_task_s)
+            inner = InnerConfig.from_run(run, round_index=round_index, vectorize=self.vectorize)
+            j, thetas = self._cluster(params, round_index, steps=max(1, run.inner_steps), batch=batch)
+            update = self.algorithm.client_step(self.model, thetas[j], batch.to(self.device), self.loss_fn, inner)
+            if run.clusters > 1:  # this cluster's slice; zeros in the others' (the coordinator checks it)
+                update = dataclasses.replace(update, tensors=clusters.embed(update.tensors, j, thetas))
+            compute_s = time.perf_counter() - start
         finite = all(math.isfinite(abs_max(t)) for t in update.tensors.values())
         if not finite or not all(math.isfinite(v) for v in update.metrics.values()):
             raise ClientError(f"round {round_index}: the client step produced non-finite values (query loss "
@@ -257,10 +304,11 @@ class Worker:
         run = self.run
         assert run is not None
         params = self._fetch(version)
-        j, thetas = self._cluster(params, rounds_trained, steps=eval_steps(self.algorithm, run))
-        params = thetas[j]
-        metrics = validate_holder(self.algorithm, self.model, params, self.tasks, run, data_seed=self.config.data_seed,
-                                  rounds_trained=rounds_trained, device=self.device, vectorize=self.vectorize)
+        with self.hooks.compute_slot():
+            j, thetas = self._cluster(params, rounds_trained, steps=eval_steps(self.algorithm, run))
+            params = thetas[j]
+            metrics = validate_holder(self.algorithm, self.model, params, self.tasks, run, data_seed=self.config.data_seed,
+                                      rounds_trained=rounds_trained, device=self.device, vectorize=self.vectorize)
         header = pb.UpdateHeader(
             run_id=run.run_id, round=rounds_trained, client_id=self.config.client_id, base_version=version,
             kind=pb.UPDATE_KIND_EVALUATION, weight=float(run.val_tasks_per_client), metrics=metrics, validation=True,
@@ -277,13 +325,14 @@ class Worker:
         log.info("round %d: evaluating on %d held-out tasks", round_index, run.eval_tasks_per_client,
                  extra=fields(event="evaluating", round=round_index))
         _test_eval_pause()
-        j, thetas = self._cluster(params, round_index, steps=eval_steps(self.algorithm, run))
-        if run.clusters > 1:
-            log.info("evaluating cluster %d of %d, the one whose θ adapts best on this holder's support sets", j,
-                     run.clusters)
-        params = thetas[j]
-        metrics = evaluate_holder(self.algorithm, self.model, params, self.tasks, run, data_seed=self.config.data_seed,
-                                  device=self.device, vectorize=self.vectorize)
+        with self.hooks.compute_slot():
+            j, thetas = self._cluster(params, round_index, steps=eval_steps(self.algorithm, run))
+            if run.clusters > 1:
+                log.info("evaluating cluster %d of %d, the one whose θ adapts best on this holder's support sets", j,
+                         run.clusters)
+            params = thetas[j]
+            metrics = evaluate_holder(self.algorithm, self.model, params, self.tasks, run, data_seed=self.config.data_seed,
+                                      device=self.device, vectorize=self.vectorize)
         header = pb.UpdateHeader(
             run_id=run.run_id, round=round_index, client_id=self.config.client_id, base_version=version,
             kind=pb.UPDATE_KIND_EVALUATION, weight=float(run.eval_tasks_per_client), metrics=metrics,

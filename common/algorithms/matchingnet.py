@@ -32,12 +32,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import grad
 
 from fedmeta.common.algorithms.base import Algorithm, ClientUpdate, InnerConfig, Params, RunConfig, UpdateKind
-from fedmeta.common.algorithms.inner import EXTRA, forward, mean_over_tasks
+from fedmeta.common.algorithms.inner import EXTRA, forward
 from fedmeta.common.algorithms.maml import make_outer
-from fedmeta.common.algorithms.metric import ABSENT, check_metric, embedding_size, label_columns, seeded_modules
+from fedmeta.common.algorithms.metric import ABSENT, check_metric, episodic_update, embedding_size, label_columns, seeded_modules
 from fedmeta.common.algorithms.protonet import adapt, adapt_path
 from fedmeta.common.settings import option
 from fedmeta.common.tasks import LossFn, TaskBatch
@@ -117,16 +116,8 @@ def predict(model: nn.Module, params: Params, xs: torch.Tensor, ys: torch.Tensor
 def client_step(model: nn.Module, params: Params, batch: TaskBatch, loss_fn: LossFn,
                 inner: InnerConfig) -> ClientUpdate:
     steps = inner.option(STEPS)
-
-    def task_loss(p: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor):
-        loss = F.cross_entropy(predict(model, p, xs, ys, xq, steps=steps), yq)
-        return loss, loss
-
-    def per_task(p: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor):
-        g, loss = grad(task_loss, has_aux=True)(p, xs, ys, xq, yq)
-        return g, loss, loss  # nothing is adapted: the loss before is the loss after
-
-    return mean_over_tasks(per_task, params, batch, vectorize=inner.vectorize)
+    return episodic_update(lambda p, xs, ys, xq, yq: F.cross_entropy(predict(model, p, xs, ys, xq, steps=steps), yq),
+                           params, batch, inner)
 
 
 def bind(options: Mapping[str, Any]) -> Algorithm:

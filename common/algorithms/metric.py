@@ -13,8 +13,10 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.func import grad
 
-from fedmeta.common.algorithms.base import Params, RunConfig
+from fedmeta.common.algorithms.base import ClientUpdate, InnerConfig, Params, RunConfig
+from fedmeta.common.algorithms.inner import mean_over_tasks
 from fedmeta.common.models import MAX_PARAMETERS
 from fedmeta.common.tasks import is_classification
 
@@ -73,3 +75,21 @@ def check_metric(name: str, flag: str, extra_count: Callable[[int, RunConfig], i
             raise ValueError(f"{flag}: an encoder of {d} outputs makes the {name} modules {count:,} parameters; "
                              f"at most {MAX_PARAMETERS:,} are allowed")
     return check
+
+
+EpisodeLoss = Callable[[Params, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def episodic_update(episode_loss: EpisodeLoss, params: Params, batch: object, inner: InnerConfig) -> ClientUpdate:
+    """The mean over the batch's tasks of ∇ episode_loss(θ; support, query): a metric algorithm
+    adapts nothing, so its loss before adaptation is its loss after."""
+
+    def task_loss(p: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor):
+        loss = episode_loss(p, xs, ys, xq, yq)
+        return loss, loss
+
+    def per_task(p: Params, xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor):
+        g, loss = grad(task_loss, has_aux=True)(p, xs, ys, xq, yq)
+        return g, loss, loss
+
+    return mean_over_tasks(per_task, params, batch, vectorize=inner.vectorize)  # type: ignore[arg-type]

@@ -27,7 +27,7 @@ from fedmeta.client.retry import CoordinatorUnreachable, RetryPolicy
 from fedmeta.client.sim_plan import (MIB, Estimate, SimConfig, VirtualClient, actor_count, concurrency, estimate,
                                      split, virtual_clients)
 from fedmeta.client.sim_report import Ledgerless, summarize
-from fedmeta.client.virtual import HostSettings, Ledger, VirtualClientHost
+from fedmeta.client.virtual import HostSettings, Ledger, VirtualClientHost, configure_actor_logging
 from fedmeta.client.worker import ClientError, Shutdown, Worker
 from fedmeta.common.cli import OneLineErrorParser, setup_logging
 from fedmeta.common.settings import Setting, add_arguments, check_value, settings_of
@@ -52,6 +52,8 @@ class RayHost(VirtualClientHost):
     def __init__(self, clients: list[VirtualClient], settings: HostSettings, ledger: Any, actor: int,
                  incarnation: int) -> None:
         import ray
+
+        configure_actor_logging(settings.log_level)  # in the actor's own process, not the driver's
 
         def record(event: dict[str, Any]) -> None:
             ray.get(ledger.record.remote(event), timeout=60)

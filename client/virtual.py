@@ -68,14 +68,18 @@ class HostSettings:
     log_level: str = "error"
 
 
+def configure_actor_logging(level: str) -> None:
+    """An actor process's log level (the process is the actor's own: Ray starts it for the host)."""
+    logging.basicConfig(level=getattr(logging, level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("fedmeta").setLevel(getattr(logging, level.upper()))
+
+
 class VirtualClientHost:
     """Runs its virtual clients on threads until each finishes, fails, or stop() is called."""
 
     def __init__(self, clients: list[VirtualClient], settings: HostSettings, *, record: Record | None = None,
                  actor: int = 0, incarnation: int = 0, node: str = "") -> None:
-        logging.basicConfig(level=getattr(logging, settings.log_level.upper()),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-        logging.getLogger("fedmeta").setLevel(getattr(logging, settings.log_level.upper()))
         self.clients = clients
         self.settings = settings
         self.actor, self.incarnation, self.node = actor, incarnation, node

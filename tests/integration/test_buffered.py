@@ -30,11 +30,8 @@ def test_a_buffered_run_with_a_slow_client_is_killed_resumes_and_finishes(proces
     server = processes.server(run_dir, *flags)
     clients = [processes.client(server.port, "c0", 0), processes.client(server.port, "c1", 1),
                processes.client(server.port, "slow", 2, "--slow-task-s", "0.4")]
-    # three outer steps, one of them with a stale update (the slow client's): checked before the kill,
-    # as records after the last checkpoint are trained again (and rewritten) after the restart
-    wait_for(lambda: len([r for r in _rounds(run_dir) if "updates" in r]) >= 3
-             and any(r.get("staleness_max", 0) > 0 for r in _rounds(run_dir)), timeout_s=90,
-             what="three outer steps, one with a stale update")
+    wait_for(lambda: len([r for r in _rounds(run_dir) if "updates" in r]) >= 3, timeout_s=90,
+             what="three outer steps")
     server.proc.send_signal(signal.SIGKILL)
     server.proc.wait()
     restarted = processes.server(run_dir, *flags)
@@ -52,6 +49,9 @@ def test_a_buffered_run_with_a_slow_client_is_killed_resumes_and_finishes(proces
     assert rounds == sorted(set(rounds)) and rounds[-1] == 11 and len(rounds) >= 11
     assert all(r["updates"] == 2 for r in steps)  # exactly K accepted updates per step
     assert all(0 <= r["staleness_mean"] <= r["staleness_max"] <= 6 for r in steps)
+    # Whether the slow client's updates arrive within --max-staleness (counted stale) or beyond it
+    # (refused) depends on the machine's speed; tests/unit/test_buffered.py and the raw-stub test
+    # below check both paths deterministically.
     for r in steps:  # s(τ) = (1 + τ)^-0.5 (the default exponent), between its values at τ = max and τ = 0
         assert (1 + r["staleness_max"]) ** -0.5 - 1e-9 <= r["staleness_weight_mean"] <= 1.0
     validations = [r["rounds_trained"] for r in records if r.get("event") == "validation"]

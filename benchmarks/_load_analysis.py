@@ -84,7 +84,7 @@ def analyse(spec: Any, values: dict[str, Any], run_dir: Path, clients: list[dict
         spans.append(max(r["done"] for r in rs) - min(r["assigned"] for r in rs))
     deadline_passed = server_log.count("deadline passed")
     no_stall = (all(s < deadline for s in round_s) and deadline_passed == 0
-                and all(rec["clients_answered"] == spec.clients for rec in records))
+                and all(rec["clients_answered"] == spec.sampled for rec in records))
     errors = [e for c in clients for e in c["errors"]]
     joined = [c["joined_at"] for c in clients if c["joined_at"]]
     bytes_per_round = None
@@ -95,6 +95,7 @@ def analyse(spec: Any, values: dict[str, Any], run_dir: Path, clients: list[dict
     return {
         "label": spec.label,
         "clients": spec.clients,
+        "sampled_per_round": spec.sampled,
         "processes": spec.processes,
         "rounds": spec.rounds,
         "model": {"task": spec.task, "spec": {"name": config.run.model.name, "kwargs": config.run.model.kwargs}},
@@ -118,7 +119,7 @@ def analyse(spec: Any, values: dict[str, Any], run_dir: Path, clients: list[dict
                   "abs_max": float(theta.abs().max())},
         "stalls": {"round_deadline_s": deadline, "rounds_over_deadline": sum(s >= deadline for s in round_s),
                    "deadline_passed_log_lines": deadline_passed,
-                   "rounds_short_of_all_clients": sum(rec["clients_answered"] != spec.clients for rec in records)},
+                   "rounds_short_of_all_clients": sum(rec["clients_answered"] != spec.sampled for rec in records)},
         "latency_s": {
             "round_s": percentiles(round_s),
             "round_s_excl_round_0": percentiles(round_s[1:]),

@@ -66,6 +66,11 @@ class RunSpec:
     round_deadline_s: float
     task: str = "sinusoid"
     dim: int = 16
+    per_round: int = 0  # clients sampled per round (0: all)
+
+    @property
+    def sampled(self) -> int:
+        return self.per_round or self.clients
 
 
 class RssSampler:
@@ -75,6 +80,7 @@ class RssSampler:
         self.proc = psutil.Process(pid)
         self.interval_s = interval_s
         self.samples: list[tuple[float, int]] = []
+        self.threads_max = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -83,6 +89,7 @@ class RssSampler:
         while not self._stop.is_set():
             try:
                 rss = self.proc.memory_info().rss
+                self.threads_max = max(self.threads_max, self.proc.num_threads())
             except (psutil.NoSuchProcess, psutil.ZombieProcess):
                 return
             self.samples.append((time.monotonic(), rss))
@@ -106,11 +113,23 @@ class RssSampler:
 def server_values(spec: RunSpec, args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     return {
         "algorithm": args.algorithm, "aggregator": "mean", "task": spec.task, "dim": spec.dim, "seed": 0,
-        "rounds": spec.rounds, "clients_per_round": spec.clients, "min_clients": spec.clients,
+        "rounds": spec.rounds, "clients_per_round": spec.sampled, "min_clients": spec.sampled,
         "round_deadline_s": spec.round_deadline_s, "poll_timeout_s": args.poll_timeout_s,
-        "max_workers": args.max_workers or spec.clients + 64, "run_dir": str(run_dir), "port": 0,
-        "host": "127.0.0.1",
-    } | ({"chunk_bytes": args.chunk_bytes} if getattr(args, "chunk_bytes", 0) else {})
+        "max_clients": max(10000, spec.clients),
+        # every load client connects from 127.0.0.1: the per-address Join rate is not what is measured
+        "joins_per_s": 1e6,
+        "run_dir": str(run_dir), "port": 0, "host": "127.0.0.1",
+    } | ({"chunk_bytes": args.chunk_bytes} if getattr(args, "chunk_bytes", 0) else {}) \
+      | ({"max_workers": args.max_workers} if getattr(args, "max_workers", 0) else {})
+
+
+def worker_command(args: argparse.Namespace, spec: RunSpec, port: int, first: int, n: int) -> list[str]:
+    """A load process: threads (_load_worker.py) or, for thousands of clients, coroutines (_aio_load_worker.py)."""
+    worker = getattr(args, "worker", "auto")
+    aio = worker == "aio" or (worker == "auto" and spec.clients > 1000)
+    command = [str(HERE / ("_aio_load_worker.py" if aio else "_load_worker.py")), "--server", f"127.0.0.1:{port}",
+               "--first-index", str(first), "--clients", str(n), "--resend-every", str(args.resend_every)]
+    return command
 
 
 def one_run(spec: RunSpec, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -126,9 +145,7 @@ def one_run(spec: RunSpec, args: argparse.Namespace, tmp: Path) -> dict[str, Any
         started = time.monotonic()
         rss_listening = psutil.Process(server.pid).memory_info().rss
         sizes = [spec.clients // spec.processes + (i < spec.clients % spec.processes) for i in range(spec.processes)]
-        workers = [children.start([str(HERE / "_load_worker.py"), "--server", f"127.0.0.1:{port}",
-                                   "--first-index", str(sum(sizes[:i])), "--clients", str(n),
-                                   "--resend-every", str(args.resend_every)])
+        workers = [children.start(worker_command(args, spec, port, sum(sizes[:i]), n))
                    for i, n in enumerate(sizes) if n]
         snaps: list[tuple[int, float, list[float]]] = []
         reaped = wait4(server, args.timeout_s, run_dir=run_dir, rounds=spec.rounds,
@@ -171,6 +188,7 @@ def one_run(spec: RunSpec, args: argparse.Namespace, tmp: Path) -> dict[str, Any
         "rss_timeline_mb": sampler.timeline(started),
         "rounds_window_s": rounds_end - started,
     }
+    result["coordinator_threads_max"] = sampler.threads_max
     result["coordinator_cpu_s"] = reaped["cpu_s"]
     if len(snaps) == 2 and snaps[1][0] > snaps[0][0]:
         n = snaps[1][0] - snaps[0][0]
@@ -187,7 +205,7 @@ def clients_of(outs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def print_run(r: dict[str, Any]) -> None:
     lat, mem, c = r["latency_s"], r["memory"], r["checks"]
     rs, cl = lat["round_s_excl_round_0"], lat["client_assignment_to_accepted"]
-    print(f"  {r['label']:<14}{r['clients']:>8}{r['rounds']:>7}{r['parameters']:>11,}"
+    print(f"  {r['label']:<14}{r['clients']:>8}{r['sampled_per_round']:>7}{r['rounds']:>7}{r['parameters']:>11,}"
           f"  {rs.get('p50', 0):6.3f} {rs.get('p90', 0):6.3f} {rs.get('p99', 0):6.3f} {rs.get('max', 0):6.3f}"
           f"  {lat['round_0_s']:6.2f}  {cl.get('p50', 0):6.3f} {cl.get('p99', 0):6.3f}"
           f"  {mem['peak_rss_in_rounds_mb']:7.0f} {mem['growth_mb']:+7.0f}"
@@ -199,13 +217,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=256, help="concurrent clients, all sampled every round (default: 256)")
     parser.add_argument("--processes", type=int, default=4, help="load-generator processes the clients are spread over (default: 4)")
+    parser.add_argument("--clients-per-round", type=int, default=0,
+                        help="clients sampled per round (default: all); the others keep long-polling")
+    parser.add_argument("--worker", choices=["auto", "threads", "aio"], default="auto",
+                        help="load processes: a thread per client, or coroutines (default auto: aio above 1000 clients)")
     parser.add_argument("--rounds", type=int, default=20, help="training rounds of the main run (default: 20)")
     parser.add_argument("--algorithm", default="reptile", choices=["reptile", "fomaml", "maml"],
                         help="the coordinator's algorithm: its outer step is replayed to check theta (default: reptile)")
     parser.add_argument("--round-deadline-s", type=float, default=30.0, help="the coordinator's round deadline (default: 30, its own default)")
     parser.add_argument("--poll-timeout-s", type=float, default=10.0, help="the coordinator's long-poll (default: 10, its own default)")
     parser.add_argument("--max-workers", type=int, default=0,
-                        help="the coordinator's gRPC threads (default: clients + 64; each waiting client holds one)")
+                        help="the coordinator's worker threads (default: its own default)")
     parser.add_argument("--resend-every", type=int, default=8,
                         help="client i sends its accepted update of round r a second time when (i + r) %% N == 0, "
                              "as after a lost reply; it must come back as a duplicate (default: 8; 0: never)")
@@ -227,7 +249,8 @@ def main() -> int:
     if args.clients < 1 or args.processes < 1 or args.rounds < 1:
         parser.error("--clients, --processes and --rounds: expected positive integers")
 
-    specs = [RunSpec(f"mlp-{args.clients}", args.clients, args.processes, args.rounds, args.round_deadline_s)]
+    specs = [RunSpec(f"mlp-{args.clients}", args.clients, args.processes, args.rounds, args.round_deadline_s,
+                     per_round=args.clients_per_round)]
     if not args.no_rss_runs:
         few = args.rss_few_clients or max(1, args.clients // 8)
         for n in (few, args.clients):
@@ -238,9 +261,9 @@ def main() -> int:
     monitor = CpuMonitor()
     tmp = Path(tempfile.mkdtemp(prefix="fedmeta-load-"))
     runs = []
-    print(f"  {'run':<14}{'clients':>8}{'rounds':>7}{'params':>11}  round_s excl. round 0"
+    print(f"  {'run':<14}{'clients':>8}{'sampled':>7}{'rounds':>7}{'params':>11}  round_s excl. round 0"
           f"       round0  client s      RSS MB, rounds  exactly theta  no    client\n"
-          f"  {'':<40}  {'p50':>6} {'p90':>6} {'p99':>6} {'max':>6}  {'':>6}  {'p50':>6} {'p99':>6}"
+          f"  {'':<47}  {'p50':>6} {'p90':>6} {'p99':>6} {'max':>6}  {'':>6}  {'p50':>6} {'p99':>6}"
           f"  {'peak':>7} {'growth':>7}  {'once':>5} {'ok':>5} {'stall':>5} {'errors':>6}", flush=True)
     try:
         for spec in specs:
@@ -269,10 +292,11 @@ def main() -> int:
     ok = all(all(r["checks"].values()) for r in runs)
     cpu = monitor.stop()
     result: dict[str, Any] = {
-        "settings": {"clients": args.clients, "processes": args.processes, "rounds": args.rounds,
+        "settings": {"clients": args.clients, "clients_per_round": args.clients_per_round or args.clients,
+                     "worker": args.worker, "processes": args.processes, "rounds": args.rounds,
                      "algorithm": args.algorithm, "aggregator": "mean", "round_deadline_s": args.round_deadline_s,
                      "poll_timeout_s": args.poll_timeout_s, "resend_every": args.resend_every,
-                     "max_workers": args.max_workers or "clients + 64",
+                     "max_workers": args.max_workers or "coordinator default",
                      "rss_runs": not args.no_rss_runs, "rss_dim": args.rss_dim, "rss_rounds": args.rss_rounds,
                      "rss_round_deadline_s": args.rss_round_deadline_s, "coordinator_env": args.coordinator_env,
                      "poll_ms": args.poll_ms, "chunk_bytes": args.chunk_bytes or "default"},

@@ -15,7 +15,7 @@ the stream and nothing after it is read, and the SHA-256 digest must match.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -137,6 +137,32 @@ def receive_tensor_set(stream: Stream[Any], header: TensorSetHeader, messages: I
     `count` adds message_bytes of every chunk read, also when the transfer fails.
     """
     return _reassemble(header, _chunks(stream, messages, count), max_bytes=max_bytes, expected=expected)
+
+
+async def collect_tensor_set(stream: Stream[Any], header: TensorSetHeader, read: Callable[[], Awaitable[Any]], *,
+                             max_bytes: int, expected: Sequence[TensorSpec] | None = None,
+                             count: WireBytes | None = None) -> EncodedTensorSet:
+    """receive_tensor_set for a coroutine (the coordinator's SubmitUpdate): the messages come from
+    `await read()` (None at the stream's end), checked the same way; returns the payload with its
+    digest verified, for decode() (O(model): the caller runs it off the event loop)."""
+    if expected is not None:
+        check_specs(header.specs, expected)
+    assembler = Reassembler(header, max_bytes=max_bytes)
+    while True:
+        msg = await read()
+        if msg is None:
+            if stream.end is not None:
+                raise TensorSetError(f"the {stream.what} stream ended without its end message; the {stream.what} "
+                                     "is not counted")
+            break
+        if stream.end is not None and msg.HasField("end"):
+            break
+        if not msg.HasField("chunk"):
+            raise TensorSetError(stream.not_a_chunk())
+        if count is not None:
+            count.add(msg)
+        assembler.add(*chunk_from_proto(msg.chunk))
+    return assembler.finish()
 
 
 def receive_parameters(messages: Iterator[pb.FetchParametersResponse], *, max_bytes: int | None,

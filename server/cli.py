@@ -12,7 +12,6 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-import grpc
 import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -22,7 +21,7 @@ from fedmeta.common.logformat import fields
 from fedmeta.server import local, trackers
 from fedmeta.server.config import ServerConfig, add_arguments, describe, resolve
 from fedmeta.server.coordinator import Coordinator
-from fedmeta.server.grpc_server import create_server
+from fedmeta.server.grpc_server import Server, create_server
 from fedmeta.server.memory import fix_mmap_threshold
 
 log = logging.getLogger("fedmeta.server")
@@ -202,7 +201,7 @@ def run_centralized(config: ServerConfig, *, progress_bar: bool) -> int:
     return 0
 
 
-def shutdown(server: grpc.Server, coordinator: Coordinator, *, grace_s: float = 2.0) -> None:
+def shutdown(server: Server, coordinator: Coordinator, *, grace_s: float = 2.0) -> None:
     """Stop in the order that leaves nothing half-done and no thread racing interpreter exit:
     1. the coordinator stops opening rounds, and its long-polls answer UNAVAILABLE (clients retry);
     2. the gRPC server stops accepting calls, lets running ones end for grace_s, cancels the rest,
@@ -268,7 +267,8 @@ def serve(config: ServerConfig, *, progress_bar: bool, log_format: str = "text")
             progress.close()
         if board is not None:
             board.close()
-        shutdown(server, coordinator)
+        # a finished run: thousands of FINISHED answers and Leave calls may still be in flight
+        shutdown(server, coordinator, grace_s=10.0 if coordinator.finished.is_set() else 2.0)
         local.stop(procs, timeout_s=10.0 if coordinator.finished.is_set() else 0.0)
         coordinator.runstate.close_sinks()
         if metrics is not None:

@@ -17,6 +17,7 @@ collects pre/post-adaptation losses, then the run is FINISHED.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -41,6 +42,7 @@ from fedmeta.server.admission import (Admission, Ticket, UpdateMeta, assigned_ta
 from fedmeta.server.broadcast import Broadcast, Wire, WireCache, version_of
 from fedmeta.server.clientstats import ClientStats
 from fedmeta.server.buffered_run import BufferedRounds
+from fedmeta.server.changes import Changes
 from fedmeta.server.config import ServerConfig
 from fedmeta.server.errors import Rejected
 from fedmeta.server.registry import ClientInfo, Registry
@@ -54,6 +56,7 @@ from fedmeta.server.validation import Best
 __all__ = ["Action", "Assignment", "ClientInfo", "Coordinator", "Rejected", "Round", "Ticket", "UpdateMeta"]
 
 log = logging.getLogger("fedmeta.coordinator")
+POLL_RECHECK_S = 5.0  # a waiting long-poll re-reads its assignment at least this often
 
 
 class Action(Enum):
@@ -82,9 +85,10 @@ class Coordinator:
         self.algorithm = get_algorithm(self.run.algorithm)
         self.clock = clock
         self._on_round = on_round
-        self._cond = threading.Condition()
-        self._uploads = threading.BoundedSemaphore(config.max_concurrent_uploads)
-        self._downloads = threading.BoundedSemaphore(config.max_concurrent_downloads)
+        self._cond = Changes()
+        # taken by the service's coroutines (server/service.py), on its event loop
+        self._uploads = asyncio.Semaphore(config.max_concurrent_uploads)
+        self._downloads = asyncio.Semaphore(config.max_concurrent_downloads)
         self._wire = WireCache(config.run.chunk_bytes)
         self._stopping = threading.Event()
         self.finished = threading.Event()
@@ -229,7 +233,7 @@ class Coordinator:
         with self._cond:
             self._check_available()
             self.registry.join(client_id, device=device, num_tasks=num_tasks, now=self.clock(), busy=self.busy())
-            self._cond.notify_all()
+            self._cond.notify_all(polls=())  # for the round thread: no one's assignment changed
         self.stats.joined(client_id)
         return self.run
 
@@ -244,7 +248,7 @@ class Coordinator:
                 rnd.dropped.add(client_id)
             log.log(logging.DEBUG if self.finished.is_set() else logging.INFO, "client %s left", client_id,
                     extra=fields(event="client_left", client=client_id))
-            self._cond.notify_all()
+            self._cond.notify_all(polls=(client_id,))
 
     def heartbeat(self, client_id: str, round_index: int) -> bool:
         """A computing client is alive: renew its lease. Returns whether its round still wants it."""
@@ -259,11 +263,12 @@ class Coordinator:
     def check_run(self, run_id: str) -> None:
         check_run(run_id, self.run.run_id)
 
-    def wait(self, client_id: str, timeout_s: float, is_active: Callable[[], bool] = lambda: True) -> Assignment:
-        """Long-poll: block until this client has work, the run finishes, or timeout_s passes.
+    async def wait(self, client_id: str, timeout_s: float) -> Assignment:
+        """Long-poll: until this client has work, the run finishes, or timeout_s passes.
 
-        is_active reports whether the caller is still connected; a dead caller stops
-        counting as a live client within a second.
+        A coroutine on the service's event loop: it parks an event under the client's id
+        (server/changes.py) and holds no thread while it waits. A caller that hangs up
+        cancels it, and it stops counting as polling at once.
         """
         deadline = self.clock() + timeout_s
         with self._cond:
@@ -271,22 +276,34 @@ class Coordinator:
             if info.polling > 0:
                 deadline = 0.0  # one long-poll per client id: a second one is answered at once
             info.polling += 1
-            try:
-                while True:
+        event: asyncio.Event | None = None
+        try:
+            while True:
+                with self._cond:
+                    if event is not None:
+                        self._cond.unpark(client_id, event)
+                        if info.left:
+                            self.registry.check_not_revoked(client_id)
+                            raise Rejected(grpc.StatusCode.NOT_FOUND, f"client {client_id!r} left the run",
+                                           Reason.NOT_JOINED)
                     self._check_available()
                     info.last_seen = self.clock()
                     assignment = self._assignment_for(client_id)
                     remaining = deadline - self.clock()
-                    if assignment.action != Action.WAIT or remaining <= 0 or not is_active():
+                    if assignment.action != Action.WAIT or remaining <= 0:
                         if assignment.action == Action.FINISHED:
                             info.told_finished = True
                         return assignment
-                    self._cond.wait(timeout=min(remaining, 1.0))
-                    if info.left:
-                        self.registry.check_not_revoked(client_id)
-                        raise Rejected(grpc.StatusCode.NOT_FOUND, f"client {client_id!r} left the run",
-                                       Reason.NOT_JOINED)
-            finally:
+                    event = self._cond.park(client_id)
+                try:
+                    # woken by notify_all; the cap re-checks state no notification covers
+                    await asyncio.wait_for(event.wait(), timeout=min(remaining, POLL_RECHECK_S))
+                except TimeoutError:
+                    pass
+        finally:
+            with self._cond:
+                if event is not None:
+                    self._cond.unpark(client_id, event)
                 info.polling -= 1
                 info.last_seen = self.clock()
 
@@ -309,7 +326,7 @@ class Coordinator:
             return len(self.registry.live(self.clock()))
 
     def uploads_in_use(self) -> int:
-        """Upload slots held now (BoundedSemaphore keeps its free count in _value, as tests read it)."""
+        """Upload slots held now (asyncio.Semaphore keeps its free count in _value, as tests read it)."""
         return self.config.max_concurrent_uploads - self._uploads._value  # type: ignore[attr-defined]
 
     def _buffered_assignment(self, client_id: str) -> Assignment:
@@ -383,7 +400,7 @@ class Coordinator:
                 # Only the round thread cares, and only once every sampled client answered (it
                 # wakes at the deadline by itself): waking every waiting long-poll on every
                 # update cost 256 clients half the coordinator's CPU (benchmarks/load_clients.py).
-                self._cond.notify_all()
+                self._cond.notify_all(polls=())
         if not duplicate:
             self.stats.trained(cid, ticket.meta.metrics)
         return duplicate
@@ -392,11 +409,11 @@ class Coordinator:
         """The most an update may weigh: the tasks the coordinator assigned a client for the round."""
         return assigned_tasks(self.run, meta)
 
-    def upload_slot(self) -> threading.BoundedSemaphore:
+    def upload_slot(self) -> asyncio.Semaphore:
         """Bounds how many update payloads are buffered at once (memory: one model each)."""
         return self._uploads
 
-    def download_slot(self) -> threading.BoundedSemaphore:
+    def download_slot(self) -> asyncio.Semaphore:
         """Bounds how many parameter streams send at once (memory: a few chunks each)."""
         return self._downloads
 

@@ -2,7 +2,7 @@
 
 The coordinator's parts raise Rejected(code, message, reason); the codec raises
 TensorSetError (INVALID_ARGUMENT, BAD_TENSORS) and TensorSetTooLarge (RESOURCE_EXHAUSTED,
-TOO_LARGE). `refusals` wraps a servicer method (unary or streaming) and aborts the call
+TOO_LARGE). `refusals` wraps an async servicer method and aborts the call
 with the code, the message clipped to MAX_MESSAGE_CHARS, and the reason as the trailing
 metadata entry `fedmeta-reason` (common/refusal.py).
 """
@@ -57,14 +57,14 @@ def refusal_of(exc: BaseException) -> Refusal | None:
     return None
 
 
-def abort(context: grpc.ServicerContext, refusal: Refusal) -> NoReturn:
+async def abort(context: grpc.aio.ServicerContext, refusal: Refusal) -> NoReturn:
     if refusal.reason is not None:
         context.set_trailing_metadata(reason_metadata(refusal.reason))
-    context.abort(refusal.code, refusal.message)
+    await context.abort(refusal.code, refusal.message)
     raise AssertionError("unreachable")  # context.abort raises
 
 
-def _refuse(servicer: Any, request: Any, context: grpc.ServicerContext, exc: Exception) -> NoReturn:
+async def _refuse(servicer: Any, request: Any, context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
     """Count the refusal (servicer.note_refusal, if it has one), then abort the call with it."""
     refusal = refusal_of(exc)
     assert refusal is not None
@@ -72,24 +72,18 @@ def _refuse(servicer: Any, request: Any, context: grpc.ServicerContext, exc: Exc
     client_id = getattr(request, "client_id", None)  # None: a request stream (SubmitUpdate counts its own)
     if note is not None and isinstance(client_id, str):
         note("" if getattr(exc, "identity", False) else client_id, refusal.code, refusal.message, refusal.reason)
-    abort(context, refusal)
+    await abort(context, refusal)
 
 
 def refusals(method: F) -> F:
-    """Servicer method decorator: Rejected / TensorSetError -> context.abort(code, message) + reason."""
-    if inspect.isgeneratorfunction(method):
-        @functools.wraps(method)
-        def stream(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-            try:
-                yield from method(self, request, context)
-            except (Rejected, TensorSetError) as exc:
-                _refuse(self, request, context, exc)
-        return stream  # type: ignore[return-value]
+    """Decorator of an async servicer method: Rejected / TensorSetError -> context.abort(code, message) + reason."""
+    if not inspect.iscoroutinefunction(method):
+        raise TypeError(f"{method.__qualname__}: refusals wraps coroutine methods (the service runs on grpc.aio)")
 
     @functools.wraps(method)
-    def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+    async def call(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return method(self, request, context)
+            return await method(self, request, context)
         except (Rejected, TensorSetError) as exc:
-            _refuse(self, request, context, exc)
-    return unary  # type: ignore[return-value]
+            await _refuse(self, request, context, exc)
+    return call  # type: ignore[return-value]

@@ -2,13 +2,22 @@
 
 `create_server(config, coordinator) -> (server, port)` binds but does not start; tests bind
 127.0.0.1:0. The RPC handlers are in server/service.py.
+
+The server is grpc.aio on an event loop of its own thread (Server below, with the start /
+stop / wait_for_termination of a grpc.Server, so the CLI and tests drive it the same way).
+The Coordinator, Health and Reflection services are coroutines; the Admin service (a few
+operator calls) runs on --max-workers threads, which also take the coordinator's O(model)
+work (decoding, aggregating, serialising θ) off the loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,6 +29,7 @@ from fedmeta.server.admin_service import AdminService
 from fedmeta.server.auth import TokenInterceptor, TokenStore
 from fedmeta.server.config import ServerConfig, is_loopback
 from fedmeta.server.coordinator import Coordinator
+from fedmeta.server.limits import StreamIdle
 from fedmeta.server.service import _MESSAGE_OVERHEAD, SERVICE_NAME, CoordinatorService
 
 log = logging.getLogger("fedmeta.service")
@@ -49,30 +59,39 @@ def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
     ]
 
 
-class _Reflection(reflection.ReflectionServicer):
-    """Server reflection whose streams take a stream slot and are cancelled when idle, like updates."""
+class _Reflection(reflection.aio.ReflectionServicer):
+    """Server reflection whose streams take a stream slot and end when idle, like updates."""
 
     def __init__(self, names: tuple[str, ...], service: CoordinatorService) -> None:
         super().__init__(names)
         self.service = service
 
-    def ServerReflectionInfo(self, request_iterator, context):  # type: ignore[no-untyped-def]
+    async def ServerReflectionInfo(self, request_iterator, context):  # type: ignore[no-untyped-def,override]
         service = self.service
         if not service.streams.try_enter():
-            context.abort(grpc.StatusCode.UNAVAILABLE, "too many streams are open; retry shortly")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "too many streams are open; retry shortly")
         try:
-            with service.watchdog.watch(context) as w:
-                yield from super().ServerReflectionInfo(service.watchdog.requests(w, request_iterator), context)
+            timer = service.timer()
+
+            async def requests():  # type: ignore[no-untyped-def]
+                while (request := await service.read(context, timer)) is not None:
+                    yield request
+
+            try:
+                async for response in super().ServerReflectionInfo(requests(), context):
+                    yield response
+            except StreamIdle:
+                await service.idle(context)
         finally:
             service.streams.leave()
 
 
-class _Health(health.HealthServicer):
-    """Health checking with Check only: a Watch stream would hold a worker thread for as long as
-    the peer likes (orchestrator probes and grpc_health_probe use Check)."""
+class _Health(health.aio.HealthServicer):
+    """Health checking with Check only: a Watch stream would be held for as long as the peer
+    likes (orchestrator probes and grpc_health_probe use Check)."""
 
-    def Watch(self, request, context, send_response_callback=None):  # type: ignore[no-untyped-def]
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "Health.Watch is not served; use Health.Check")
+    async def Watch(self, request, context):  # type: ignore[no-untyped-def,override]
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Health.Watch is not served; use Health.Check")
 
 
 def _as_is(message: bytes | pb.FetchParametersResponse) -> bytes:
@@ -92,7 +111,7 @@ class _Handlers:
         self.methods = dict(methods)
 
 
-def add_coordinator_service(service: CoordinatorService, server: grpc.Server) -> None:
+def add_coordinator_service(service: CoordinatorService, server: grpc.aio.Server) -> None:
     """The generated Coordinator handlers, with FetchParameters sending the serialised messages
     the coordinator makes once per θ version as they are (server/broadcast.py WireCache)."""
     collected = _Handlers()
@@ -106,26 +125,93 @@ def add_coordinator_service(service: CoordinatorService, server: grpc.Server) ->
     server.add_registered_method_handlers(SERVICE_NAME, collected.methods)
 
 
-def create_server(config: ServerConfig, coordinator: Coordinator) -> tuple[grpc.Server, int]:
+class Server:
+    """The coordinator's grpc.aio server, served by an event loop on a thread of its own."""
+
+    def __init__(self, config: ServerConfig, coordinator: Coordinator) -> None:
+        self.workers = futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="fedmeta-work")
+        self.loop = asyncio.new_event_loop()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._serve_loop, name="fedmeta-grpc-loop", daemon=True)
+        self._thread.start()
+        coordinator._cond.bind(self.loop)
+        try:
+            self.server, self.port = self._call(_build(config, coordinator, self.workers))
+        except BaseException:
+            self._close_loop()
+            raise
+
+    def _serve_loop(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            self.loop.close()
+            self.workers.shutdown(wait=False, cancel_futures=True)
+            self._stopped.set()
+
+    def _call(self, coroutine: Any, timeout: float | None = 30.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def start(self) -> None:
+        self._call(self.server.start())
+
+    def stop(self, grace: float | None) -> threading.Event:
+        """Stop serving: calls in flight get `grace` seconds (None: cancelled now). Returns an event set
+        once the server and its loop have stopped (like grpc.Server.stop)."""
+        if not self._stopped.is_set():
+            try:
+                asyncio.run_coroutine_threadsafe(self._halt(grace), self.loop)
+            except RuntimeError:  # the loop already closed
+                pass
+        return self._stopped
+
+    async def _halt(self, grace: float | None) -> None:
+        try:
+            await self.server.stop(grace)
+        finally:
+            current = asyncio.current_task()
+            rest = [t for t in asyncio.all_tasks() if t is not current]
+            for task in rest:
+                task.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
+            self.loop.stop()
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
+
+    def _close_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=30)
+
+
+def create_server(config: ServerConfig, coordinator: Coordinator) -> tuple[Server, int]:
     """A started-but-not-serving gRPC server bound to config.host:config.port; returns (server, port)."""
+    server = Server(config, coordinator)
+    return server, server.port
+
+
+async def _build(config: ServerConfig, coordinator: Coordinator,
+                 workers: futures.ThreadPoolExecutor) -> tuple[grpc.aio.Server, int]:
     max_message = config.run.chunk_bytes + _MESSAGE_OVERHEAD
     interceptors = [TokenInterceptor(TokenStore(Path(config.tokens_file)))] if config.tokens_file else []
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="fedmeta-rpc"),
+    server = grpc.aio.server(
+        migration_thread_pool=workers,  # the Admin service's handlers are plain functions
         interceptors=interceptors,
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", max_message),
             ("grpc.max_send_message_length", max_message),
             ("grpc.so_reuseport", 0),
-            # No automatic growth of HTTP/2 flow-control windows: clients waiting for an upload
-            # slot would otherwise buffer ever larger parts of their updates in the server
-            # (+490 MB vs +172 MB for 64 clients x 4 MB, benchmarks/load_clients.py).
+            # No automatic growth of HTTP/2 flow-control windows: a stream waiting for an upload
+            # slot holds at most its initial window (64 KiB) of its update in the server; its
+            # client waits for flow control (+490 MB vs +172 MB for 64 clients x 4 MB before,
+            # benchmarks/load_clients.py).
             ("grpc.http2.bdp_probe", 0),
             *connection_options(config),
         ],
     )
-    service = CoordinatorService(coordinator)
+    service = CoordinatorService(coordinator, workers)
     add_coordinator_service(service, server)
     # The Admin service exists only with an admin credential: without one there is nobody it
     # could be for, and a service that is not registered answers UNIMPLEMENTED to every caller.
@@ -135,7 +221,7 @@ def create_server(config: ServerConfig, coordinator: Coordinator) -> tuple[grpc.
     health_servicer = _Health()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if not config.no_reflection:
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(_Reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

@@ -1,30 +1,30 @@
-"""Bounds on what one peer can hold: stream idle time, threads per kind of call, Join rate.
+"""Bounds on what one peer can hold: stream idle time and length, streams at once, Join rate.
 
-The sync gRPC server gives a handler a blocking request iterator and a thread for the
-whole call, so a peer that opens a stream and then sends nothing holds that thread (and
-maybe an upload slot) until the call's deadline, which the peer chooses. Three bounds
-keep the coordinator answering:
+The coordinator serves on grpc.aio (server/grpc_server.py): a waiting call is a coroutine,
+not a thread, so what a peer holds is memory and a slot, and each has a bound:
 
-- StreamWatchdog: one thread for every stream of the process. A stream registers a
-  Watch; while the handler waits on the peer (for the next request message, or for the
-  peer to take a response) the watch records since when. Once that wait passes
-  --stream-idle-s, or the stream has lasted max_s (120 s: twice the deadline fedmeta's
-  client gives a stream, so a peer trickling one byte per idle period still ends), the
-  watchdog calls context.cancel(), which ends the blocked read with an error in the
-  handler, whose `finally` frees the slot. Cost: one thread in all and a
-  scan of the open streams every idle_s / 4, instead of a reader thread per stream.
-- Gate: at most `limit` handlers of one kind at once (long-polls, streams), so waiting
-  calls can never take the threads Join, Heartbeat and SubmitUpdate need.
+- StreamTimer: every wait of a stream on its peer (for the next request message, or for the
+  peer's flow-control window to take a response) ends after --stream-idle-s, and the stream
+  ends after max_s in all (120 s: twice the deadline fedmeta's client gives a stream, so a
+  peer trickling one byte per idle period still ends). The service then ends the call with
+  CANCELLED, and its `finally` frees the slots. No thread watches: each wait is an
+  asyncio.wait_for.
+- Gate: at most `limit` holders of one kind at once (open update and parameter streams:
+  --max-streams), so idle streams cannot grow the coordinator's memory without bound.
+- KeyedGate: one holder per key (one upload per client id).
 - JoinRateLimiter: a token bucket per peer address: rate r per second, burst 10 r.
+
+A waiting long-poll needs no gate of its own: one per client id is held (a second is
+answered at once) and the registry holds at most --max-clients ids.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable
 from typing import TypeVar
 
 import grpc
@@ -32,78 +32,25 @@ import grpc
 T = TypeVar("T")
 
 
-class Watch:
-    """One stream's wait on its peer: since when (monotonic seconds), or None while not waiting."""
-
-    __slots__ = ("context", "waiting_since", "cancelled", "ends_by")
-
-    def __init__(self, context: grpc.ServicerContext, ends_by: float) -> None:
-        self.context = context
-        self.waiting_since: float | None = None
-        self.cancelled = False
-        self.ends_by = ends_by
+class StreamIdle(Exception):
+    """A stream waited on its peer for longer than --stream-idle-s, or lasted longer than max_s."""
 
 
-class StreamWatchdog:
-    """Cancels streams that wait on their peer for longer than idle_s."""
+class StreamTimer:
+    """One stream's bounds: idle_s for each wait on the peer, max_s for the whole stream."""
 
     def __init__(self, idle_s: float, *, max_s: float = 120.0) -> None:
         self.idle_s = idle_s
-        self.max_s = max_s  # a stream that trickles a message just often enough still ends by then
-        self._lock = threading.Lock()
-        self._watches: set[Watch] = set()
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
+        self.ends_by = time.monotonic() + max_s
 
-    @contextmanager
-    def watch(self, context: grpc.ServicerContext) -> Iterator[Watch]:
-        w = Watch(context, time.monotonic() + self.max_s)
-        with self._lock:
-            self._watches.add(w)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="fedmeta-stream-watchdog", daemon=True)
-                self._thread.start()
+    async def bounded(self, waiting: Awaitable[T]) -> T:
+        """await `waiting` (a read from or a write to the peer) for at most the time left."""
+        left = min(self.idle_s, self.ends_by - time.monotonic())
         try:
-            yield w
-        finally:
-            with self._lock:
-                self._watches.discard(w)
-
-    def requests(self, w: Watch, iterator: Iterator[T]) -> Iterator[T]:
-        """The request messages, with the time spent waiting for each one watched."""
-        while True:
-            w.waiting_since = time.monotonic()
-            try:
-                message = next(iterator)
-            except StopIteration:
-                return
-            finally:
-                w.waiting_since = None
-            yield message
-
-    def responses(self, w: Watch, iterator: Iterator[T]) -> Iterator[T]:
-        """The response messages, with the time the peer takes to accept each one watched.
-
-        gRPC resumes this generator only after the previous message was handed to the
-        transport, which waits for the peer's flow-control window: a peer that reads
-        nothing leaves the generator suspended, with waiting_since set."""
-        for message in iterator:
-            w.waiting_since = time.monotonic()
-            yield message
-            w.waiting_since = None
-
-    def _run(self) -> None:
-        while not self._stop.wait(max(0.05, self.idle_s / 4)):
-            now = time.monotonic()
-            with self._lock:
-                stale = [w for w in self._watches if not w.cancelled and (
-                    now > w.ends_by or (w.waiting_since is not None and now - w.waiting_since > self.idle_s))]
-            for w in stale:
-                w.cancelled = True
-                w.context.cancel()
-
-    def stop(self) -> None:
-        self._stop.set()
+            return await asyncio.wait_for(waiting, timeout=max(0.0, left))
+        except TimeoutError:
+            raise StreamIdle(f"no progress from the peer for {self.idle_s:g} s (--stream-idle-s), or the stream "
+                             "outlasted its limit") from None
 
 
 class Gate:

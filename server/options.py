@@ -46,7 +46,7 @@ class ServerConfig:
         "leaves glibc's dynamic threshold; MALLOC_MMAP_THRESHOLD_ in the environment wins", default=131072,
         minimum=0))
     max_concurrent_downloads: int = field(metadata=setting(
-        "parameter streams sending at once; the others wait (holding a thread, no memory) for a free one (peak "
+        "parameter streams sending at once; the others wait (holding no thread and no memory) for a free one (peak "
         "memory: about 3 x --chunk-bytes each; raise it for many clients on slow links)", default=16, minimum=1))
     aggregator: str = field(metadata=setting(
         "how a round's updates combine: mean and clipped-mean stream in O(model) memory; median and trimmed-mean "
@@ -64,8 +64,12 @@ class ServerConfig:
         "port to bind, 0 picks a free one (default: 50051; with --local-clients, a free one)", minimum=0,
         maximum=65535, derive=lambda v: 0 if v["local_clients"] else 50051))
     max_workers: int = field(metadata=setting(
-        "gRPC worker threads: long-polls may hold half, update and parameter streams a quarter, the rest stays "
-        "free for Join, Heartbeat and Leave", default=64, minimum=4))
+        "worker threads for the coordinator's O(model) work (decoding and adding updates, serialising θ) and "
+        "the Admin calls; RPCs themselves are coroutines on one event loop, so a waiting client holds no "
+        "thread", default=8, minimum=4))
+    max_streams: int = field(metadata=setting(
+        "update and parameter streams open at once (each holds at most a 64 KiB flow-control window of "
+        "memory while it waits); more are refused with UNAVAILABLE and retried", default=2048, minimum=1))
     run_dir: Path = field(metadata=setting(
         "run directory (default: runs/<algorithm>-<task>-<time>); an existing one resumes", type=str,
         default=None, to_field=_run_dir))
@@ -112,9 +116,10 @@ class ServerConfig:
         "allow a non-loopback --host without TLS (plaintext on the network)"))
     no_reflection: bool = field(default=False, metadata=setting(
         "do not serve gRPC server reflection (it tells any caller the service names and the proto schema)"))
-    max_concurrent_rpcs: int = field(default=1024, metadata=setting(
-        "RPCs in flight or queued at once; more are refused with RESOURCE_EXHAUSTED, which clients retry after a "
-        "backoff", minimum=8))
+    max_concurrent_rpcs: int = field(default=20000, metadata=setting(
+        "RPCs in flight at once, waiting long-polls included (each a coroutine of a few kB, no thread: twice "
+        "--max-clients by default); more are refused with RESOURCE_EXHAUSTED, which clients retry after a backoff",
+        minimum=8))
     stream_idle_s: float = field(default=5.0, metadata=setting(
         "an update or parameter stream that moves no message for this long is cancelled and its thread and upload "
         "slot freed; keep it above the time one --chunk-bytes chunk takes on the slowest client's link (1 MiB in "

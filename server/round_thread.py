@@ -172,7 +172,7 @@ class RoundThread:
             log.info("round %d starts with %d of %d clients (only %d live after %.0f s)", decision.index,
                      len(decision.sampled), self.c.policy.clients_per_round, decision.short_of, decision.waited_s,
                      extra=fields(event="round_short", round=decision.index))
-        self.c._cond.notify_all()
+        self.c._cond.notify_all(polls=decision.sampled)  # only the sampled clients' long-polls wake
 
     def _try_open(self) -> None:
         now = self.c.clock()

@@ -1,29 +1,44 @@
-"""The gRPC face of the coordinator: the Coordinator service's RPC handlers (server/grpc_server.py builds the server)."""
+"""The gRPC face of the coordinator: the Coordinator service's RPC handlers, on grpc.aio.
+
+Every handler is a coroutine on the server's event loop (server/grpc_server.py): a waiting
+long-poll, a stream waiting for an upload slot and a stream waiting on its peer hold no
+thread. What costs CPU in proportion to the model (decoding and checking an update, adding
+it to the round's aggregate, serialising a new θ for the parameter streams) runs on the
+worker threads (--max-workers), off the loop; the rest are short calls under the
+coordinator's lock.
+
+Memory under concurrency is O(model): an update's payload is read only once it holds one of
+--max-concurrent-uploads slots; the streams waiting for a slot read nothing, so HTTP/2 flow
+control holds their data in the clients (a stream's window, 64 KiB, is all the coordinator
+buffers for it).
+"""
 
 from __future__ import annotations
 
-import itertools
+import asyncio
 import logging
+from concurrent.futures import Executor
 from pathlib import Path
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import grpc
 
 from fedmeta.common import PROTOCOL_VERSION
 from fedmeta.common.algorithms import UpdateKind
-from fedmeta.common.codec import EncodedTensorSet, TensorSetError, TensorSetTooLarge
+from fedmeta.common.codec import EncodedTensorSet, TensorSetError, TensorSetTooLarge, decode
 from fedmeta.common.config import check_client_id
 from fedmeta.common.logformat import fields
 from fedmeta.common.proto import pb, pb_grpc
 from fedmeta.common.refusal import Reason
 from fedmeta.common.textsafe import RateLimit, clip
-from fedmeta.common.transfer import UPDATE, WireBytes, receive_tensor_set
+from fedmeta.common.transfer import UPDATE, WireBytes, collect_tensor_set
 from fedmeta.common.wire import header_from_proto, header_to_proto, run_config_to_proto
 from fedmeta.server.auth import CLIENT_ID_KEY
 from fedmeta.server.config import read_allowed_clients
 from fedmeta.server.coordinator import Action, Coordinator, UpdateMeta
 from fedmeta.server.errors import MAX_MESSAGE_CHARS, Rejected, refusal_of, refusals
-from fedmeta.server.limits import Gate, JoinRateLimiter, KeyedGate, StreamWatchdog, peer_address
+from fedmeta.server.limits import Gate, JoinRateLimiter, KeyedGate, StreamIdle, StreamTimer, peer_address
 
 log = logging.getLogger("fedmeta.service")
 
@@ -40,9 +55,11 @@ _KINDS = {
     pb.UPDATE_KIND_EVALUATION: None,
 }
 _MESSAGE_OVERHEAD = 64 * 1024
+T = TypeVar("T")
+Context = grpc.aio.ServicerContext
 
 
-def certificate_names(context: grpc.ServicerContext) -> list[str]:
+def certificate_names(context: Context) -> list[str]:
     """The CN and SANs of the peer's verified client certificate (empty without mutual TLS)."""
     auth = context.auth_context()
     raw = auth.get("x509_common_name", []) + auth.get("x509_subject_alternative_name", [])
@@ -55,7 +72,7 @@ def _peer_client(first: pb.SubmitUpdateRequest | None) -> str:
     return repr(clip(first.header.client_id, 64))
 
 
-def _peer_host(context: grpc.ServicerContext) -> str:
+def _peer_host(context: Context) -> str:
     """The peer's address without its port ("ipv4:10.0.0.7"): one key per machine, not per connection."""
     peer = context.peer() or "unknown"
     host = peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
@@ -70,8 +87,9 @@ REFUSAL_LOG_WINDOW_S = 60.0
 class CoordinatorService(pb_grpc.CoordinatorServicer):
     """Translates RPCs into Coordinator calls; @refusals turns Rejected into status codes and reasons."""
 
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: Coordinator, workers: Executor) -> None:
         self.coordinator = coordinator
+        self.workers = workers
         self.run = coordinator.run
         config = coordinator.config
         self.require_client_cert = config.require_client_cert
@@ -79,18 +97,34 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.admin_name = config.admin_cert_name
         self._refusals = RateLimit(burst=REFUSAL_LOG_BURST, window_s=REFUSAL_LOG_WINDOW_S)
         self.allowed = read_allowed_clients(Path(config.allowed_clients)) if config.allowed_clients else None
-        # Thread budget (--max-workers W): long-polls W/2, streams W/4, the rest for short calls.
-        self.polls = Gate(max(1, config.max_workers // 2))
-        self.streams = Gate(max(1, config.max_workers // 4))
+        self.streams = Gate(config.max_streams)  # open update and parameter streams (each: a window of memory)
         self.uploading = KeyedGate()
-        self.watchdog = StreamWatchdog(config.stream_idle_s)
+        self.stream_idle_s = config.stream_idle_s
         self.joins = JoinRateLimiter(config.joins_per_s)
+
+    async def off_loop(self, work: Callable[..., T], *args: Any) -> T:
+        """Run O(model) work on the worker threads, not the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.workers, work, *args)
+
+    def timer(self) -> StreamTimer:
+        return StreamTimer(self.stream_idle_s)
+
+    @staticmethod
+    async def read(context: Context, timer: StreamTimer) -> Any:
+        """The next request message, None at the stream's end; StreamIdle if the peer stalls."""
+        message = await timer.bounded(context.read())
+        return None if message is grpc.aio.EOF else message
+
+    async def idle(self, context: Context) -> None:
+        log.info("stream from %s cancelled: no progress for %g s (--stream-idle-s)", context.peer(), self.stream_idle_s)
+        await context.abort(grpc.StatusCode.CANCELLED, f"the coordinator ended this stream: no progress for "
+                            f"{self.stream_idle_s:g} s (--stream-idle-s)")
 
     def note_refusal(self, client_id: str, code: grpc.StatusCode, message: str, reason: Reason | None) -> None:
         """Counted for the status snapshot (server/clientstats.py), per reason and per joined client."""
         self.coordinator.stats.refused(client_id, reason.value if reason is not None else code.name, message)
 
-    def _log_refusal(self, context: grpc.ServicerContext, first: pb.SubmitUpdateRequest | None, code: str,
+    def _log_refusal(self, context: Context, first: pb.SubmitUpdateRequest | None, code: str,
                      message: str) -> None:
         """One bounded line per refused update, at most REFUSAL_LOG_BURST per peer machine per minute."""
         peer = _peer_host(context)
@@ -107,7 +141,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             log.warning("over %d refused updates from %s this minute: not logging more of them until it ends",
                         REFUSAL_LOG_BURST, peer)
 
-    def _client_id(self, context: grpc.ServicerContext, client_id: str) -> str:
+    def _client_id(self, context: Context, client_id: str) -> str:
         """A well-formed client id that, under mutual TLS, the peer's certificate names."""
         denied = grpc.StatusCode.PERMISSION_DENIED
         try:
@@ -134,7 +168,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return client_id
 
     @refusals
-    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
+    async def Join(self, request: pb.JoinRequest, context: Context) -> pb.JoinResponse:
         client_id = self._client_id(context, request.client_id)
         if not self.joins.allow(peer_address(context)):
             raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -150,23 +184,17 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return response
 
     @refusals
-    def WaitForAssignment(
-        self, request: pb.WaitForAssignmentRequest, context: grpc.ServicerContext
+    async def WaitForAssignment(
+        self, request: pb.WaitForAssignmentRequest, context: Context
     ) -> pb.WaitForAssignmentResponse:
+        """Holds no thread while it waits (Coordinator.wait is a coroutine); one per client id."""
         client_id = self._client_id(context, request.client_id)
         timeout = self.run.poll_timeout_s
         remaining = context.time_remaining()
         if remaining is not None:
             timeout = max(0.0, min(timeout, remaining - 0.5))
-        # Over the long-poll budget the call becomes a short poll: it answers at once (work if
-        # there is some, else WAIT) and the client pauses before asking again (client/worker.py).
-        held = self.polls.try_enter()
-        try:
-            self.coordinator.check_run(request.run_id)
-            a = self.coordinator.wait(client_id, timeout if held else 0.0, context.is_active)
-        finally:
-            if held:
-                self.polls.leave()
+        self.coordinator.check_run(request.run_id)
+        a = await self.coordinator.wait(client_id, timeout)
         response = pb.WaitForAssignmentResponse(
             action=_ACTIONS[a.action], round=a.round, parameter_version=a.version, detail=a.detail,
             validation=a.validation,
@@ -180,38 +208,39 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return response
 
     @refusals
-    def FetchParameters(
-        self, request: pb.FetchParametersRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.FetchParametersResponse]:
+    async def FetchParameters(self, request: pb.FetchParametersRequest, context: Context) -> None:
         if not self.streams.try_enter():
             raise Rejected(grpc.StatusCode.UNAVAILABLE, "too many streams are open; retry shortly", Reason.BUSY)
         try:
-            with self.watchdog.watch(context) as w:
-                yield from self.watchdog.responses(w, self._fetch(request, context))
+            await self._fetch(request, context)
+        except StreamIdle:
+            await self.idle(context)
         finally:
             self.streams.leave()
 
-    def _fetch(
-        self, request: pb.FetchParametersRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.FetchParametersResponse]:
+    async def _fetch(self, request: pb.FetchParametersRequest, context: Context) -> None:
         client_id = self._client_id(context, request.client_id)
         self.coordinator.check_run(request.run_id)
         # Each sending stream holds about three copies of a chunk (the message, its serialised
         # bytes, gRPC's buffer) until the peer's window takes it: a bounded number send at once,
         # so memory stays O(model + slots x chunk) however many clients fetch together.
         slot = self.coordinator.download_slot()
-        if not slot.acquire(timeout=self.coordinator.config.round_deadline_s):
+        try:
+            await asyncio.wait_for(slot.acquire(), timeout=self.coordinator.config.round_deadline_s)
+        except TimeoutError:
             raise Rejected(grpc.StatusCode.UNAVAILABLE, "too many parameter streams are sending; retry shortly",
-                           Reason.BUSY)
+                           Reason.BUSY) from None
         try:
             encoded: EncodedTensorSet = self.coordinator.acquire_parameters(client_id, request.parameter_version)
             sent = 0
+            timer = self.timer()
             try:
-                # serialised once per version and sent as they are (server/grpc_server.py registers
-                # FetchParameters with a serialiser that passes bytes through)
-                for data, counted in self.coordinator.parameter_wire(request.parameter_version, encoded):
+                # serialised once per version (off the loop) and sent as they are (server/grpc_server.py
+                # registers FetchParameters with a serialiser that passes bytes through)
+                wire = await self.off_loop(self.coordinator.parameter_wire, request.parameter_version, encoded)
+                for data, counted in wire:
+                    await timer.bounded(context.write(data))  # waits for the peer's flow-control window
                     sent += counted
-                    yield data  # type: ignore[misc]
             finally:
                 self.coordinator.release_parameters()
                 self.coordinator.count_bytes(sent=sent, received=request.ByteSize(), client=client_id)
@@ -219,34 +248,25 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             slot.release()
 
     @refusals
-    def SubmitUpdate(
-        self, request_iterator: Iterator[pb.SubmitUpdateRequest], context: grpc.ServicerContext
-    ) -> pb.SubmitUpdateResponse:
-        """Bounded per call: a stream slot (--max-workers / 4), one upload per client id, and
-        --stream-idle-s between messages (the watchdog cancels a stream that stalls)."""
+    async def SubmitUpdate(self, request_iterator: Any, context: Context) -> pb.SubmitUpdateResponse:
+        """Bounded per call: a stream slot (--max-streams), one upload per client id, an upload slot
+        before the payload is read, and --stream-idle-s for each wait on the peer."""
         try:
-            return self._submit_bounded(request_iterator, context)
+            return await self._submit_bounded(context)
         except (Rejected, TensorSetError) as exc:
             refusal = refusal_of(exc)
             self.coordinator.telemetry.update_refused(refusal.reason if refusal is not None else None)
             raise
 
-    def _submit_bounded(
-        self, request_iterator: Iterator[pb.SubmitUpdateRequest], context: grpc.ServicerContext
-    ) -> pb.SubmitUpdateResponse:
+    async def _submit_bounded(self, context: Context) -> pb.SubmitUpdateResponse:
         if not self.streams.try_enter():
             raise Rejected(grpc.StatusCode.UNAVAILABLE, "too many streams are open; retry shortly", Reason.BUSY)
         claimed: list[str] = []
         try:
-            with self.watchdog.watch(context) as w:
-                requests = self.watchdog.requests(w, request_iterator)
-                try:
-                    return self._submit(requests, context, lambda cid: self._claim(cid, claimed))
-                except grpc.RpcError:
-                    if w.cancelled:
-                        log.info("update stream from %s cancelled: no message for %g s (--stream-idle-s)",
-                                 context.peer(), self.watchdog.idle_s)
-                    raise
+            return await self._submit(context, self.timer(), lambda cid: self._claim(cid, claimed))
+        except StreamIdle:
+            await self.idle(context)
+            raise AssertionError("unreachable") from None  # abort raises
         finally:
             for cid in claimed:
                 self.uploading.leave(cid)
@@ -261,18 +281,16 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                            Reason.BUSY)
         claimed.append(client_id)
 
-    def _submit(
-        self, request_iterator: Iterator[pb.SubmitUpdateRequest], context: grpc.ServicerContext,
-        claim: Callable[[str], None],
-    ) -> pb.SubmitUpdateResponse:
-        """The header is admitted (server/admission.py) before any chunk is read; the tensors are
-        committed (bounds, norm filter, counted once) after the end message."""
+    async def _submit(self, context: Context, timer: StreamTimer, claim: Callable[[str], None]) -> pb.SubmitUpdateResponse:
+        """The header is admitted (server/admission.py) before any chunk is read; the payload is read
+        once an upload slot is free; the tensors are committed (bounds, norm filter, counted once,
+        off the loop) after the end message."""
         received = WireBytes()
         first = None
         client = None
         stream_error = grpc.StatusCode.INVALID_ARGUMENT
         try:
-            first = next(request_iterator, None)
+            first = await self.read(context, timer)
             if first is None or not first.HasField("header"):
                 raise Rejected(stream_error, "the first message of SubmitUpdate must be the header", Reason.BAD_STREAM)
             received.add(first)
@@ -281,27 +299,29 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             ticket = self.coordinator.admit(meta)
             claim(ticket.meta.client_id)  # after the header checks: only a sampled client's id is held
             if ticket.duplicate:
-                self._drain(request_iterator)
+                while await self.read(context, timer) is not None:
+                    pass
                 return pb.SubmitUpdateResponse(accepted=True, duplicate=True)
             if not ticket.carries_tensors:
-                messages = list(itertools.islice(request_iterator, 2))
-                if len(messages) != 1 or not messages[0].HasField("end"):
+                end = await self.read(context, timer)
+                if end is None or not end.HasField("end") or await self.read(context, timer) is not None:
                     raise Rejected(stream_error, "an evaluation update is a header and an end message, with no "
                                    "chunks", Reason.BAD_STREAM)
                 duplicate = self.coordinator.commit(ticket, None)
                 return pb.SubmitUpdateResponse(accepted=True, duplicate=duplicate)
             slot = self.coordinator.upload_slot()
-            if not slot.acquire(timeout=self.coordinator.config.round_deadline_s):
+            try:
+                await asyncio.wait_for(slot.acquire(), timeout=self.coordinator.config.round_deadline_s)
+            except TimeoutError:
                 raise Rejected(grpc.StatusCode.UNAVAILABLE, "too many updates are streaming in; retry shortly",
-                               Reason.BUSY)
-            tensors = None
+                               Reason.BUSY) from None
             try:
                 assert ticket.meta.tensors is not None
-                tensors = receive_tensor_set(UPDATE, ticket.meta.tensors, request_iterator, count=received,
-                                             max_bytes=self.coordinator.config.max_update_bytes)
-                duplicate = self.coordinator.commit(ticket, tensors)
+                payload = await collect_tensor_set(UPDATE, ticket.meta.tensors, lambda: self.read(context, timer),
+                                                   count=received, max_bytes=self.coordinator.config.max_update_bytes)
+                duplicate = await self.off_loop(self._decode_commit, ticket, payload)
             finally:
-                tensors = None  # free the buffer before another upload may take the slot
+                payload = None  # free the buffer before another upload may take the slot
                 slot.release()
             return pb.SubmitUpdateResponse(accepted=True, duplicate=duplicate)
         except (Rejected, TensorSetError) as exc:
@@ -314,7 +334,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         finally:
             self.coordinator.count_bytes(received=received.total, client=client)
 
-    def _meta(self, header: pb.UpdateHeader, context: grpc.ServicerContext) -> UpdateMeta:
+    def _decode_commit(self, ticket: Any, payload: EncodedTensorSet) -> bool:
+        """On a worker thread: decode the verified payload (finite values) and commit it."""
+        return self.coordinator.commit(ticket, decode(payload))
+
+    def _meta(self, header: pb.UpdateHeader, context: Context) -> UpdateMeta:
         client_id = self._client_id(context, header.client_id)
         if header.kind not in _KINDS:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
@@ -335,20 +359,15 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             validation=header.validation,
         )
 
-    @staticmethod
-    def _drain(request_iterator: Iterator[pb.SubmitUpdateRequest]) -> None:
-        for _ in request_iterator:
-            pass
-
     @refusals
-    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveResponse:
+    async def Leave(self, request: pb.LeaveRequest, context: Context) -> pb.LeaveResponse:
         client_id = self._client_id(context, request.client_id)
         self.coordinator.check_run(request.run_id)
         self.coordinator.leave(client_id)
         return pb.LeaveResponse()
 
     @refusals
-    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: Context) -> pb.HeartbeatResponse:
         client_id = self._client_id(context, request.client_id)
         self.coordinator.check_run(request.run_id)
         return pb.HeartbeatResponse(still_needed=self.coordinator.heartbeat(client_id, int(request.round)))

@@ -79,12 +79,13 @@ def test_idle_update_streams_are_cancelled_and_free_their_slots(inprocess_server
         release.set()
 
 
-def test_idle_streams_and_long_polls_leave_threads_for_join(inprocess_server) -> None:
-    """64 streams that send nothing and 64 long-polls take at most their share of the 64 worker
-    threads (a quarter and a half); the rest is refused (streams: UNAVAILABLE) or answered at once
-    (polls: WAIT), and a Join with a one-second deadline is answered."""
+def test_idle_streams_and_long_polls_hold_no_threads(inprocess_server) -> None:
+    """64 long-polls and 64 streams that send nothing, against 4 worker threads: every long-poll
+    is held (a coroutine, not a thread), --max-streams 16 streams are held and the rest refused
+    with UNAVAILABLE, the process gains no thread per call, and a Join with a one-second
+    deadline is answered."""
     server = inprocess_server(rounds=3, clients_per_round=200, min_clients=1, round_deadline_s=120.0,
-                              poll_timeout_s=30.0, stream_idle_s=60.0, max_workers=64)
+                              poll_timeout_s=30.0, stream_idle_s=60.0, max_workers=4, max_streams=16)
     ids = [f"poller-{i}" for i in range(64)]
     run_id = join(server, ids[0]).run_id
     for cid in ids[1:]:
@@ -99,19 +100,24 @@ def test_idle_streams_and_long_polls_leave_threads_for_join(inprocess_server) ->
     polls = [server.stub.WaitForAssignment.future(pb.WaitForAssignmentRequest(run_id=run_id, client_id=cid), timeout=60)
              for cid in ids]
     try:
-        wait_for(lambda: sum(f.done() for f in streams) >= 48 and sum(f.done() for f in polls) >= 32,
-                 what="the calls over the thread budget to be answered")
+        wait_for(lambda: sum(f.done() for f in streams) >= 48, what="the streams over --max-streams to be refused")
+        wait_for(lambda: sum(c.polling for c in server.coordinator.registry.clients.values()) == 64,
+                 what="all 64 long-polls to be waiting")
         reply = server.stub.Join(pb.JoinRequest(client_id="late", protocol_version=PROTOCOL_VERSION), timeout=1.0)
         assert reply.config.run_id == run_id
         server.stub.Heartbeat(pb.HeartbeatRequest(run_id=run_id, client_id="late"), timeout=1.0)
         refused = [f.exception() for f in streams if f.done()]
+        assert len(refused) == 48
         assert {e.code() for e in refused} == {Code.UNAVAILABLE} and "retry" in refused[0].details()
-        assert {f.result().action for f in polls if f.done()} == {pb.ACTION_WAIT}
+        assert not any(f.done() for f in polls), "a waiting long-poll is answered only when it has work or times out"
+        # the coordinator's threads: its event loop, its 4 workers, the round thread (this test's
+        # client side has a thread per request stream, named otherwise)
+        server_threads = [t.name for t in threading.enumerate() if t.name.startswith("fedmeta-")]
+        assert len(server_threads) <= 6, server_threads
         # one long-poll per client id: a second one from a held id is answered at once, not in 30 s
-        held = next(cid for cid, f in zip(ids, polls) if not f.done())
-        again = server.stub.WaitForAssignment(pb.WaitForAssignmentRequest(run_id=run_id, client_id=held), timeout=2.0)
+        again = server.stub.WaitForAssignment(pb.WaitForAssignmentRequest(run_id=run_id, client_id=ids[0]), timeout=2.0)
         assert again.action == pb.ACTION_WAIT
-        # Health.Watch would hold a thread for as long as the peer likes: only Check is served
+        # Health.Watch would be held for as long as the peer likes: only Check is served
         watch = health_pb2_grpc.HealthStub(server.channel).Watch(health_pb2.HealthCheckRequest(), timeout=2.0)
         assert _refused(lambda: next(watch)).code() == Code.UNIMPLEMENTED
     finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import random
 import threading
 import time
@@ -14,7 +16,7 @@ from fedmeta.client import worker
 from fedmeta.client.retry import RPC_LIMIT_DETAILS, RetryPolicy, retryable, with_retry
 from fedmeta.server import grpc_server as service
 from fedmeta.server.config import build, read_allowed_clients
-from fedmeta.server.limits import Gate, JoinRateLimiter, KeyedGate, StreamWatchdog
+from fedmeta.server.limits import Gate, JoinRateLimiter, KeyedGate, StreamIdle, StreamTimer
 
 
 def test_join_bucket_allows_a_burst_then_the_rate() -> None:
@@ -97,31 +99,19 @@ def test_retry_rules() -> None:
     assert calls[1] - calls[0] >= 1.0  # overload is retried after a pause of at least a second, not at once
 
 
-class _Context:
-    """What the watchdog uses of a grpc.ServicerContext: cancel()."""
-
-    def __init__(self) -> None:
-        self.cancelled = threading.Event()
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-
-def test_watchdog_cancels_an_idle_stream_and_one_that_trickles_for_too_long() -> None:
-    dog = StreamWatchdog(0.2, max_s=1.0)
-    idle, trickle, busy = _Context(), _Context(), _Context()
-    with dog.watch(idle) as w:  # type: ignore[arg-type]
-        w.waiting_since = time.monotonic()
-        assert idle.cancelled.wait(5) and w.cancelled
-    with dog.watch(trickle) as w:  # type: ignore[arg-type]
+def test_stream_timer_ends_an_idle_wait_and_a_stream_that_trickles_for_too_long() -> None:
+    async def scenario() -> None:
+        never = asyncio.Event()
+        with pytest.raises(StreamIdle):  # a peer that sends nothing
+            await StreamTimer(0.2, max_s=10.0).bounded(never.wait())
+        trickle = StreamTimer(0.2, max_s=1.0)
         start = time.monotonic()
-        while not trickle.cancelled.is_set() and time.monotonic() - start < 10:
-            w.waiting_since = time.monotonic()  # a message every 0.05 s: never idle
-            time.sleep(0.05)
-            w.waiting_since = None
-        assert trickle.cancelled.is_set() and time.monotonic() - start >= 1.0
-    with dog.watch(busy) as w:  # type: ignore[arg-type]
-        for message in dog.requests(w, iter(range(3))):  # a peer that keeps sending is left alone
-            time.sleep(0.1)
-        assert not busy.cancelled.is_set()
-    dog.stop()
+        with pytest.raises(StreamIdle):  # a message every 0.05 s: never idle, but the stream ends at max_s
+            while time.monotonic() - start < 10:
+                await trickle.bounded(asyncio.sleep(0.05))
+        assert time.monotonic() - start >= 0.9
+        busy = StreamTimer(0.2, max_s=10.0)
+        for _ in range(3):  # a peer that keeps sending is left alone
+            assert await busy.bounded(asyncio.sleep(0.1, result="message")) == "message"
+
+    asyncio.run(scenario())

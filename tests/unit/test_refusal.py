@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from pathlib import Path
 
 import grpc
@@ -25,7 +27,7 @@ def test_the_reason_enum_is_the_proto_contract() -> None:
 
 
 class FakeContext:
-    """What @refusals uses of a grpc.ServicerContext: trailing metadata, then abort (which raises)."""
+    """What @refusals uses of a grpc.aio.ServicerContext: trailing metadata, then abort (a coroutine that raises)."""
 
     def __init__(self) -> None:
         self.trailing: tuple = ()
@@ -34,7 +36,7 @@ class FakeContext:
     def set_trailing_metadata(self, metadata) -> None:  # type: ignore[no-untyped-def]
         self.trailing = tuple(metadata)
 
-    def abort(self, code, message):  # type: ignore[no-untyped-def]
+    async def abort(self, code, message):  # type: ignore[no-untyped-def]
         self.aborted = (code, message)
         raise RuntimeError("aborted")
 
@@ -44,25 +46,24 @@ class FakeContext:
     (TensorSetTooLarge("too big"), grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.TOO_LARGE),
     (TensorSetError("bad digest"), grpc.StatusCode.INVALID_ARGUMENT, Reason.BAD_TENSORS),
 ])
-def test_one_decorator_maps_domain_errors_for_unary_and_streaming_handlers(error, code, reason) -> None:
+def test_one_decorator_maps_domain_errors_to_status_codes_and_reasons(error, code, reason) -> None:
     class Servicer:
         @refusals
-        def unary(self, request, context):  # type: ignore[no-untyped-def]
+        async def unary(self, request, context):  # type: ignore[no-untyped-def]
             raise error
 
-        @refusals
-        def stream(self, request, context):  # type: ignore[no-untyped-def]
-            yield 1
-            raise error
-
-    for call in (lambda c: Servicer().unary(None, c), lambda c: list(Servicer().stream(None, c))):
-        context = FakeContext()
-        with pytest.raises(RuntimeError, match="aborted"):
-            call(context)
-        assert context.aborted is not None and context.aborted[0] == code
-        assert len(context.aborted[1]) <= MAX_MESSAGE_CHARS + 40  # clipped, with a note of how much
-        assert reason_from_metadata(context.trailing) == reason
+    context = FakeContext()
+    with pytest.raises(RuntimeError, match="aborted"):
+        asyncio.run(Servicer().unary(None, context))
+    assert context.aborted is not None and context.aborted[0] == code
+    assert len(context.aborted[1]) <= MAX_MESSAGE_CHARS + 40  # clipped, with a note of how much
+    assert reason_from_metadata(context.trailing) == reason
     assert refusal_of(ValueError("not ours")) is None
+
+
+def test_the_decorator_refuses_a_plain_function() -> None:
+    with pytest.raises(TypeError, match="coroutine"):
+        refusals(lambda self, request, context: None)
 
 
 class FakeCall:

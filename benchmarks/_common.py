@@ -112,7 +112,9 @@ def summary_stats(values: Sequence[float]) -> dict[str, float]:
 class Child:
     """A child process whose stdout/stderr lines are collected by background threads."""
 
-    def __init__(self, args: Sequence[str], *, env: dict[str, str] | None = None, log_path: Path | None = None) -> None:
+    def __init__(self, args: Sequence[str], *, env: dict[str, str] | None = None, log_path: Path | None = None,
+                 python: str | None = None) -> None:
+        """Run `python args...` (python: this interpreter unless given, e.g. another venv's)."""
         self.args = list(args)
         self.lines: list[str] = []
         self.err_lines: list[str] = []
@@ -121,9 +123,9 @@ class Child:
         # Children import the code of the tree this benchmark lives in (also when that tree is a
         # snapshot outside the editable install's checkout).
         pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-        full_env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=pythonpath, **(env or {}))
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath, **(env or {})}
         self._log = open(log_path, "w") if log_path is not None else None
-        self.proc = subprocess.Popen([sys.executable, *self.args], cwd=ROOT, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen([python or sys.executable, *self.args], cwd=ROOT, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=full_env)
         self.pid = self.proc.pid
         self._threads = [threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines), daemon=True),

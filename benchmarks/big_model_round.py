@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -94,19 +95,15 @@ def _cpu(pids: list[int]) -> list[float] | None:
         return None
 
 
-def wait4(child: Any, timeout_s: float, *, run_dir: Path, rounds: int, pids: list[int],
-          snaps: list[tuple[int, float, list[float]]]) -> dict[str, Any]:
-    """Reap one child with os.wait4 (its own rusage, not the max over all children).
+def reap(child: Any, timeout_s: float, on_poll: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Wait for one child with os.wait4 (its own rusage, not the max over all children); on_poll runs meanwhile.
 
-    Meanwhile, snapshot the CPU time of pids after round 0 and before the last round.
+    Returns its exit code, ru_maxrss in MB and CPU seconds (user + system).
     """
     deadline = time.monotonic() + timeout_s
-    marks = (1, max(2, rounds - 1))
     while True:
-        if len(snaps) < 2 and _rounds_done(run_dir) >= marks[len(snaps)]:
-            cpu = _cpu(pids)
-            if cpu is not None:
-                snaps.append((_rounds_done(run_dir), time.monotonic(), cpu))
+        if on_poll is not None:
+            on_poll()
         pid, status, usage = os.wait4(child.pid, os.WNOHANG)
         if pid == child.pid:
             child.proc.returncode = os.waitstatus_to_exitcode(status)
@@ -114,8 +111,22 @@ def wait4(child: Any, timeout_s: float, *, run_dir: Path, rounds: int, pids: lis
             return {"returncode": child.proc.returncode, "ru_maxrss_mb": usage.ru_maxrss * 1024 / MB,
                     "cpu_s": usage.ru_utime + usage.ru_stime}
         if time.monotonic() > deadline:
-            raise RuntimeError(f"coordinator still running after {timeout_s} s:\n{child.output()[-4000:]}")
+            raise RuntimeError(f"{child.args[0]} still running after {timeout_s} s:\n{child.output()[-4000:]}")
         time.sleep(0.02)
+
+
+def wait4(child: Any, timeout_s: float, *, run_dir: Path, rounds: int, pids: list[int],
+          snaps: list[tuple[int, float, list[float]]]) -> dict[str, Any]:
+    """Reap the coordinator (see reap); meanwhile snapshot the CPU time of pids after round 0 and before the last round."""
+    marks = (1, max(2, rounds - 1))
+
+    def snapshot() -> None:
+        if len(snaps) < 2 and _rounds_done(run_dir) >= marks[len(snaps)]:
+            cpu = _cpu(pids)
+            if cpu is not None:
+                snaps.append((_rounds_done(run_dir), time.monotonic(), cpu))
+
+    return reap(child, timeout_s, snapshot)
 
 
 def one_run(uploads: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -162,6 +173,7 @@ def one_run(uploads: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]
         "max_concurrent_uploads": uploads,
         "parameters": own["parameters"],
         "payload_mb": own["payload_bytes"] / MB,
+        "round_s": round_s,
         "round_0_s": round_s[0],
         "round_s_excl_round_0": summary_stats(round_s[1:]),
         "round_s_excl_round_0_and_last": summary_stats(steady),
@@ -188,7 +200,7 @@ def one_run(uploads: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]
     }
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=12, help="training rounds per run, round 0 excluded (default: 12)")
     parser.add_argument("--uploads", default="2,1,4",
@@ -203,7 +215,21 @@ def main() -> int:
     parser.add_argument("--timeout-s", type=float, default=240.0, help="limit per run (default: 240)")
     parser.add_argument("--name", default=NAME, help=f"results file benchmarks/results/NAME.json (default: {NAME})")
     parser.add_argument("--no-wait-quiet", action="store_true", help="do not wait for an idle machine first")
-    args = parser.parse_args()
+    return parser
+
+
+def run_settings(**overrides: Any) -> argparse.Namespace:
+    """This script's default settings (what one_run reads), with overrides; for other benchmarks."""
+    args = build_parser().parse_args([])
+    for key, value in overrides.items():
+        if not hasattr(args, key):
+            raise ValueError(f"big_model_round has no setting {key!r}")
+        setattr(args, key, value)
+    return args
+
+
+def main() -> int:
+    args = build_parser().parse_args()
 
     info = machine()
     quiet = None if args.no_wait_quiet else wait_quiet()

@@ -133,6 +133,8 @@ def analyse(spec: Any, values: dict[str, Any], run_dir: Path, clients: list[dict
         "inlined_assignments": sum(c["inlined"] for c in clients),
         "fetches": sum(c["fetched"] for c in clients),
         "client_retries": sum(c["retries"] for c in clients),
+        "client_retry_codes": dict(sum((Counter(c.get("retry_codes", {})) for c in clients), Counter())),
+        "client_retry_details": {k: v for c in clients for k, v in c.get("retry_details", {}).items()},
         "leave_after_finished_refused": dict(Counter(c["leave_failed"] for c in clients if c["leave_failed"])),
         "client_errors": errors[:20],
         "client_error_count": len(errors),

@@ -18,6 +18,7 @@ class FlatLayout:
 
     def __init__(self, specs: Sequence[TensorSpec]) -> None:
         self.specs = tuple(specs)
+        self.names = tuple(s.name for s in self.specs)
         self.offsets: dict[str, tuple[int, int]] = {}
         offset = 0
         for s in self.specs:
@@ -42,7 +43,12 @@ class FlatLayout:
         return {s.name: flat[slice(*self.offsets[s.name])].view(s.shape) for s in self.specs}
 
     def add_(self, flat: torch.Tensor, tensors: Mapping[str, torch.Tensor], alpha: float) -> None:
-        """flat += alpha * tensors, in place, tensor by tensor."""
+        """flat += alpha * tensors, in place: in one op when they are decode()'s views of one vector
+        in this layout's order, else tensor by tensor."""
+        whole = getattr(tensors, "flat", None)
+        if whole is not None and whole.numel() == flat.numel() and tuple(tensors) == self.names:
+            flat.add_(whole, alpha=alpha)
+            return
         for name, t in tensors.items():
             a, b = self.offsets[name]
             flat[a:b].add_(t.reshape(-1), alpha=alpha)
@@ -103,6 +109,9 @@ def update_norm(tensors: Mapping[str, torch.Tensor]) -> float:
 
     (A float32 norm overflows to inf for values ~1e18 and more, which float32 holds finitely.)
     """
+    flat = getattr(tensors, "flat", None)  # common/codec.py TensorSet: all tensors as one vector
+    if flat is not None:
+        return float(torch.linalg.vector_norm(flat, dtype=torch.float64))
     return math.sqrt(sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in tensors.values()))
 
 

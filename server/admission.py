@@ -144,7 +144,8 @@ def check_header(run: RunConfig, meta: UpdateMeta, specs: tuple[TensorSpec, ...]
 
 def check_values(tensors: Mapping[str, torch.Tensor], max_update_norm: float | None) -> float:
     """Magnitude and (unless None) norm bounds; returns the update's L2 norm. O(model), no lock needed."""
-    peak = max((abs_max(t) for t in tensors.values()), default=0.0)
+    flat = getattr(tensors, "flat", None)  # decode()'s one vector under every tensor: one op, not one per tensor
+    peak = abs_max(flat) if flat is not None else max((abs_max(t) for t in tensors.values()), default=0.0)
     if not peak <= MAX_UPDATE_ABS:
         raise Rejected(INVALID, f"update values up to {peak:.3g} exceed {MAX_UPDATE_ABS:.0e}, more than a float32 "
                        "outer step can absorb (Adam squares them); no honest update is that large", Reason.BAD_VALUES)

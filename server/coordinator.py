@@ -56,7 +56,11 @@ from fedmeta.server.validation import Best
 __all__ = ["Action", "Assignment", "ClientInfo", "Coordinator", "Rejected", "Round", "Ticket", "UpdateMeta"]
 
 log = logging.getLogger("fedmeta.coordinator")
-POLL_RECHECK_S = 5.0  # a waiting long-poll re-reads its assignment at least this often
+# A waiting long-poll re-reads its assignment at least this often. Every change of an assignment
+# notifies (server/changes.py), so this is a safety net: 10,000 parked polls re-checking every
+# 5 s cost the coordinator about a second of CPU per 5 s.
+POLL_RECHECK_S = 30.0
+JOIN_NOTIFY_S = 0.05  # Joins wake the round thread at most this often (it also wakes every 0.5 s)
 
 
 class Action(Enum):
@@ -86,6 +90,7 @@ class Coordinator:
         self.clock = clock
         self._on_round = on_round
         self._cond = Changes()
+        self._join_notified = -1e9
         # taken by the service's coroutines (server/service.py), on its event loop
         self._uploads = asyncio.Semaphore(config.max_concurrent_uploads)
         self._downloads = asyncio.Semaphore(config.max_concurrent_downloads)
@@ -232,8 +237,13 @@ class Coordinator:
     def join(self, client_id: str, *, device: str, num_tasks: int) -> RunConfig:
         with self._cond:
             self._check_available()
-            self.registry.join(client_id, device=device, num_tasks=num_tasks, now=self.clock(), busy=self.busy())
-            self._cond.notify_all(polls=())  # for the round thread: no one's assignment changed
+            now = self.clock()
+            self.registry.join(client_id, device=device, num_tasks=num_tasks, now=now, busy=self.busy)
+            if now - self._join_notified >= JOIN_NOTIFY_S:
+                # for the round thread (it may open a round now); no one's assignment changed. At most
+                # every JOIN_NOTIFY_S: each wake re-reads the registry, and 10,000 joins arrive in a burst
+                self._join_notified = now
+                self._cond.notify_all(polls=())
         self.stats.joined(client_id)
         return self.run
 
@@ -295,11 +305,12 @@ class Coordinator:
                             info.told_finished = True
                         return assignment
                     event = self._cond.park(client_id)
+                # woken by notify_all, or by this timer (a timer, not wait_for: no task per wait)
+                timer = asyncio.get_running_loop().call_later(min(remaining, POLL_RECHECK_S), event.set)
                 try:
-                    # woken by notify_all; the cap re-checks state no notification covers
-                    await asyncio.wait_for(event.wait(), timeout=min(remaining, POLL_RECHECK_S))
-                except TimeoutError:
-                    pass
+                    await event.wait()
+                finally:
+                    timer.cancel()
         finally:
             with self._cond:
                 if event is not None:
@@ -396,7 +407,7 @@ class Coordinator:
             if rnd is not None:
                 self.telemetry.update_accepted("validation" if rnd.validation else
                                                "evaluation" if rnd.evaluation else "train")
-            if rnd is not None and (not rnd.sampled - rnd.answered or (cid in rnd.proven and rnd.proven <= rnd.answered)):
+            if rnd is not None and (rnd.sampled <= rnd.answered or (cid in rnd.proven and rnd.proven <= rnd.answered)):
                 # Only the round thread cares, and only once every sampled client answered (it
                 # wakes at the deadline by itself): waking every waiting long-poll on every
                 # update cost 256 clients half the coordinator's CPU (benchmarks/load_clients.py).
@@ -419,5 +430,4 @@ class Coordinator:
 
     # ---- the round thread -------------------------------------------------------------------------
     def _clients_view(self, now: float) -> rounds.Clients:
-        r = self.registry
-        return rounds.Clients(r.live(now), r.answered_counts(), r.benched_until())
+        return self.registry.view(now)  # type: ignore[return-value]  (duck-types rounds.Clients, lazily)

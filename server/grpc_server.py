@@ -208,6 +208,12 @@ async def _build(config: ServerConfig, coordinator: Coordinator,
             # client waits for flow control (+490 MB vs +172 MB for 64 clients x 4 MB before,
             # benchmarks/load_clients.py).
             ("grpc.http2.bdp_probe", 0),
+            # Calls that arrived but that the event loop has not picked up yet: gRPC cancels those
+            # over 1000 (3000 hard), which a burst of Joins or a round's updates from 1000 clients
+            # passes while the loop is busy (benchmarks/load_clients.py: 34,000 bare CANCELLED for
+            # 10,000 clients); --max-concurrent-rpcs bounds them instead.
+            ("grpc.server.max_pending_requests", config.max_concurrent_rpcs),
+            ("grpc.server.max_pending_requests_hard_limit", config.max_concurrent_rpcs),
             *connection_options(config),
         ],
     )

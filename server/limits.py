@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sys
 import threading
 import time
 from collections.abc import Awaitable
@@ -30,6 +31,7 @@ from typing import TypeVar
 import grpc
 
 T = TypeVar("T")
+_HAS_TIMEOUT = sys.version_info >= (3, 11)
 
 
 class StreamIdle(Exception):
@@ -45,9 +47,12 @@ class StreamTimer:
 
     async def bounded(self, waiting: Awaitable[T]) -> T:
         """await `waiting` (a read from or a write to the peer) for at most the time left."""
-        left = min(self.idle_s, self.ends_by - time.monotonic())
+        left = max(0.0, min(self.idle_s, self.ends_by - time.monotonic()))
         try:
-            return await asyncio.wait_for(waiting, timeout=max(0.0, left))
+            if _HAS_TIMEOUT:  # no task per wait, unlike wait_for (3 per update, 3,000 a round at scale)
+                async with asyncio.timeout(left):  # type: ignore[attr-defined]
+                    return await waiting
+            return await asyncio.wait_for(waiting, timeout=left)
         except TimeoutError:
             raise StreamIdle(f"no progress from the peer for {self.idle_s:g} s (--stream-idle-s), or the stream "
                              "outlasted its limit") from None

@@ -16,8 +16,9 @@ seconds passed in (`now`), so every rule here is a function of the registry and 
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,12 +71,14 @@ class Registry:
         self.seen = 0  # registrations: distinct ids, unless one was forgotten and came back
 
     # ---- membership -------------------------------------------------------------------------
-    def join(self, client_id: str, *, device: str, num_tasks: int, now: float, busy: Iterable[str] = ()) -> None:
-        """Register (or refresh) a client; `busy` are ids the open round still needs (never purged)."""
+    def join(self, client_id: str, *, device: str, num_tasks: int, now: float,
+             busy: Callable[[], Iterable[str]] = tuple) -> None:
+        """Register (or refresh) a client; `busy()` are ids the open round still needs (never purged),
+        asked for only when the registry is full."""
         self.check_not_revoked(client_id)
         info = self.clients.get(client_id)
         if info is None and len(self.clients) >= self.max_clients:
-            self.purge(now, busy=busy, left_too=True)
+            self.purge(now, busy=busy(), left_too=True)
             if len(self.clients) >= self.max_clients:
                 raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"the coordinator has {len(self.clients)} registered clients, its limit "
@@ -145,12 +148,16 @@ class Registry:
         return sorted(c.client_id for c in self.clients.values()
                       if not c.left and (c.polling > 0 or now - c.last_seen <= self.lease_s))
 
-    def answered_counts(self) -> dict[str, int]:
-        """Per client: rounds answered (the sampling's "proven" test is answered > 0)."""
-        return {cid: c.answered for cid, c in self.clients.items()}
+    def answered_counts(self) -> Mapping[str, int]:
+        """Per client: rounds answered (the sampling's "proven" test is answered > 0), read through."""
+        return _Field(self.clients, "answered")
 
-    def benched_until(self) -> dict[str, int]:
-        return {cid: c.benched_until for cid, c in self.clients.items()}
+    def benched_until(self) -> Mapping[str, int]:
+        return _Field(self.clients, "benched_until")
+
+    def view(self, now: float) -> RegistryView:
+        """The registry as the round policy sees it (rounds.Clients), without copying it."""
+        return RegistryView(self, now)
 
     # ---- after a round ------------------------------------------------------------------------
     def tally(self, round_index: int, answered: Iterable[str], silent: Iterable[str]) -> list[str]:
@@ -187,3 +194,36 @@ class Registry:
         self.seen = seen
         for cid, info in list(records.items())[: self.max_clients]:
             self.clients[cid] = ClientInfo.from_record(cid, info, now)
+
+
+class _Field(Mapping[str, int]):
+    """One ClientInfo field per client id, read from the registry (no copy: the round thread asks
+    for it on every decision, and copying 10,000 records each time held the lock for milliseconds)."""
+
+    def __init__(self, clients: dict[str, ClientInfo], name: str) -> None:
+        self._clients = clients
+        self._name = name
+
+    def __getitem__(self, client_id: str) -> int:
+        return int(getattr(self._clients[client_id], self._name))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._clients)
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+
+class RegistryView:
+    """rounds.Clients over the live registry: `live` (sorted, O(n log n)) is built on first use
+    only, which the policy needs to open or resample a round, not to wait for answers."""
+
+    def __init__(self, registry: Registry, now: float) -> None:
+        self._registry = registry
+        self._now = now
+        self.answered = registry.answered_counts()
+        self.benched_until = registry.benched_until()
+
+    @functools.cached_property
+    def live(self) -> list[str]:
+        return self._registry.live(self._now)

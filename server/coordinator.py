@@ -3,6 +3,7 @@
 No gRPC here beyond status codes: the service (server/service.py) turns RPCs into calls
 on Coordinator, which raises Rejected(code, message, reason) (server/errors.py) for bad ones.
 
+    longpoll.py   what a waiting client is told, and the long-poll coroutine
     registry.py   join, leave, heartbeats, leases, caps, purging, benching
     broadcast.py  θ's version, encoded payloads, readers, step in place or on a copy
     admission.py  every check of an update: admit(header) -> ticket, commit(ticket, tensors)
@@ -22,8 +23,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 import grpc
@@ -36,13 +35,14 @@ from fedmeta.common.codec import EncodedTensorSet, TensorSetHeader, TensorSpec
 from fedmeta.common.config import RunConfig
 from fedmeta.common.logformat import fields
 from fedmeta.common.refusal import Reason
-from fedmeta.server import rounds
+from fedmeta.server import longpoll, rounds
 from fedmeta.server.admission import (Admission, Ticket, UpdateMeta, assigned_tasks, check_cluster, check_run,
                                       check_values)
 from fedmeta.server.broadcast import Broadcast, Wire, WireCache, version_of
 from fedmeta.server.clientstats import ClientStats
 from fedmeta.server.buffered_run import BufferedRounds
 from fedmeta.server.changes import Changes
+from fedmeta.server.longpoll import Action, Assignment
 from fedmeta.server.config import ServerConfig
 from fedmeta.server.errors import Rejected
 from fedmeta.server.registry import ClientInfo, Registry
@@ -56,27 +56,7 @@ from fedmeta.server.validation import Best
 __all__ = ["Action", "Assignment", "ClientInfo", "Coordinator", "Rejected", "Round", "Ticket", "UpdateMeta"]
 
 log = logging.getLogger("fedmeta.coordinator")
-# A waiting long-poll re-reads its assignment at least this often. Every change of an assignment
-# notifies (server/changes.py), so this is a safety net: 10,000 parked polls re-checking every
-# 5 s cost the coordinator about a second of CPU per 5 s.
-POLL_RECHECK_S = 30.0
 JOIN_NOTIFY_S = 0.05  # Joins wake the round thread at most this often (it also wakes every 0.5 s)
-
-
-class Action(Enum):
-    TRAIN = "train"
-    EVALUATE = "evaluate"
-    WAIT = "wait"
-    FINISHED = "finished"
-
-
-@dataclass(frozen=True)
-class Assignment:
-    action: Action
-    round: int = 0
-    version: str = ""
-    detail: str = ""
-    validation: bool = False  # an EVALUATE on validation tasks, during training
 
 
 class Coordinator:
@@ -274,62 +254,11 @@ class Coordinator:
         check_run(run_id, self.run.run_id)
 
     async def wait(self, client_id: str, timeout_s: float) -> Assignment:
-        """Long-poll: until this client has work, the run finishes, or timeout_s passes.
-
-        A coroutine on the service's event loop: it parks an event under the client's id
-        (server/changes.py) and holds no thread while it waits. A caller that hangs up
-        cancels it, and it stops counting as polling at once.
-        """
-        deadline = self.clock() + timeout_s
-        with self._cond:
-            info = self.registry.known(client_id)
-            if info.polling > 0:
-                deadline = 0.0  # one long-poll per client id: a second one is answered at once
-            info.polling += 1
-        event: asyncio.Event | None = None
-        try:
-            while True:
-                with self._cond:
-                    if event is not None:
-                        self._cond.unpark(client_id, event)
-                        if info.left:
-                            self.registry.check_not_revoked(client_id)
-                            raise Rejected(grpc.StatusCode.NOT_FOUND, f"client {client_id!r} left the run",
-                                           Reason.NOT_JOINED)
-                    self._check_available()
-                    info.last_seen = self.clock()
-                    assignment = self._assignment_for(client_id)
-                    remaining = deadline - self.clock()
-                    if assignment.action != Action.WAIT or remaining <= 0:
-                        if assignment.action == Action.FINISHED:
-                            info.told_finished = True
-                        return assignment
-                    event = self._cond.park(client_id)
-                # woken by notify_all, or by this timer (a timer, not wait_for: no task per wait)
-                timer = asyncio.get_running_loop().call_later(min(remaining, POLL_RECHECK_S), event.set)
-                try:
-                    await event.wait()
-                finally:
-                    timer.cancel()
-        finally:
-            with self._cond:
-                if event is not None:
-                    self._cond.unpark(client_id, event)
-                info.polling -= 1
-                info.last_seen = self.clock()
+        """Long-poll: until this client has work, the run finishes, or timeout_s passes (server/longpoll.py)."""
+        return await longpoll.wait(self, client_id, timeout_s)
 
     def _assignment_for(self, client_id: str) -> Assignment:
-        if self.finished.is_set():
-            return Assignment(Action.FINISHED, detail="the run is finished")
-        rnd = self.state.round
-        if rnd is None and self.buffered is not None:
-            return self._buffered_assignment(client_id)
-        if rnd is None:
-            return Assignment(Action.WAIT, detail="waiting for clients to start the next round")
-        if client_id in rnd.sampled and client_id not in rnd.answered:
-            action = Action.EVALUATE if rnd.evaluation else Action.TRAIN
-            return Assignment(action, rnd.index, rnd.version, validation=rnd.validation)
-        return Assignment(Action.WAIT, detail=f"round {rnd.index} is in progress without you")
+        return longpoll.assignment_for(self, client_id)
 
     def live_clients(self) -> int:
         """Registered clients that called within their lease."""
@@ -339,15 +268,6 @@ class Coordinator:
     def uploads_in_use(self) -> int:
         """Upload slots held now (asyncio.Semaphore keeps its free count in _value, as tests read it)."""
         return self.config.max_concurrent_uploads - self._uploads._value  # type: ignore[attr-defined]
-
-    def _buffered_assignment(self, client_id: str) -> Assignment:
-        """--schedule buffered: TRAIN at once on the current θ while a slot is free (server/buffered.py)."""
-        assert self.buffered is not None
-        a = self.buffered.assignment(client_id)
-        if a is None:
-            return Assignment(Action.WAIT, detail=f"the {self.buffered.policy.max_assignments} training slots are "
-                              "taken, or an outer step or an evaluation is under way")
-        return Assignment(Action.TRAIN, a.number, a.version)
 
     def busy(self) -> set[str]:
         """Clients the run is waiting for: sampled in the open round, or holding a buffered assignment."""

@@ -101,7 +101,9 @@ def run_row(algorithm: str, setting: str, mode: str, split: Path, workdir: Path,
            "--shots", str(s["shots"]), "--eval-shots", str(s["shots"]),
            "--rounds", str(rounds), "--tasks-per-client", str(b["tasks"]),
            "--eval-tasks-per-client", str(EVAL_TASKS_PER_CLIENT), "--run-dir", str(run_dir), "--no-progress",
-           "--seed", "0", *b["flags"]]
+           # the evaluation round waits for all 5 clients (120 tasks each take up to a minute on 2
+           # cores), not the 30 s default deadline, which closed one row with 4 of them (480 tasks)
+           "--round-deadline-s", "600", "--seed", "0", *b["flags"]]
     if device != "cpu" and mode == "federated":
         cmd += ["--local-device", device]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
@@ -120,6 +122,8 @@ def run_row(algorithm: str, setting: str, mode: str, split: Path, workdir: Path,
         return {"error": (done.stderr.strip().splitlines() or ["?"])[-1], "command": command}
     summary = json.loads((run_dir / "summary.json").read_text())
     ev = summary["eval"]
+    if ev["tasks"] < CLIENTS * EVAL_TASKS_PER_CLIENT:
+        return {"error": f"evaluated on {ev['tasks']} tasks, not {CLIENTS * EVAL_TASKS_PER_CLIENT}", "command": command}
     return {
         "algorithm": algorithm, "setting": setting, "mode": mode, "device": device if mode == "federated" else "cpu",
         "accuracy": ev["accuracy_post"], "accuracy_pre": ev["accuracy_pre"], "ci95": ev.get("ci95"),

@@ -57,6 +57,17 @@ _KINDS = {
 _MESSAGE_OVERHEAD = 64 * 1024
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext
+# A call that may wait (a long-poll, a fetch waiting for a sending slot) holds its request while it
+# waits, and waiting costs no thread: an honest one is under 200 bytes (ids and a version digest),
+# so a peer padding them to the message limit (1 MiB) is refused before it waits.
+MAX_WAITING_REQUEST_BYTES = 4096
+
+
+def check_small(request: Any, rpc: str) -> None:
+    size = request.ByteSize()
+    if size > MAX_WAITING_REQUEST_BYTES:
+        raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"{rpc} request of {size} bytes; at most "
+                       f"{MAX_WAITING_REQUEST_BYTES} are accepted (ids and a parameter version)", identity=True)
 
 
 def certificate_names(context: Context) -> list[str]:
@@ -188,6 +199,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self, request: pb.WaitForAssignmentRequest, context: Context
     ) -> pb.WaitForAssignmentResponse:
         """Holds no thread while it waits (Coordinator.wait is a coroutine); one per client id."""
+        check_small(request, "WaitForAssignment")
         client_id = self._client_id(context, request.client_id)
         timeout = self.run.poll_timeout_s
         remaining = context.time_remaining()
@@ -219,6 +231,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             self.streams.leave()
 
     async def _fetch(self, request: pb.FetchParametersRequest, context: Context) -> None:
+        check_small(request, "FetchParameters")
         client_id = self._client_id(context, request.client_id)
         self.coordinator.check_run(request.run_id)
         # Each sending stream holds about three copies of a chunk (the message, its serialised

@@ -389,10 +389,11 @@ class RpcCase:
     word: str
 
 
-def _wait(run_id: str | None = None, client_id: str | None = None) -> Callable[[Session], object]:
+def _wait(run_id: str | None = None, client_id: str | None = None, held_version: str = "") -> Callable[[Session], object]:
     def call(s: Session) -> object:
         request = pb.WaitForAssignmentRequest(run_id=s.run_id if run_id is None else run_id,
-                                              client_id=s.client_id if client_id is None else client_id)
+                                              client_id=s.client_id if client_id is None else client_id,
+                                              held_version=held_version)
         return s.stub.WaitForAssignment(request, timeout=TIMEOUT_S)
     return call
 
@@ -445,6 +446,9 @@ RPC_CASES = [
     RpcCase("leave-wrong-run", _leave(run_id="someone-elses-run"), PRECONDITION, "run"),
     RpcCase("fetch-non-current-version", _fetch(version="0" * 64), PRECONDITION, "not current"),
     RpcCase("fetch-empty-version", _fetch(version=""), PRECONDITION, "not current"),
+    # a joined client's long-poll (or fetch) padded to hold 100 kB while it waits: refused first
+    RpcCase("wait-padded-request", _wait(held_version="v" * 100_000), BAD, "bytes"),
+    RpcCase("fetch-padded-version", _fetch(version="0" * 100_000), BAD, "bytes"),
     *(RpcCase(f"{rpc}-client-id-{kind}", make(client_id=cid), BAD, "client_id")  # type: ignore[operator]
       for kind, cid in MALFORMED_IDS.items()
       for rpc, make in (("join", _join), ("wait", _wait), ("fetch", _fetch), ("leave", _leave),

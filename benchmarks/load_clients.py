@@ -138,7 +138,7 @@ def one_run(spec: RunSpec, args: argparse.Namespace, tmp: Path) -> dict[str, Any
     flags = [item for k, v in values.items() for item in (f"--{k.replace('_', '-')}", str(v))]
     children = Children()
     try:
-        server = children.start(["-m", "fedmeta.server", *flags, "--no-progress"],
+        server = children.start(["-m", "fedmeta.server", *flags, *args.coordinator_flag, "--no-progress"],
                                 env=dict(kv.split("=", 1) for kv in args.coordinator_env))
         sampler = RssSampler(server.pid, args.poll_ms / 1e3)
         port = server.wait_listening()
@@ -240,6 +240,9 @@ def main() -> int:
     parser.add_argument("--rss-few-clients", type=int, default=0, help="clients of the smaller RSS run (default: clients / 8)")
     parser.add_argument("--coordinator-env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment for the coordinator, e.g. MALLOC_ARENA_MAX=2 (repeatable)")
+    parser.add_argument("--coordinator-flag", action="append", default=[], metavar="FLAG",
+                        help="an extra coordinator argument, e.g. --coordinator-flag=--max-concurrent-downloads=4 "
+                             "(repeatable)")
     parser.add_argument("--chunk-bytes", type=int, default=0, help="the run's --chunk-bytes (default: its own, 1 MiB)")
     parser.add_argument("--poll-ms", type=float, default=20.0, help="RSS polling interval (default: 20 ms)")
     parser.add_argument("--timeout-s", type=float, default=600.0, help="limit per run (default: 600)")
@@ -299,6 +302,7 @@ def main() -> int:
                      "max_workers": args.max_workers or "coordinator default",
                      "rss_runs": not args.no_rss_runs, "rss_dim": args.rss_dim, "rss_rounds": args.rss_rounds,
                      "rss_round_deadline_s": args.rss_round_deadline_s, "coordinator_env": args.coordinator_env,
+                     "coordinator_flags": args.coordinator_flag,
                      "poll_ms": args.poll_ms, "chunk_bytes": args.chunk_bytes or "default"},
         "all_checks_passed": ok,
         "runs": runs,

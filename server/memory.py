@@ -6,11 +6,16 @@ By default the threshold is dynamic: every time a mapped block is freed it rises
 block's size (up to 32 MiB). The coordinator frees megabyte buffers all the time (gRPC
 messages of --chunk-bytes, their serialised copies, decoded updates), so after the first
 round every such buffer comes from an arena, one arena per thread that touched it, and
-the arenas grow to hold the most buffers ever live at once in each of them:
-benchmarks/load_clients.py measured +457..479 MB for 64 clients sending a 4.1 MB model,
-+152..155 MB with the threshold fixed at glibc's own default of 128 KiB (which disables the
-dynamic rise). Setting the threshold with mallopt at start-up does the same as the
-environment variable MALLOC_MMAP_THRESHOLD_, which, when set, wins.
+the arenas grow to hold the most buffers ever live at once in each of them.
+
+The threshold is fixed at 64 KiB, below glibc's own starting value of 128 KiB: with hundreds
+of connections, buffers between 64 and 128 KiB pile up in the arenas as well (which ones is
+not traced; the growth they cause rises with the number of connections).
+benchmarks/load_clients.py, 256 clients uploading a 4.1 MB model at once, 3 rounds, in one
+sitting: +379 MB over idle with the dynamic threshold (fixed at
+128 KiB, the previous default: +349..355 MB), +95..103 MB fixed at 64 KiB, +100 MB at 32 KiB.
+Setting the threshold with mallopt at start-up does the same as the environment variable
+MALLOC_MMAP_THRESHOLD_, which, when set, wins.
 """
 
 from __future__ import annotations

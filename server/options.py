@@ -41,9 +41,9 @@ class ServerConfig:
     max_concurrent_uploads: int = field(metadata=setting(
         "updates buffered at once (peak memory: this many model copies)", default=2, minimum=1))
     malloc_mmap_threshold: int = field(metadata=setting(
-        "glibc: allocations from this many bytes are mapped and given back when freed; fixing it (glibc's own "
-        "default, 128 KiB) stops freed megabyte buffers piling up in per-thread arenas (server/memory.py); 0 "
-        "leaves glibc's dynamic threshold; MALLOC_MMAP_THRESHOLD_ in the environment wins", default=131072,
+        "glibc: allocations from this many bytes are mapped and given back when freed; fixing it stops freed "
+        "megabyte buffers and gRPC's connection buffers piling up in per-thread arenas (server/memory.py); 0 "
+        "leaves glibc's dynamic threshold; MALLOC_MMAP_THRESHOLD_ in the environment wins", default=65536,
         minimum=0))
     max_concurrent_downloads: int = field(metadata=setting(
         "parameter streams sending at once; the others wait (holding no thread and no memory) for a free one (peak "

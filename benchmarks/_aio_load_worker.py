@@ -5,8 +5,8 @@ stops at a few hundred clients per process. Here a process runs thousands of cli
 coroutines on one asyncio event loop, --clients-per-channel of them sharing a channel (its own
 TCP connection; calls are the threaded client's futures, see rpc()), and speaks the same protocol with the same updates (s * P, exact in float32,
 so load_clients.py replays θ bit for bit): Join -> WaitForAssignment long-polls -> the
-inlined parameters (digest checked) or FetchParameters -> SubmitUpdate (header, chunks,
-UpdateEnd), until FINISHED, then Leave. UNAVAILABLE and RESOURCE_EXHAUSTED are retried after a
+inlined parameters (digest checked) or FetchParameters -> SubmitInlineUpdate (one message; the
+sinusoid MLP's update is 7 KB) or SubmitUpdate (header, chunks, UpdateEnd), until FINISHED, then Leave. UNAVAILABLE and RESOURCE_EXHAUSTED are retried after a
 jittered pause (as client/retry.py does); FAILED_PRECONDITION is recorded and the client asks
 for new work; anything else is an error. The last stdout line is JSON, as _load_worker.py's.
 
@@ -36,7 +36,7 @@ from fedmeta.common.algorithms import UpdateKind, get_algorithm  # noqa: E402
 from fedmeta.common.codec import TensorSpec, specs_of  # noqa: E402
 from fedmeta.common.metrics import placeholder_metrics  # noqa: E402
 from fedmeta.common.proto import pb, pb_grpc  # noqa: E402
-from fedmeta.common.transfer import receive_inline, receive_parameters, update_messages  # noqa: E402
+from fedmeta.common.transfer import inline_update, receive_inline, receive_parameters, update_messages  # noqa: E402
 from fedmeta.common.wire import encoding_to_proto, run_config_from_proto  # noqa: E402
 
 T = TypeVar("T")
@@ -146,6 +146,11 @@ class AioClient:
         return specs_of(receive_parameters(iter(messages), max_bytes=None)[1])
 
     async def _submit(self, header: pb.UpdateHeader, encoded: Any) -> pb.SubmitUpdateResponse:
+        message = inline_update(header, encoded)  # as client/session.py does (small updates in one message)
+        if message is not None:
+            return await self._retry(lambda: rpc(
+                self.stub.SubmitInlineUpdate, message, timeout=_RPC_TIMEOUT_S, metadata=self.metadata),
+                "SubmitInlineUpdate")
         return await self._retry(lambda: rpc(
             self.stub.SubmitUpdate, update_messages(header, encoded, self.run.chunk_bytes), timeout=_RPC_TIMEOUT_S, metadata=self.metadata),
             "SubmitUpdate")

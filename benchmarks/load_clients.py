@@ -138,7 +138,7 @@ def one_run(spec: RunSpec, args: argparse.Namespace, tmp: Path) -> dict[str, Any
     flags = [item for k, v in values.items() for item in (f"--{k.replace('_', '-')}", str(v))]
     children = Children()
     try:
-        server = children.start(["-m", "fedmeta.server", *flags, *args.coordinator_flag, "--no-progress"],
+        server = children.start(["-m", "fedmeta.server", *flags, *getattr(args, "coordinator_flag", []), "--no-progress"],
                                 env=dict(kv.split("=", 1) for kv in args.coordinator_env))
         sampler = RssSampler(server.pid, args.poll_ms / 1e3)
         port = server.wait_listening()

@@ -23,7 +23,7 @@ from fedmeta.common.codec import EncodedTensorSet, TensorSpec
 from fedmeta.common.config import RunConfig
 from fedmeta.common.proto import pb, pb_grpc
 from fedmeta.common.refusal import NEW_WORK, REJOIN, reason_from_metadata
-from fedmeta.common.transfer import receive_parameters, update_messages
+from fedmeta.common.transfer import inline_update, receive_parameters, update_messages
 from fedmeta.common.wire import encoding_to_proto, run_config_from_proto
 
 T = TypeVar("T")
@@ -76,6 +76,7 @@ class Session:
         self.rng = rng if rng is not None else random.Random(client_id)
         self.rpc_timeout_s = rpc_timeout_s
         self.retries = 0
+        self.inline_updates = True  # until the coordinator answers SubmitInlineUpdate with UNIMPLEMENTED
 
     def close(self) -> None:
         self.channel.close()
@@ -121,8 +122,20 @@ class Session:
 
     def submit(self, header: pb.UpdateHeader, encoded: EncodedTensorSet | None, *,
                chunk_bytes: int) -> pb.SubmitUpdateResponse:
-        """Stream one update (header, chunks, end); a retry sends the whole stream again."""
+        """One update: in one message (SubmitInlineUpdate) when its payload is at most 64 KiB, else
+        streamed (header, chunks, end); a retry sends the whole update again. A coordinator that
+        does not serve SubmitInlineUpdate (UNIMPLEMENTED: an older release) gets streams from then on."""
         # overload=False: RESOURCE_EXHAUSTED on an update is its size cap, which no retry fixes.
+        message = inline_update(header, encoded) if self.inline_updates else None
+        if message is not None:
+            try:
+                return self._retry(lambda: self.stub.SubmitInlineUpdate(message, timeout=self.rpc_timeout_s,
+                                                                        metadata=self.metadata),
+                                   "SubmitInlineUpdate", overload=False)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                self.inline_updates = False
         return self._retry(lambda: self.stub.SubmitUpdate(update_messages(header, encoded, chunk_bytes),
                                                           timeout=self.rpc_timeout_s, metadata=self.metadata),
                            "SubmitUpdate", overload=False)

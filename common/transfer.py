@@ -5,6 +5,7 @@ payload in chunks of at most chunk_bytes, and, where the stream says so, an end 
 
     FetchParameters   (server stream)   header{version, tensors}  chunk*
     SubmitUpdate      (client stream)   header{update, tensors}   chunk*  end
+    SubmitInlineUpdate (one message)    header{update, tensors}, payload   (payloads <= 64 KiB)
     WaitForAssignment (one message)     parameters{tensors, payload}      (small models, inlined)
 
 The receiver trusts nothing it is sent: the header is checked against the expected specs
@@ -27,6 +28,9 @@ from fedmeta.common.proto import pb, tensor_pb
 from fedmeta.common.wire import chunk_from_proto, chunk_to_proto, header_from_proto, header_to_proto
 
 M = TypeVar("M")
+# The largest payload SubmitInlineUpdate takes: gRPC holds a unary request whole before the
+# coordinator reads it, so what a peer can make it hold is this times --max-streams.
+INLINE_UPDATE_MAX_BYTES = 64 * 1024
 # What the coordinator's byte counters add per chunk message besides its data (field tags, lengths).
 CHUNK_OVERHEAD_BYTES = 16
 
@@ -162,6 +166,25 @@ async def collect_tensor_set(stream: Stream[Any], header: TensorSetHeader, read:
         if count is not None:
             count.add(msg)
         assembler.add(*chunk_from_proto(msg.chunk))
+    return assembler.finish()
+
+
+def inline_update(header: pb.UpdateHeader, encoded: EncodedTensorSet | None) -> pb.InlineUpdate | None:
+    """The update as one SubmitInlineUpdate message, or None if its payload is over INLINE_UPDATE_MAX_BYTES."""
+    if encoded is None:
+        return pb.InlineUpdate(header=header)
+    if encoded.payload.nbytes > INLINE_UPDATE_MAX_BYTES:
+        return None
+    full = pb.UpdateHeader()
+    full.CopyFrom(header)
+    full.tensors.CopyFrom(header_to_proto(encoded.header))
+    return pb.InlineUpdate(header=full, payload=bytes(encoded.payload))
+
+
+def collect_inline_update(update: pb.InlineUpdate, header: TensorSetHeader, *, max_bytes: int) -> EncodedTensorSet:
+    """An inline update's payload, checked as a stream's is (size cap, whole, digest)."""
+    assembler = Reassembler(header, max_bytes=max_bytes)
+    assembler.add(0, update.payload)
     return assembler.finish()
 
 

@@ -32,7 +32,8 @@ from fedmeta.common.logformat import fields
 from fedmeta.common.proto import pb, pb_grpc
 from fedmeta.common.refusal import Reason
 from fedmeta.common.textsafe import RateLimit, clip
-from fedmeta.common.transfer import UPDATE, WireBytes, collect_tensor_set
+from fedmeta.common.transfer import (INLINE_UPDATE_MAX_BYTES, UPDATE, WireBytes, collect_inline_update,
+                                     collect_tensor_set)
 from fedmeta.common.wire import header_from_proto, header_to_proto, run_config_to_proto
 from fedmeta.server.auth import CLIENT_ID_KEY
 from fedmeta.server.config import read_allowed_clients
@@ -298,44 +299,47 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         """The header is admitted (server/admission.py) before any chunk is read; the payload is read
         once an upload slot is free; the tensors are committed (bounds, norm filter, counted once,
         off the loop) after the end message."""
-        received = WireBytes()
+        return await self._take(context, claim, _StreamBody(self, context, timer))
+
+    @refusals
+    async def SubmitInlineUpdate(self, request: pb.InlineUpdate, context: Context) -> pb.SubmitUpdateResponse:
+        """SubmitUpdate in one message, for payloads of at most INLINE_UPDATE_MAX_BYTES: the same
+        admission, answers and exactly-once; bounded by the stream slots (--max-streams) and one
+        upload per client id, and it never waits (its payload is already here, and small)."""
+        try:
+            if not self.streams.try_enter():
+                raise Rejected(grpc.StatusCode.UNAVAILABLE, "too many updates are open; retry shortly", Reason.BUSY)
+            claimed: list[str] = []
+            try:
+                return await self._take(context, lambda cid: self._claim(cid, claimed), _InlineBody(self, request))
+            finally:
+                for cid in claimed:
+                    self.uploading.leave(cid)
+                self.streams.leave()
+        except (Rejected, TensorSetError) as exc:
+            refusal = refusal_of(exc)
+            self.coordinator.telemetry.update_refused(refusal.reason if refusal is not None else None)
+            raise
+
+    async def _take(self, context: Context, claim: Callable[[str], None], body: _StreamBody | _InlineBody
+                    ) -> pb.SubmitUpdateResponse:
+        """Admit an update's header, then take its body (a stream's or an inline update's)."""
         first = None
         client = None
-        stream_error = grpc.StatusCode.INVALID_ARGUMENT
         try:
-            first = await self.read(context, timer)
-            if first is None or not first.HasField("header"):
-                raise Rejected(stream_error, "the first message of SubmitUpdate must be the header", Reason.BAD_STREAM)
-            received.add(first)
+            first = await body.first()
             meta = self._meta(first.header, context)
             client = meta.client_id  # checked against its token or certificate: refusals count against it
             ticket = self.coordinator.admit(meta)
             claim(ticket.meta.client_id)  # after the header checks: only a sampled client's id is held
             if ticket.duplicate:
-                while await self.read(context, timer) is not None:
-                    pass
+                await body.drain()
                 return pb.SubmitUpdateResponse(accepted=True, duplicate=True)
             if not ticket.carries_tensors:
-                end = await self.read(context, timer)
-                if end is None or not end.HasField("end") or await self.read(context, timer) is not None:
-                    raise Rejected(stream_error, "an evaluation update is a header and an end message, with no "
-                                   "chunks", Reason.BAD_STREAM)
+                await body.no_payload()
                 duplicate = self.coordinator.commit(ticket, None)
                 return pb.SubmitUpdateResponse(accepted=True, duplicate=duplicate)
-            slot = self.coordinator.upload_slot()
-            try:
-                await asyncio.wait_for(slot.acquire(), timeout=self.coordinator.config.round_deadline_s)
-            except TimeoutError:
-                raise Rejected(grpc.StatusCode.UNAVAILABLE, "too many updates are streaming in; retry shortly",
-                               Reason.BUSY) from None
-            try:
-                assert ticket.meta.tensors is not None
-                payload = await collect_tensor_set(UPDATE, ticket.meta.tensors, lambda: self.read(context, timer),
-                                                   count=received, max_bytes=self.coordinator.config.max_update_bytes)
-                duplicate = await self.off_loop(self._decode_commit, ticket, payload)
-            finally:
-                payload = None  # free the buffer before another upload may take the slot
-                slot.release()
+            duplicate = await body.commit(ticket)
             return pb.SubmitUpdateResponse(accepted=True, duplicate=duplicate)
         except (Rejected, TensorSetError) as exc:
             refusal = refusal_of(exc)
@@ -345,7 +349,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 self.note_refusal(client or "", refusal.code, refusal.message, refusal.reason)
             raise
         finally:
-            self.coordinator.count_bytes(received=received.total, client=client)
+            self.coordinator.count_bytes(received=body.received.total, client=client)
 
     def _decode_commit(self, ticket: Any, payload: EncodedTensorSet) -> bool:
         """On a worker thread: decode the verified payload (finite values) and commit it."""
@@ -384,3 +388,82 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         client_id = self._client_id(context, request.client_id)
         self.coordinator.check_run(request.run_id)
         return pb.HeartbeatResponse(still_needed=self.coordinator.heartbeat(client_id, int(request.round)))
+
+
+class _StreamBody:
+    """A SubmitUpdate stream after its header: chunks read once an upload slot is free, then the end."""
+
+    def __init__(self, service: CoordinatorService, context: Context, timer: StreamTimer) -> None:
+        self.service, self.context, self.timer = service, context, timer
+        self.received = WireBytes()
+
+    async def _read(self) -> Any:
+        return await self.service.read(self.context, self.timer)
+
+    async def first(self) -> pb.SubmitUpdateRequest:
+        first = await self._read()
+        if first is None or not first.HasField("header"):
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "the first message of SubmitUpdate must be the header",
+                           Reason.BAD_STREAM)
+        self.received.add(first)
+        return first
+
+    async def drain(self) -> None:
+        while await self._read() is not None:
+            pass
+
+    async def no_payload(self) -> None:
+        end = await self._read()
+        if end is None or not end.HasField("end") or await self._read() is not None:
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "an evaluation update is a header and an end message, "
+                           "with no chunks", Reason.BAD_STREAM)
+
+    async def commit(self, ticket: Any) -> bool:
+        coordinator = self.service.coordinator
+        slot = coordinator.upload_slot()
+        try:
+            await asyncio.wait_for(slot.acquire(), timeout=coordinator.config.round_deadline_s)
+        except TimeoutError:
+            raise Rejected(grpc.StatusCode.UNAVAILABLE, "too many updates are streaming in; retry shortly",
+                           Reason.BUSY) from None
+        try:
+            assert ticket.meta.tensors is not None
+            payload = await collect_tensor_set(UPDATE, ticket.meta.tensors, self._read, count=self.received,
+                                               max_bytes=coordinator.config.max_update_bytes)
+            return await self.service.off_loop(self.service._decode_commit, ticket, payload)
+        finally:
+            payload = None  # free the buffer before another upload may take the slot
+            slot.release()
+
+
+class _InlineBody:
+    """A SubmitInlineUpdate request: the header and the whole (small) payload, already received."""
+
+    def __init__(self, service: CoordinatorService, request: pb.InlineUpdate) -> None:
+        self.service, self.request = service, request
+        self.received = WireBytes()
+        self.received.total = int(request.ByteSize())
+
+    async def first(self) -> pb.InlineUpdate:
+        if not self.request.HasField("header"):
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "SubmitInlineUpdate needs the update's header",
+                           Reason.BAD_STREAM)
+        if len(self.request.payload) > INLINE_UPDATE_MAX_BYTES:
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"an inline update's payload is at most "
+                           f"{INLINE_UPDATE_MAX_BYTES} bytes (this one: {len(self.request.payload)}); stream it with "
+                           "SubmitUpdate", Reason.TOO_LARGE)
+        return self.request
+
+    async def drain(self) -> None:
+        pass
+
+    async def no_payload(self) -> None:
+        if self.request.payload:
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "an evaluation update carries no payload",
+                           Reason.BAD_STREAM)
+
+    async def commit(self, ticket: Any) -> bool:
+        assert ticket.meta.tensors is not None
+        payload = collect_inline_update(self.request, ticket.meta.tensors,
+                                        max_bytes=self.service.coordinator.config.max_update_bytes)
+        return await self.service.off_loop(self.service._decode_commit, ticket, payload)

@@ -25,7 +25,7 @@ from fedmeta.common.algorithms.base import OuterConfig
 from fedmeta.common.algorithms.outer import AdamOuter
 from fedmeta.common.codec import encode, iter_chunks
 from fedmeta.common.proto import pb, tensor_pb
-from fedmeta.common.transfer import receive_parameters
+from fedmeta.common.transfer import INLINE_UPDATE_MAX_BYTES, receive_parameters
 from fedmeta.common.wire import header_to_proto
 from tests.integration.conftest import InProcessServer, wait_for
 
@@ -376,6 +376,81 @@ def test_hostile_update_is_refused_and_changes_nothing(inprocess_server, case: C
     if case.hostile_client:
         assert case.hostile_client not in s.coordinator._clients  # refusing it did not register it
     assert_still_accepts(s, before)
+
+
+# ---- the same table through SubmitInlineUpdate (one message) --------------------------------------
+
+# Cases about a stream's framing that one message cannot express (the order, offsets and count of
+# chunks, the end message); every other case sends the same header and payload in one message.
+STREAM_ONLY = {"chunks-out-of-order", "gap-in-offsets", "chunk-replayed", "second-header", "no-end-message"}
+
+
+def as_inline(messages: Messages) -> pb.InlineUpdate:
+    """The stream's header (if it starts with one) and its chunks' data, in order, as one message."""
+    update = pb.InlineUpdate(payload=b"".join(m.chunk.data for m in messages if m.HasField("chunk")))
+    if messages and messages[0].HasField("header"):
+        update.header.CopyFrom(messages[0].header)
+    return update
+
+
+def submit_inline(s: Session, update: pb.InlineUpdate) -> pb.SubmitUpdateResponse:
+    return s.stub.SubmitInlineUpdate(update, timeout=TIMEOUT_S)
+
+
+def _payload_over_inline_cap(s: Session) -> pb.InlineUpdate:
+    update = as_inline(valid(s))
+    update.payload = bytes(INLINE_UPDATE_MAX_BYTES + 1)
+    return update
+
+
+def _evaluation_with_payload(s: Session) -> pb.InlineUpdate:
+    header, payload = encoded(s, kind=pb.UPDATE_KIND_EVALUATION)
+    header.ClearField("tensors")
+    return pb.InlineUpdate(header=header, payload=payload)
+
+
+INLINE_CASES = [
+    *[pytest.param(c.build, c.code, c.word, c.hostile_client, id=c.id) for c in CASES if c.id not in STREAM_ONLY],
+    pytest.param(_payload_over_inline_cap, BAD, "at most", None, id="payload-over-64-kib"),
+    pytest.param(_evaluation_with_payload, BAD, "expects", None, id="evaluation-with-payload"),
+]
+
+
+@pytest.mark.parametrize(("build", "code", "word", "hostile_client"), INLINE_CASES)
+def test_hostile_inline_update_is_refused_and_changes_nothing(inprocess_server, build, code, word,
+                                                              hostile_client) -> None:
+    s = start(inprocess_server)
+    before = snapshot(s)
+    built = build(s)
+    update = built if isinstance(built, pb.InlineUpdate) else as_inline(built)
+    err = refused(lambda: submit_inline(s, update))
+    assert err.code() == code, f"{err.code()}: {err.details()}"
+    assert word in err.details().lower(), err.details()
+    assert len(err.details()) >= 20, f"not a sentence a person can act on: {err.details()!r}"
+    assert_untouched(s, before, hostile_client=hostile_client)
+    assert_still_accepts(s, before)
+
+
+def test_inline_and_streamed_updates_are_one_update_counted_once(inprocess_server) -> None:
+    """An update sent inline and again as a stream (or inline again) is counted once; theta moves by
+    one outer step on it, as for a streamed update."""
+    server = inprocess_server(**(SETTINGS | {"clients_per_round": 2}))
+    run_id = join(server, "alice").run_id
+    join(server, "bob")
+    s, bob = session(server, "alice", run_id), session(server, "bob", run_id)
+    c = server.coordinator
+    before = snapshot(s)
+    header, payload = encoded(s)
+    first = submit_inline(s, pb.InlineUpdate(header=header, payload=payload))
+    assert (first.accepted, first.duplicate) == (True, False)
+    assert submit(s, stream(header, payload)).duplicate
+    assert submit_inline(s, pb.InlineUpdate(header=header, payload=payload)).duplicate
+    assert c._round is not None and c._round.accumulator.count == 1
+    g_bob = gradient(bob, seed=1)
+    assert submit_inline(bob, as_inline(stream(*encoded(bob, g_bob)))).accepted
+    wait_for(lambda: c.version != before.version, timeout_s=20, what="round 0 to close")
+    expected = adam_step(s, before.theta, [(gradient(s), 4.0), (g_bob, 4.0)])
+    assert close_to(c.parameters(), expected)
 
 
 # ---- the other RPCs -------------------------------------------------------------------------------

@@ -273,6 +273,14 @@ class UpdateEnd(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class InlineUpdate(_message.Message):
+    __slots__ = ("header", "payload")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    header: UpdateHeader
+    payload: bytes
+    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., payload: _Optional[bytes] = ...) -> None: ...
+
 class UpdateHeader(_message.Message):
     __slots__ = ("run_id", "round", "client_id", "base_version", "kind", "weight", "metrics", "tensors", "validation")
     class MetricsEntry(_message.Message):

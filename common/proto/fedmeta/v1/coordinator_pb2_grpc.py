@@ -54,6 +54,11 @@ class CoordinatorStub:
                 request_serializer=fedmeta_dot_v1_dot_coordinator__pb2.SubmitUpdateRequest.SerializeToString,
                 response_deserializer=fedmeta_dot_v1_dot_coordinator__pb2.SubmitUpdateResponse.FromString,
                 _registered_method=True)
+        self.SubmitInlineUpdate = channel.unary_unary(
+                '/fedmeta.v1.Coordinator/SubmitInlineUpdate',
+                request_serializer=fedmeta_dot_v1_dot_coordinator__pb2.InlineUpdate.SerializeToString,
+                response_deserializer=fedmeta_dot_v1_dot_coordinator__pb2.SubmitUpdateResponse.FromString,
+                _registered_method=True)
         self.Leave = channel.unary_unary(
                 '/fedmeta.v1.Coordinator/Leave',
                 request_serializer=fedmeta_dot_v1_dot_coordinator__pb2.LeaveRequest.SerializeToString,
@@ -98,6 +103,15 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitInlineUpdate(self, request, context):
+        """One message: an update whose payload is at most 64 KiB (small models), or an evaluation's
+        metrics. The same checks, answers and exactly-once as SubmitUpdate, without a stream's
+        extra messages; a larger payload is refused with INVALID_ARGUMENT (stream it instead).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Leave(self, request, context):
         """Says goodbye; the client is no longer sampled.
         """
@@ -134,6 +148,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
             'SubmitUpdate': grpc.stream_unary_rpc_method_handler(
                     servicer.SubmitUpdate,
                     request_deserializer=fedmeta_dot_v1_dot_coordinator__pb2.SubmitUpdateRequest.FromString,
+                    response_serializer=fedmeta_dot_v1_dot_coordinator__pb2.SubmitUpdateResponse.SerializeToString,
+            ),
+            'SubmitInlineUpdate': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitInlineUpdate,
+                    request_deserializer=fedmeta_dot_v1_dot_coordinator__pb2.InlineUpdate.FromString,
                     response_serializer=fedmeta_dot_v1_dot_coordinator__pb2.SubmitUpdateResponse.SerializeToString,
             ),
             'Leave': grpc.unary_unary_rpc_method_handler(
@@ -254,6 +273,33 @@ class Coordinator:
             target,
             '/fedmeta.v1.Coordinator/SubmitUpdate',
             fedmeta_dot_v1_dot_coordinator__pb2.SubmitUpdateRequest.SerializeToString,
+            fedmeta_dot_v1_dot_coordinator__pb2.SubmitUpdateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitInlineUpdate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedmeta.v1.Coordinator/SubmitInlineUpdate',
+            fedmeta_dot_v1_dot_coordinator__pb2.InlineUpdate.SerializeToString,
             fedmeta_dot_v1_dot_coordinator__pb2.SubmitUpdateResponse.FromString,
             options,
             channel_credentials,

@@ -104,6 +104,20 @@ class Aggregator(Protocol):
     def take_mean(self) -> torch.Tensor: ...
 
 
+# Elements per float64 block of update_norm: its temporary is 512 KiB, where a float64 cast of a
+# whole update would be twice the update (two such casts at once were 4 model sizes of the
+# coordinator's peak under concurrent uploads).
+NORM_BLOCK = 1 << 16
+
+
+def _norm64(t: torch.Tensor) -> float:
+    """||t||, accumulated in float64 a block at a time."""
+    flat = t.reshape(-1)
+    if flat.numel() <= NORM_BLOCK:
+        return float(torch.linalg.vector_norm(flat, dtype=torch.float64))
+    return math.sqrt(sum(float(torch.linalg.vector_norm(b, dtype=torch.float64)) ** 2 for b in flat.split(NORM_BLOCK)))
+
+
 def update_norm(tensors: Mapping[str, torch.Tensor]) -> float:
     """L2 norm of a whole update: sqrt(sum over tensors of ||t||^2), accumulated in float64.
 
@@ -111,8 +125,8 @@ def update_norm(tensors: Mapping[str, torch.Tensor]) -> float:
     """
     flat = getattr(tensors, "flat", None)  # common/codec.py TensorSet: all tensors as one vector
     if flat is not None:
-        return float(torch.linalg.vector_norm(flat, dtype=torch.float64))
-    return math.sqrt(sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in tensors.values()))
+        return _norm64(flat)
+    return math.sqrt(sum(_norm64(t) ** 2 for t in tensors.values()))
 
 
 class NormFilter:

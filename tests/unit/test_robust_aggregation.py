@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -69,3 +71,21 @@ def test_make_aggregator_validates() -> None:
         make_aggregator("median", LAYOUT).add(_update(1.0), 0.0)
     with pytest.raises(ValueError, match="no update"):
         make_aggregator("median", LAYOUT).take_mean()
+
+
+def test_update_norm_in_blocks_equals_the_float64_norm_and_does_not_overflow():
+    """update_norm accumulates float64 a block at a time (no float64 copy of the update): the same
+    value as one float64 norm, for a one-vector update (decode()'s flat), tensor by tensor, and for
+    values whose float32 squares would overflow."""
+    from fedmeta.common.aggregation import NORM_BLOCK
+    from fedmeta.common.codec import decode, encode
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1, NORM_BLOCK, 3 * NORM_BLOCK + 17):
+        t = {"a": torch.randn(n, generator=g), "b": torch.randn(5, 3, generator=g)}
+        expected = float(torch.linalg.vector_norm(torch.cat([v.reshape(-1) for v in t.values()]).double()))
+        assert update_norm(t) == pytest.approx(expected, rel=1e-12)
+        flat = decode(encode(t))
+        assert flat.flat is not None and update_norm(flat) == pytest.approx(expected, rel=1e-12)
+    huge = {"x": torch.full((2 * NORM_BLOCK + 1,), 1e30)}
+    assert update_norm(huge) == pytest.approx(1e30 * math.sqrt(2 * NORM_BLOCK + 1), rel=1e-6)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from concurrent.futures import Executor
 from pathlib import Path
 from collections.abc import Callable
@@ -58,6 +59,7 @@ _KINDS = {
 _MESSAGE_OVERHEAD = 64 * 1024
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext
+POLL_JITTER = 0.25  # a long-poll is held for (1 - POLL_JITTER * U[0, 1)) x --poll-timeout-s
 # A call that may wait (a long-poll, a fetch waiting for a sending slot) holds its request while it
 # waits, and waiting costs no thread: an honest one is under 200 bytes (ids and a version digest),
 # so a peer padding them to the message limit (1 MiB) is refused before it waits.
@@ -107,6 +109,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.require_client_cert = config.require_client_cert
         self.tokens = config.tokens_file is not None
         self.admin_name = config.admin_cert_name
+        self._jitter = random.Random()  # spreads the long-polls' hold times; θ never depends on it
         self._refusals = RateLimit(burst=REFUSAL_LOG_BURST, window_s=REFUSAL_LOG_WINDOW_S)
         self.allowed = read_allowed_clients(Path(config.allowed_clients)) if config.allowed_clients else None
         self.streams = Gate(config.max_streams)  # open update and parameter streams (each: a window of memory)
@@ -202,7 +205,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         """Holds no thread while it waits (Coordinator.wait is a coroutine); one per client id."""
         check_small(request, "WaitForAssignment")
         client_id = self._client_id(context, request.client_id)
-        timeout = self.run.poll_timeout_s
+        # Held for 3/4 to all of --poll-timeout-s: idle clients that joined together would otherwise
+        # all re-poll together every poll timeout (benchmarks/load_clients.py, 9,000 idle clients:
+        # one wave of re-polls every 30 s slowed the rounds it hit by half).
+        timeout = self.run.poll_timeout_s * (1.0 - POLL_JITTER * self._jitter.random())
         remaining = context.time_remaining()
         if remaining is not None:
             timeout = max(0.0, min(timeout, remaining - 0.5))

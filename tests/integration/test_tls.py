@@ -137,6 +137,12 @@ def test_missing_wrong_and_revoked_tokens_are_unauthenticated(inprocess_server, 
     with pytest.raises(grpc.RpcError) as info:
         call(good, pb.JoinRequest(client_id="bob", protocol_version=1))
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # The one-message update is behind the token too, and its header's client id must be the token's.
+    inline = pb.InlineUpdate(header=pb.UpdateHeader(run_id=s.coordinator.run.run_id, client_id="bob"))
+    for metadata, code in [((), grpc.StatusCode.UNAUTHENTICATED), (good, grpc.StatusCode.PERMISSION_DENIED)]:
+        with pytest.raises(grpc.RpcError) as info:
+            s.stub.SubmitInlineUpdate(inline, timeout=10, metadata=metadata)
+        assert info.value.code() == code, info.value.details()
     # Revocation: drop alice's line; her next call is refused.
     lines = [line for line in tokens_file.read_text().splitlines() if not line.startswith("alice ")]
     tokens_file.write_text("\n".join(lines) + "\n")

@@ -16,9 +16,13 @@ that learns no initialisation for adaptation: its row is FedAvg + fine-tuning.
     python benchmarks/omniglot.py --data-dir ../shared/data/omniglot                 # every row
     python benchmarks/omniglot.py --data-dir ../shared/data/omniglot --algorithms protonet --settings 5w1s
     python benchmarks/omniglot.py --table                                              # README table from the JSON
+    python benchmarks/omniglot.py --data-dir ../shared/data/omniglot --algorithms protonet --settings 5w1s \
+        --modes federated --eval-every 50 --results omniglot_curve   # a validation curve, kept out of the table
 
 Results accumulate in benchmarks/results/omniglot.json (one entry per algorithm, setting and
-mode; a rerun of a row replaces it), so rows can be run in several sittings.
+mode; a rerun of a row replaces it), so rows can be run in several sittings. With --eval-every
+N, a row also records its validation accuracy every N rounds (held-out classes of the training
+alphabets, neither trained on nor tested), the wall time it was reached at, and the best round.
 """
 
 from __future__ import annotations
@@ -90,7 +94,7 @@ def make_split(data_dir: Path, workdir: Path) -> Path:
 
 
 def run_row(algorithm: str, setting: str, mode: str, split: Path, workdir: Path, *, budget_scale: float,
-            threads: int, device: str = "cpu") -> dict[str, Any]:
+            threads: int, device: str = "cpu", eval_every: int = 0) -> dict[str, Any]:
     s = SETTINGS[setting]
     b = BUDGET[algorithm]
     rounds = max(1, round(b["rounds"] * budget_scale))
@@ -106,6 +110,8 @@ def run_row(algorithm: str, setting: str, mode: str, split: Path, workdir: Path,
            "--round-deadline-s", "600", "--seed", "0", *b["flags"]]
     if device != "cpu" and mode == "federated":
         cmd += ["--local-device", device]
+    if eval_every:
+        cmd += ["--eval-every", str(eval_every)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
@@ -124,7 +130,7 @@ def run_row(algorithm: str, setting: str, mode: str, split: Path, workdir: Path,
     ev = summary["eval"]
     if ev["tasks"] < CLIENTS * EVAL_TASKS_PER_CLIENT:
         return {"error": f"evaluated on {ev['tasks']} tasks, not {CLIENTS * EVAL_TASKS_PER_CLIENT}", "command": command}
-    return {
+    out = {
         "algorithm": algorithm, "setting": setting, "mode": mode, "device": device if mode == "federated" else "cpu",
         "accuracy": ev["accuracy_post"], "accuracy_pre": ev["accuracy_pre"], "ci95": ev.get("ci95"),
         "eval_tasks": ev["tasks"], "eval_ways": ev.get("ways"), "eval_steps": ev.get("steps"),
@@ -133,10 +139,25 @@ def run_row(algorithm: str, setting: str, mode: str, split: Path, workdir: Path,
         "bytes_moved": summary["bytes_sent"] + summary["bytes_received"],
         "command": command,
     }
+    if eval_every:
+        out["validation"] = validation_curve(run_dir / "metrics.jsonl")
+        out["best"] = summary.get("best")
+    return out
 
 
-def load_rows() -> dict[str, dict[str, Any]]:
-    path = RESULTS / "omniglot.json"
+def validation_curve(metrics: Path) -> list[dict[str, Any]]:
+    """The run's validations in order: rounds trained, accuracy and its CI, tasks, wall seconds."""
+    curve = []
+    for line in metrics.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("event") == "validation":
+            curve.append({"rounds_trained": record["rounds_trained"], "accuracy": record["val_value"],
+                          "ci95": record["val_ci95"], "tasks": record["val_tasks"], "wall_s": record["wall_s"]})
+    return curve
+
+
+def load_rows(name: str = "omniglot") -> dict[str, dict[str, Any]]:
+    path = RESULTS / f"{name}.json"
     if not path.exists():
         return {}
     return dict(json.loads(path.read_text()).get("rows", {}))
@@ -179,9 +200,15 @@ def main() -> int:
     parser.add_argument("--budget-scale", type=float, default=1.0, help="multiply every row's rounds (a quick look: 0.1)")
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the runs (default: torch's)")
     parser.add_argument("--device", default="cpu", help="--local-device of the federated rows: cpu, cuda, cuda:all")
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="validate every N rounds and record the curve in each row (default: 0, never)")
+    parser.add_argument("--results", default="omniglot",
+                        help="benchmarks/results/NAME.json the rows accumulate in (default: omniglot, the README's table)")
     parser.add_argument("--table", action="store_true", help="print the README table from the results JSON and exit")
     args = parser.parse_args()
-    rows = load_rows()
+    if args.eval_every < 0 or not args.results.replace("_", "").isalnum():
+        parser.error("--eval-every: expected N >= 0; --results: a name of letters, digits and _")
+    rows = load_rows(args.results)
     if args.table:
         print(table(rows))
         return 0
@@ -197,14 +224,14 @@ def main() -> int:
             for setting in args.settings.split(","):
                 for mode in args.modes.split(","):
                     r = run_row(algorithm, setting, mode, split, Path(tmp), budget_scale=args.budget_scale,
-                                threads=args.threads, device=args.device)
+                                threads=args.threads, device=args.device, eval_every=args.eval_every)
                     rows[f"{algorithm}/{setting}/{mode}"] = r
                     if "error" in r:
                         print(f"{algorithm:<9} {setting:<6} {mode:<12} error: {r['error']}", flush=True)
                     else:
                         print(f"{algorithm:<9} {setting:<6} {mode:<12} {r['accuracy']:.3f} ± {r['ci95']:.3f} "
                               f"({r['eval_tasks']} tasks)  {r['wall_s']:.0f} s  {r['bytes_moved'] / 1e6:.0f} MB", flush=True)
-                    write_result("omniglot", {"machine": info, "settings": vars(args) | {"data_dir": str(args.data_dir)},
+                    write_result(args.results, {"machine": info, "settings": vars(args) | {"data_dir": str(args.data_dir)},
                                               "split": {"train": SMALL1, "test_alphabets": TEST_ALPHABETS,
                                                         "clients": CLIENTS, "eval_tasks": CLIENTS * EVAL_TASKS_PER_CLIENT},
                                               "rows": rows})

@@ -2,8 +2,9 @@
 
 Coordinator.wait runs on the service's event loop (server/service.py). It parks an event
 under the client's id (server/changes.py) and holds no thread while it waits; a new round
-wakes only the clients it samples. A caller that hangs up cancels the coroutine, and the
-client stops counting as polling at once.
+wakes only the clients it samples. A caller that hangs up cancels the coroutine: the client
+stops counting as polling at once, and as live HANGUP_GRACE_S later unless it calls again
+(server/registry.py).
 """
 
 from __future__ import annotations
@@ -71,7 +72,9 @@ async def wait(c: Coordinator, client_id: str, timeout_s: float) -> Assignment:
         if info.polling > 0:
             deadline = 0.0  # one long-poll per client id: a second one is answered at once
         info.polling += 1
+        info.hung_up_at = None
     event: asyncio.Event | None = None
+    hung_up = False
     try:
         while True:
             with c._cond:
@@ -94,6 +97,9 @@ async def wait(c: Coordinator, client_id: str, timeout_s: float) -> Assignment:
             timer = asyncio.get_running_loop().call_later(min(remaining, POLL_RECHECK_S), event.set)
             try:
                 await event.wait()
+            except asyncio.CancelledError:  # the caller hung up (gRPC cancels its call's coroutine)
+                hung_up = True
+                raise
             finally:
                 timer.cancel()
     finally:
@@ -102,6 +108,8 @@ async def wait(c: Coordinator, client_id: str, timeout_s: float) -> Assignment:
                 c._cond.unpark(client_id, event)
             info.polling -= 1
             info.last_seen = c.clock()
+            if hung_up:
+                info.hung_up_at = info.last_seen
 
 
 def assignment_for(c: Coordinator, client_id: str) -> Assignment:

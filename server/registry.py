@@ -4,7 +4,8 @@ Not thread-safe by itself: the Coordinator calls it under its lock. Times are mo
 seconds passed in (`now`), so every rule here is a function of the registry and the clock.
 
 - A client is live while it long-polls or its last call was at most `lease_s`
-  (2 x --poll-timeout-s + 5 s) ago.
+  (2 x --poll-timeout-s + 5 s) ago, unless its last long-poll was cut off from its side (its
+  process died or its connection broke) over HANGUP_GRACE_S ago with no call since.
 - The registry holds at most --max-clients ids; a join past that first forgets clients
   that left, and is refused (REGISTRY_FULL) if none did.
 - A client silent for --forget-client-s is forgotten (a forgotten client that comes back
@@ -30,6 +31,13 @@ from fedmeta.server.errors import Rejected
 
 log = logging.getLogger("fedmeta.coordinator")
 
+# A long-poll that the client's side cut off (its process died and the kernel closed its socket,
+# or its connection broke: gRPC cancels the call) keeps the client live only this much longer
+# unless it calls again. An honest client that lost its connection re-polls within seconds
+# (client/config.py backs off reconnects at most 5 s), and a dead one stops being sampled now,
+# not a whole lease (two --poll-timeout-s) later, so a long --poll-timeout-s stays safe.
+HANGUP_GRACE_S = 10.0
+
 
 @dataclass
 class ClientInfo:
@@ -38,6 +46,7 @@ class ClientInfo:
     num_tasks: int
     last_seen: float
     polling: int = 0
+    hung_up_at: float | None = None  # when its last long-poll was cut off from its side; None once it calls
     left: bool = False
     told_finished: bool = False
     answered: int = 0  # rounds this client answered: clients that have answered are sampled first
@@ -94,7 +103,7 @@ class Registry:
             log.info("client %s joined (device %s)", client_id, device or "?",
                      extra=fields(event="client_joined", client=client_id))
         else:
-            info.device, info.num_tasks, info.last_seen = device, num_tasks, now
+            info.device, info.num_tasks, info.last_seen, info.hung_up_at = device, num_tasks, now, None
 
     def known(self, client_id: str) -> ClientInfo:
         """The record of a joined client; NOT_JOINED if it never joined, left or was forgotten."""
@@ -122,7 +131,7 @@ class Registry:
     def touch(self, client_id: str, now: float) -> ClientInfo:
         """A call from a joined client renews its lease."""
         info = self.known(client_id)
-        info.last_seen = now
+        info.last_seen, info.hung_up_at = now, None
         return info
 
     def leave(self, client_id: str) -> ClientInfo:
@@ -143,10 +152,20 @@ class Registry:
                      len(old), self.forget_client_s)
         return old
 
+    def is_live(self, info: ClientInfo, now: float) -> bool:
+        """Not left, and long-polling now, or heard from within the lease and not hung up on a poll
+        over HANGUP_GRACE_S ago."""
+        if info.left:
+            return False
+        if info.polling > 0:
+            return True
+        if info.hung_up_at is not None and now - info.hung_up_at > HANGUP_GRACE_S:
+            return False
+        return now - info.last_seen <= self.lease_s
+
     def live(self, now: float) -> list[str]:
-        """Sorted ids of clients that have not left and long-poll or were heard from within the lease."""
-        return sorted(c.client_id for c in self.clients.values()
-                      if not c.left and (c.polling > 0 or now - c.last_seen <= self.lease_s))
+        """Sorted ids of the live clients (is_live)."""
+        return sorted(c.client_id for c in self.clients.values() if self.is_live(c, now))
 
     def answered_counts(self) -> Mapping[str, int]:
         """Per client: rounds answered (the sampling's "proven" test is answered > 0), read through."""

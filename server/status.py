@@ -79,8 +79,7 @@ def snapshot(c: Observed, *, offset: int = 0, limit: int = 0) -> admin_pb.GetSta
         rnd = c.state.round
         reg = c.registry
         registered, revoked = list(reg.clients), set(reg.revoked)
-        lease = reg.lease_s
-        live = sum(1 for i in reg.clients.values() if not i.left and (i.polling > 0 or now - i.last_seen <= lease))
+        live = sum(1 for i in reg.clients.values() if reg.is_live(i, now))
         policy = c.policy
         run = admin_pb.RunStatus(
             run_id=c.config.run.run_id, algorithm=c.config.run.algorithm, task=c.config.run.task,

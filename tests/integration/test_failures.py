@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pytest
 from safetensors import safe_open
 
 from fedmeta.server import checkpoint
+from fedmeta.server.registry import HANGUP_GRACE_S
 from tests.integration.conftest import wait_for
 
 pytestmark = pytest.mark.integration
@@ -54,6 +56,33 @@ def test_killed_client_does_not_stop_the_run(processes, tmp_path: Path) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds_completed"] == 40
     assert summary["eval"]["clients"] == 2
+
+
+def _live_clients(metrics_port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    return int(float(next(line.split()[1] for line in lines if line.startswith("fedmeta_clients_live "))))
+
+
+def test_a_client_killed_while_it_long_polls_stops_being_live_within_the_grace(processes, tmp_path: Path) -> None:
+    """A long --poll-timeout-s (a 245 s lease here) does not keep a dead client live: its long-poll's
+    cancellation ends it HANGUP_GRACE_S later."""
+    pytest.importorskip("prometheus_client")
+    server = processes.server(tmp_path / "run", "--poll-timeout-s", "120", "--rounds", "5", "--clients-per-round", "2",
+                              "--min-clients", "2", "--metrics-port", "0", *FAST)
+    port = wait_for(lambda: next((int(line.rsplit(":", 1)[1].split("/")[0]) for line in server.lines
+                                  if line.startswith("metrics on http://127.0.0.1:")), None),
+                    timeout_s=60, what="the metrics endpoint")
+    client = processes.client(server.port, "c0", 0)  # alone, it long-polls: the round needs 2
+    wait_for(lambda: _live_clients(port) == 1 or None, timeout_s=60, interval_s=0.5, what="the client to join")
+    time.sleep(1.0)
+    client.proc.send_signal(signal.SIGKILL)
+    client.proc.wait()
+    killed = time.monotonic()
+    wait_for(lambda: _live_clients(port) == 0 or None, timeout_s=HANGUP_GRACE_S + 20, interval_s=0.5,
+             what="the killed client to stop being live")
+    assert time.monotonic() - killed < HANGUP_GRACE_S + 20 < 245
+    assert server.proc.poll() is None, server.output()
 
 
 def test_coordinator_killed_and_restarted_resumes(processes, tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import pytest
 
 from fedmeta.common.refusal import Reason
 from fedmeta.server.errors import Rejected
-from fedmeta.server.registry import Registry
+from fedmeta.server.registry import HANGUP_GRACE_S, Registry
 
 
 def rejected(call) -> Rejected:  # type: ignore[no-untyped-def]
@@ -32,6 +32,23 @@ def test_registry_leases_leave_and_rejoin_keep_the_record() -> None:
     assert r.live(15.0) == [] and rejected(lambda: r.known("a")).reason == Reason.NOT_JOINED
     r.join("a", device="cpu", num_tasks=0, now=16.0)
     assert r.clients["a"].answered == 4 and r.seen == 1
+
+
+def test_a_client_that_hung_up_on_its_long_poll_is_live_only_for_the_grace_unless_it_calls() -> None:
+    r = registry(lease_s=245.0)  # --poll-timeout-s 120
+    r.join("a", device="cpu", num_tasks=0, now=0.0)
+    r.join("b", device="cpu", num_tasks=0, now=0.0)
+    for cid in "ab":
+        r.clients[cid].last_seen = r.clients[cid].hung_up_at = 1.0  # as server/longpoll.py records a hang-up
+    assert r.live(1.0 + HANGUP_GRACE_S) == ["a", "b"]
+    assert r.live(1.5 + HANGUP_GRACE_S) == [], "a client that hung up was live for its whole lease"
+    r.touch("b", 20.0)  # it came back: a lease again
+    assert r.live(200.0) == ["b"] and r.clients["b"].hung_up_at is None
+    r.clients["a"].polling = 1  # polling again counts as live whatever came before
+    assert r.live(200.0) == ["a", "b"]
+    r.clients["a"].polling = 0
+    r.join("a", device="cpu", num_tasks=0, now=210.0)  # a rejoin is a call too
+    assert r.live(250.0) == ["a", "b"]
 
 
 def test_registry_cap_forgets_who_left_first_then_refuses() -> None:

@@ -72,13 +72,14 @@ def git_state() -> dict[str, Any]:
 
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout
         except (OSError, subprocess.SubprocessError):
             return ""
 
+    # "XY path" lines: not stripped, since X may be a space (" M README.md")
     changed = [line[3:] for line in git("status", "--porcelain").splitlines()
                if line[3:] and not line[3:].startswith("benchmarks/")]
-    return {"commit": git("rev-parse", "HEAD"), "subject": git("log", "-1", "--format=%s"),
+    return {"commit": git("rev-parse", "HEAD").strip(), "subject": git("log", "-1", "--format=%s").strip(),
             "uncommitted_changes_outside_benchmarks": changed}
 
 

@@ -75,6 +75,8 @@ def test_a_client_killed_while_it_long_polls_stops_being_live_within_the_grace(p
                     timeout_s=60, what="the metrics endpoint")
     client = processes.client(server.port, "c0", 0)  # alone, it long-polls: the round needs 2
     wait_for(lambda: _live_clients(port) == 1 or None, timeout_s=60, interval_s=0.5, what="the client to join")
+    # Live from its Join; its long-poll follows at once. The coordinator exposes no "polling" signal, so
+    # a short pause lets the poll start: killed before it, the client would stay live (this fails, never passes).
     time.sleep(1.0)
     client.proc.send_signal(signal.SIGKILL)
     client.proc.wait()

@@ -22,7 +22,7 @@ from fedmeta.server import local, trackers
 from fedmeta.server.config import ServerConfig, add_arguments, describe, resolve
 from fedmeta.server.coordinator import Coordinator
 from fedmeta.server.grpc_server import Server, create_server
-from fedmeta.server.memory import fix_mmap_threshold
+from fedmeta.server.memory import fix_mmap_threshold, freeze_startup_objects
 
 log = logging.getLogger("fedmeta.server")
 
@@ -246,6 +246,7 @@ def serve(config: ServerConfig, *, progress_bar: bool, log_format: str = "text")
                  extra=fields(event="run_started"))
         progress = Progress(config, coordinator.next_round, bar=progress_bar)
         with logging_redirect_tqdm():
+            log.debug("gc: %d start-up objects frozen", freeze_startup_objects())
             coordinator.start()
             if config.local_clients:
                 procs = local.spawn(config.local_clients, port, config.run_dir / "logs", tls_ca=config.tls_ca,

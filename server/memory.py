@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 import os
 import sys
@@ -46,3 +47,20 @@ def fix_mmap_threshold(threshold: int) -> bool:
     if done:
         log.debug("malloc: M_MMAP_THRESHOLD fixed at %d bytes", threshold)
     return done
+
+
+def freeze_startup_objects() -> int:
+    """Move every object alive now (torch's and the other imports', the run's setup) into the
+    collector's permanent generation, so the cyclic GC's full collections stop walking them.
+
+    Called once the coordinator is built, before it serves. A full collection walked ~177,000
+    objects (88 ms) after the imports alone; under load (2,000 clients, 1,000 a round, ~2,200
+    calls a round) the calls' short-lived objects set one or two off every round, 11% of the
+    coordinator's CPU in gc_collect_main (py-spy). Frozen, alternated twice
+    (benchmarks/load_clients.py): coordinator CPU per round 1.57 and 1.58 s, against 1.74 and
+    1.67 s unfrozen. Frozen objects are never freed by the collector; what is frozen here
+    lives for the whole run anyway. Returns how many were frozen.
+    """
+    gc.collect()  # whatever setup left as garbage goes now, not into the permanent generation
+    gc.freeze()
+    return gc.get_freeze_count()

@@ -24,3 +24,24 @@ def test_the_environment_variable_wins(monkeypatch):
 def test_threshold_is_fixed_on_glibc(monkeypatch):
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     assert memory.fix_mmap_threshold(65536) is True
+
+
+def test_freezing_the_start_up_objects_takes_them_out_of_full_collections():
+    import gc
+
+    class Cycle:
+        pass
+
+    def cycle() -> Cycle:
+        a, b = Cycle(), Cycle()
+        a.other, b.other = b, a
+        return a
+
+    kept = cycle()
+    try:
+        frozen = memory.freeze_startup_objects()
+        assert frozen == gc.get_freeze_count() > 1000  # the imports' objects, at least
+        assert not any(o is kept for o in gc.get_objects())  # out of the generations the collector walks
+    finally:
+        gc.unfreeze()
+    assert any(o is kept for o in gc.get_objects())

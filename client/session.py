@@ -77,6 +77,7 @@ class Session:
         self.rpc_timeout_s = rpc_timeout_s
         self.retries = 0
         self.inline_updates = True  # until the coordinator answers SubmitInlineUpdate with UNIMPLEMENTED
+        self.poll_takes_update = False  # what the coordinator's JoinResponse says (an older one: False)
 
     def close(self) -> None:
         self.channel.close()
@@ -100,13 +101,26 @@ class Session:
                                  num_tasks=0, encodings=[encoding_to_proto(e) for e in encodings])  # type: ignore[misc]
         response = self._retry(lambda: self.stub.Join(request, timeout=self.rpc_timeout_s, metadata=self.metadata),
                                "Join")
-        return run_config_from_proto(response.config)
+        config = run_config_from_proto(response.config)
+        self.poll_takes_update = bool(response.poll_takes_update)
+        return config
 
-    def wait(self, run_id: str, held_version: str, *, timeout_s: float) -> pb.WaitForAssignmentResponse:
-        """One long-poll for work; timeout_s is the call's deadline (the coordinator's poll timeout and a margin)."""
-        request = pb.WaitForAssignmentRequest(run_id=run_id, client_id=self.client_id, held_version=held_version)
+    def wait(self, run_id: str, held_version: str, *, timeout_s: float,
+             update: pb.InlineUpdate | None = None) -> pb.WaitForAssignmentResponse:
+        """One long-poll for work; timeout_s is the call's deadline (the coordinator's poll timeout and a margin).
+
+        `update` (from carry()) rides along: the reply's `update` answers it, a refusal of it is
+        raised as SubmitInlineUpdate's would be, and a retry sends it again (a duplicate is
+        acknowledged, never counted twice)."""
+        request = pb.WaitForAssignmentRequest(run_id=run_id, client_id=self.client_id, held_version=held_version,
+                                              update=update)
         return self._retry(lambda: self.stub.WaitForAssignment(request, timeout=timeout_s, metadata=self.metadata),
-                           "WaitForAssignment")
+                           "WaitForAssignment", overload=update is None)
+
+    def carry(self, header: pb.UpdateHeader, encoded: EncodedTensorSet | None) -> pb.InlineUpdate | None:
+        """The update as the next long-poll's `update`, or None where it must go on its own (a
+        coordinator that does not take it, or a payload over 64 KiB)."""
+        return inline_update(header, encoded) if self.poll_takes_update and self.inline_updates else None
 
     def fetch(self, run_id: str, version: str, *, max_bytes: int | None,
               expected: Sequence[TensorSpec] | None = None) -> dict[str, torch.Tensor]:

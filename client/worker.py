@@ -28,7 +28,7 @@ from fedmeta.client.retry import retryable
 from fedmeta.client.session import Next, Session, after_refusal
 from fedmeta.common.algorithms import InnerConfig, UpdateKind, get_algorithm, meta_parameters
 from fedmeta.common import clusters
-from fedmeta.common.codec import ENCODINGS, TensorSetError, abs_max, encode, specs_of
+from fedmeta.common.codec import ENCODINGS, EncodedTensorSet, TensorSetError, abs_max, encode, specs_of
 from fedmeta.common.config import RunConfig
 from fedmeta.common.evaluation import eval_steps, evaluate_holder, validate_holder
 from fedmeta.common.logformat import fields
@@ -109,6 +109,8 @@ class Worker:
         self._cached_version = ""
         self._params: dict[str, torch.Tensor] = {}
         self.rounds_trained = 0
+        # a trained update waiting to ride on the next long-poll: (header, encoded, message)
+        self._carried: tuple[pb.UpdateHeader, EncodedTensorSet | None, pb.InlineUpdate] | None = None
 
     # ---- RPCs -------------------------------------------------------------------------------
     def join(self) -> RunConfig:
@@ -171,12 +173,24 @@ class Worker:
         except TensorSetError as exc:
             raise ClientError(f"the coordinator's parameters for version {version[:12]} are unusable: {exc}") from None
 
-    def _submit(self, header: pb.UpdateHeader, tensors: dict[str, torch.Tensor] | None) -> pb.SubmitUpdateResponse:
+    def _submit(self, header: pb.UpdateHeader, tensors: dict[str, torch.Tensor] | None, *,
+                carry: bool = False) -> pb.SubmitUpdateResponse | None:
+        """Send an update, or with `carry` leave it for the next long-poll to take (None: the reply
+        to that poll answers it), where the coordinator takes updates that way and it fits in one
+        message: one call a round instead of two."""
         assert self.run is not None
         encoded = None
         if tensors is not None:
             encoded = encode({k: v.detach().cpu() for k, v in tensors.items()}, encoding=self.run.encoding)
         self.hooks.on_submit(header)
+        message = self.session.carry(header, encoded) if carry else None
+        if message is not None:
+            self._carried = (header, encoded, message)
+            return None
+        return self._send(header, encoded)
+
+    def _send(self, header: pb.UpdateHeader, encoded: EncodedTensorSet | None) -> pb.SubmitUpdateResponse:
+        assert self.run is not None
         try:
             reply = self.session.submit(header, encoded, chunk_bytes=self.run.chunk_bytes)
         except grpc.RpcError as exc:
@@ -285,12 +299,13 @@ class Worker:
             kind=_KIND[self.algorithm.update_kind], weight=update.weight,
             metrics={**update.metrics, "compute_s": compute_s},
         )
-        reply = self._submit(header, update.tensors)
+        reply = self._submit(header, update.tensors, carry=True)
         self.rounds_trained += 1
         level = logging.INFO if self.rounds_trained % 100 == 1 else logging.DEBUG
         log.log(level, "round %d: %d tasks, query loss %.3f -> %.3f, %.1f ms compute%s", round_index,
                 batch.num_tasks, update.metrics["loss_pre"], update.metrics["loss_post"], compute_s * 1e3,
-                " (duplicate)" if reply.duplicate else "", extra=fields(event="trained", round=round_index))
+                " (duplicate)" if reply is not None and reply.duplicate else
+                " (sent with the next long-poll)" if reply is None else "", extra=fields(event="trained", round=round_index))
 
     def evaluate(self, round_index: int, version: str, *, validation: bool = False) -> None:
         with self._heartbeats(round_index):
@@ -353,7 +368,7 @@ class Worker:
             assert run is not None
             try:
                 asked = time.monotonic()
-                a = self.session.wait(run.run_id, self._cached_version, timeout_s=run.poll_timeout_s + 10.0)
+                a = self._poll(run)
                 if a.action == pb.ACTION_WAIT and time.monotonic() - asked < run.poll_timeout_s / 2:
                     # A long-poll answers WAIT only at its timeout; a quick WAIT means the coordinator
                     # has no long-poll thread to spare (a short poll): pause before asking again.
@@ -373,8 +388,36 @@ class Worker:
                 if not isinstance(exc, grpc.Call):
                     raise
                 self._on_refusal(exc)
+        self._send_carried()
         self.leave()
         return 0
+
+    def _poll(self, run: RunConfig) -> pb.WaitForAssignmentResponse:
+        """One long-poll, carrying the update trained last if one waits; its reply answers the update."""
+        carried, self._carried = self._carried, None
+        try:
+            a = self.session.wait(run.run_id, self._cached_version, timeout_s=run.poll_timeout_s + 10.0,
+                                  update=None if carried is None else carried[2])
+        except grpc.RpcError as exc:
+            if carried is not None and not retryable(exc, overload=False):  # refused: the update does not count
+                self.hooks.on_answer(carried[0], None)
+            raise
+        if carried is not None:
+            if not a.HasField("update"):
+                log.warning("the coordinator did not answer the update carried by WaitForAssignment for round %d",
+                            carried[0].round, extra=fields(event="refused", round=int(carried[0].round)))
+            self.hooks.on_answer(carried[0], a.update if a.HasField("update") else None)
+        return a
+
+    def _send_carried(self) -> None:
+        """Stopping with an update that was to ride on the next long-poll: send it on its own."""
+        carried, self._carried = self._carried, None
+        if carried is not None:
+            try:
+                self._send(carried[0], carried[1])
+            except grpc.RpcError as exc:
+                log.warning("the update for round %d was not sent before stopping: %s", carried[0].round,
+                            exc.code().name if isinstance(exc, grpc.Call) else exc)
 
     def _on_refusal(self, exc: grpc.Call) -> None:
         """Act on the refusal's reason, never on its message (client/session.py after_refusal)."""

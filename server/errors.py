@@ -70,7 +70,7 @@ async def _refuse(servicer: Any, request: Any, context: grpc.aio.ServicerContext
     assert refusal is not None
     note = getattr(servicer, "note_refusal", None)
     client_id = getattr(request, "client_id", None)  # None: a request stream (SubmitUpdate counts its own)
-    if note is not None and isinstance(client_id, str):
+    if note is not None and isinstance(client_id, str) and not getattr(exc, "counted", False):
         note("" if getattr(exc, "identity", False) else client_id, refusal.code, refusal.message, refusal.reason)
     await abort(context, refusal)
 

@@ -30,7 +30,7 @@ from fedmeta.server.auth import TokenInterceptor, TokenStore
 from fedmeta.server.config import ServerConfig, is_loopback
 from fedmeta.server.coordinator import Coordinator
 from fedmeta.server.limits import StreamIdle
-from fedmeta.server.service import _MESSAGE_OVERHEAD, SERVICE_NAME, CoordinatorService
+from fedmeta.server.service import _MESSAGE_OVERHEAD, SERVICE_NAME, CoordinatorService, PollRequest
 
 log = logging.getLogger("fedmeta.service")
 
@@ -121,6 +121,12 @@ def add_coordinator_service(service: CoordinatorService, server: grpc.aio.Server
         raise RuntimeError("the generated Coordinator service has no server-streaming FetchParameters")
     collected.methods["FetchParameters"] = grpc.unary_stream_rpc_method_handler(
         service.FetchParameters, request_deserializer=fetch.request_deserializer, response_serializer=_as_is)
+    poll = collected.methods.get("WaitForAssignment")
+    if poll is None or poll.request_streaming or poll.response_streaming:
+        raise RuntimeError("the generated Coordinator service has no unary WaitForAssignment")
+    # the long-poll holds only its own fields while it waits, never the update it carried (PollRequest)
+    collected.methods["WaitForAssignment"] = grpc.unary_unary_rpc_method_handler(
+        service.WaitForAssignment, request_deserializer=PollRequest.parse, response_serializer=poll.response_serializer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, collected.methods),))
     server.add_registered_method_handlers(SERVICE_NAME, collected.methods)
 

@@ -73,6 +73,35 @@ def check_small(request: Any, rpc: str) -> None:
                        f"{MAX_WAITING_REQUEST_BYTES} are accepted (ids and a parameter version)", identity=True)
 
 
+class PollRequest:
+    """A WaitForAssignment request as its handler gets it (server/grpc_server.py registers
+    PollRequest.parse as the method's deserialiser): the poll's own fields, and the update it may
+    carry, handed out once by take(). grpc.aio keeps the deserialised request alive for the whole
+    call and a protobuf message keeps its input until it is freed, so a long-poll that parked the
+    whole message would hold the carried update (up to 64 KiB) for as long as it waits: 10,000
+    waiting clients, 640 MB. Taken and dropped, the update costs only while it is checked."""
+
+    __slots__ = ("poll", "_full")
+
+    def __init__(self, full: pb.WaitForAssignmentRequest) -> None:
+        self.poll = pb.WaitForAssignmentRequest(run_id=full.run_id, client_id=full.client_id,
+                                                held_version=full.held_version)
+        self._full: pb.WaitForAssignmentRequest | None = full if full.HasField("update") else None
+
+    @classmethod
+    def parse(cls, raw: bytes) -> PollRequest:
+        return cls(pb.WaitForAssignmentRequest.FromString(raw))
+
+    @property
+    def client_id(self) -> str:  # what server/errors.py counts a refusal against
+        return self.poll.client_id
+
+    def take(self) -> pb.WaitForAssignmentRequest | None:
+        """The whole request, if it carried an update; from then on this object holds only the poll."""
+        full, self._full = self._full, None
+        return full
+
+
 def certificate_names(context: Context) -> list[str]:
     """The CN and SANs of the peer's verified client certificate (empty without mutual TLS)."""
     auth = context.auth_context()
@@ -194,17 +223,28 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                            f"protocol version {request.protocol_version} is not supported; this coordinator speaks "
                            f"version {PROTOCOL_VERSION}: install a matching fedmeta release", Reason.BAD_PROTOCOL)
         config = self.coordinator.join(client_id, device=clip(request.device, 64), num_tasks=request.num_tasks)
-        response = pb.JoinResponse(config=run_config_to_proto(config))
+        response = pb.JoinResponse(config=run_config_to_proto(config), poll_takes_update=True)
         self.coordinator.count_bytes(sent=response.ByteSize(), received=request.ByteSize(), client=client_id)
         return response
 
     @refusals
     async def WaitForAssignment(
-        self, request: pb.WaitForAssignmentRequest, context: Context
+        self, request: PollRequest | pb.WaitForAssignmentRequest, context: Context
     ) -> pb.WaitForAssignmentResponse:
-        """Holds no thread while it waits (Coordinator.wait is a coroutine); one per client id."""
-        check_small(request, "WaitForAssignment")
-        client_id = self._client_id(context, request.client_id)
+        """Holds no thread while it waits (Coordinator.wait is a coroutine); one per client id. An
+        update it carries is taken as SubmitInlineUpdate takes one, after the poll's own checks and
+        before the wait; a refused update ends the call with that refusal."""
+        if not isinstance(request, PollRequest):
+            request = PollRequest(request)
+        check_small(request.poll, "WaitForAssignment")
+        client_id = self._client_id(context, request.poll.client_id)
+        self.coordinator.check_run(request.poll.run_id)
+        ack = None
+        carried = request.take()
+        if carried is not None:
+            ack = await self._carried(carried.update, client_id, context)
+            carried = None  # the update's bytes go now, not when the long-poll ends
+        poll = request.poll
         # Held for 3/4 to all of --poll-timeout-s: idle clients that joined together would otherwise
         # all re-poll together every poll timeout (benchmarks/load_clients.py, 9,000 idle clients:
         # one wave of re-polls every 30 s slowed the rounds it hit by half).
@@ -212,18 +252,17 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         remaining = context.time_remaining()
         if remaining is not None:
             timeout = max(0.0, min(timeout, remaining - 0.5))
-        self.coordinator.check_run(request.run_id)
         a = await self.coordinator.wait(client_id, timeout)
         response = pb.WaitForAssignmentResponse(
             action=_ACTIONS[a.action], round=a.round, parameter_version=a.version, detail=a.detail,
-            validation=a.validation,
+            validation=a.validation, update=ack,
         )
-        if a.action in (Action.TRAIN, Action.EVALUATE) and request.held_version != a.version:
+        if a.action in (Action.TRAIN, Action.EVALUATE) and poll.held_version != a.version:
             inline = self.coordinator.inline_parameters(a.version)
             if inline is not None:
                 response.parameters.tensors.CopyFrom(header_to_proto(inline[0]))
                 response.parameters.payload = inline[1]
-        self.coordinator.count_bytes(sent=response.ByteSize(), received=request.ByteSize(), client=client_id)
+        self.coordinator.count_bytes(sent=response.ByteSize(), received=poll.ByteSize(), client=client_id)
         return response
 
     @refusals
@@ -312,6 +351,17 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         """SubmitUpdate in one message, for payloads of at most INLINE_UPDATE_MAX_BYTES: the same
         admission, answers and exactly-once; bounded by the stream slots (--max-streams) and one
         upload per client id, and it never waits (its payload is already here, and small)."""
+        return await self._inline(request, context)
+
+    async def _carried(self, update: pb.InlineUpdate, client_id: str, context: Context) -> pb.SubmitUpdateResponse:
+        """The update a WaitForAssignment carries: the poller's own, taken as SubmitInlineUpdate's."""
+        if update.header.client_id != client_id:
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"the update carried by WaitForAssignment names client "
+                           f"{clip(update.header.client_id, 64)!r}, the poll {client_id!r}: a client carries only "
+                           "its own update", Reason.BAD_CLIENT_ID)
+        return await self._inline(update, context)
+
+    async def _inline(self, request: pb.InlineUpdate, context: Context) -> pb.SubmitUpdateResponse:
         try:
             if not self.streams.try_enter():
                 raise Rejected(grpc.StatusCode.UNAVAILABLE, "too many updates are open; retry shortly", Reason.BUSY)
@@ -353,6 +403,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 self._log_refusal(context, first, refusal.code.name, refusal.message)
             if refusal is not None:
                 self.note_refusal(client or "", refusal.code, refusal.message, refusal.reason)
+                exc.counted = True  # type: ignore[union-attr,attr-defined]  (server/errors.py does not count it again)
             raise
         finally:
             self.coordinator.count_bytes(received=body.received.total, client=client)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fedmeta.common.proto.fedmeta.v1 import tensor_pb2 as fedmeta_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66\x65\x64meta/v1/coordinator.proto\x12\nfedmeta.v1\x1a\x17\x66\x65\x64meta/v1/tensor.proto\".\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bkwargs_json\x18\x02 \x01(\t\"\x81\x08\n\tRunConfig\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\talgorithm\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12$\n\x05model\x18\x04 \x01(\x0b\x32\x15.fedmeta.v1.ModelSpec\x12\r\n\x05shots\x18\x05 \x01(\r\x12\x0f\n\x07queries\x18\x06 \x01(\r\x12\x18\n\x10tasks_per_client\x18\x07 \x01(\r\x12\x13\n\x0binner_steps\x18\x08 \x01(\r\x12\x10\n\x08inner_lr\x18\t \x01(\x01\x12\x0c\n\x04seed\x18\n \x01(\x04\x12&\n\x08\x65ncoding\x18\x0b \x01(\x0e\x32\x14.fedmeta.v1.Encoding\x12\x13\n\x0b\x63hunk_bytes\x18\x0c \x01(\r\x12\x12\n\neval_shots\x18\r \x01(\r\x12\x12\n\neval_steps\x18\x0e \x01(\r\x12\x1d\n\x15\x65val_tasks_per_client\x18\x0f \x01(\r\x12\x16\n\x0epoll_timeout_s\x18\x10 \x01(\x01\x12\x0e\n\x06rounds\x18\x11 \x01(\r\x12\x14\n\x0c\x65val_queries\x18\x12 \x01(\r\x12\x0c\n\x04ways\x18\x13 \x01(\r\x12\x0b\n\x03\x64im\x18\x14 \x01(\r\x12\x11\n\tpartition\x18\x15 \x01(\t\x12\x0e\n\x06shards\x18\x16 \x01(\r\x12\x11\n\trotations\x18\x17 \x01(\x08\x12\x1a\n\x12\x66irst_order_rounds\x18\x18 \x01(\r\x12\x0b\n\x03msl\x18\x19 \x01(\x08\x12\x0c\n\x04lslr\x18\x1a \x01(\x08\x12\x14\n\x0c\x63osine_outer\x18\x1b \x01(\x08\x12\x13\n\x0blocal_steps\x18\x1c \x01(\r\x12\x10\n\x08local_lr\x18\x1d \x01(\x01\x12\x19\n\x11perfedavg_variant\x18\x1e \x01(\t\x12\x16\n\x0e\x63urvature_bias\x18< \x01(\t\x12\x1d\n\x15\x63urvature_first_order\x18= \x01(\x08\x12\x12\n\neval_every\x18( \x01(\r\x12\x1c\n\x14val_tasks_per_client\x18) \x01(\r\x12\x11\n\teval_ways\x18\x1f \x01(\r\x12\x18\n\x10\x65val_curve_tasks\x18  \x01(\r\x12\x10\n\x08\x63lusters\x18\x46 \x01(\r\x12\x14\n\x0cmatching_fce\x18\x32 \x01(\x08\x12\x16\n\x0ematching_steps\x18\x33 \x01(\r\x12\x15\n\rrelation_loss\x18\x34 \x01(\t\x12\x15\n\rrelation_pool\x18\x35 \x01(\t\x12\x17\n\x0frelation_hidden\x18\x36 \x01(\r\x12\x15\n\rrelation_norm\x18\x37 \x01(\x08\x12\x10\n\x08schedule\x18P \x01(\t\x12\x13\n\x0b\x62uffer_size\x18Q \x01(\r\x12\x1a\n\x12staleness_exponent\x18R \x01(\x01\x12\x15\n\rmax_staleness\x18S \x01(\r\"\x86\x01\n\x0bJoinRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x11\n\tnum_tasks\x18\x04 \x01(\x04\x12\'\n\tencodings\x18\x05 \x03(\x0e\x32\x14.fedmeta.v1.Encoding\"5\n\x0cJoinResponse\x12%\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x15.fedmeta.v1.RunConfig\"S\n\x18WaitForAssignmentRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x14\n\x0cheld_version\x18\x03 \x01(\t\"\xbf\x01\n\x19WaitForAssignmentResponse\x12\"\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x12.fedmeta.v1.Action\x12\r\n\x05round\x18\x02 \x01(\r\x12\x19\n\x11parameter_version\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x30\n\nparameters\x18\x05 \x01(\x0b\x32\x1c.fedmeta.v1.InlineParameters\x12\x12\n\nvalidation\x18\x06 \x01(\x08\"Q\n\x10InlineParameters\x12,\n\x07tensors\x18\x01 \x01(\x0b\x32\x1b.fedmeta.v1.TensorSetHeader\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"V\n\x16\x46\x65tchParametersRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x19\n\x11parameter_version\x18\x03 \x01(\t\"~\n\x17\x46\x65tchParametersResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.fedmeta.v1.ParametersHeaderH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.fedmeta.v1.TensorChunkH\x00\x42\t\n\x07message\"[\n\x10ParametersHeader\x12\x19\n\x11parameter_version\x18\x01 \x01(\t\x12,\n\x07tensors\x18\x02 \x01(\x0b\x32\x1b.fedmeta.v1.TensorSetHeader\"\x9c\x01\n\x13SubmitUpdateRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedmeta.v1.UpdateHeaderH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.fedmeta.v1.TensorChunkH\x00\x12$\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x15.fedmeta.v1.UpdateEndH\x00\x42\t\n\x07message\"\x0b\n\tUpdateEnd\"I\n\x0cInlineUpdate\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedmeta.v1.UpdateHeader\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"\xb6\x02\n\x0cUpdateHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\t\x12$\n\x04kind\x18\x05 \x01(\x0e\x32\x16.fedmeta.v1.UpdateKind\x12\x0e\n\x06weight\x18\x06 \x01(\x01\x12\x36\n\x07metrics\x18\x07 \x03(\x0b\x32%.fedmeta.v1.UpdateHeader.MetricsEntry\x12,\n\x07tensors\x18\x08 \x01(\x0b\x32\x1b.fedmeta.v1.TensorSetHeader\x12\x12\n\nvalidation\x18\t \x01(\x08\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\";\n\x14SubmitUpdateResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"1\n\x0cLeaveRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\"\x0f\n\rLeaveResponse\"D\n\x10HeartbeatRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\")\n\x11HeartbeatResponse\x12\x14\n\x0cstill_needed\x18\x01 \x01(\x08*m\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x41\x43TION_TRAIN\x10\x01\x12\x13\n\x0f\x41\x43TION_EVALUATE\x10\x02\x12\x0f\n\x0b\x41\x43TION_WAIT\x10\x03\x12\x13\n\x0f\x41\x43TION_FINISHED\x10\x04*\x85\x01\n\nUpdateKind\x12\x1b\n\x17UPDATE_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19UPDATE_KIND_META_GRADIENT\x10\x01\x12\x1f\n\x1bUPDATE_KIND_PARAMETER_DELTA\x10\x02\x12\x1a\n\x16UPDATE_KIND_EVALUATION\x10\x03*\xe4\x04\n\rRefusalReason\x12\x1e\n\x1aREFUSAL_REASON_UNSPECIFIED\x10\x00\x12\x1d\n\x19REFUSAL_REASON_NOT_JOINED\x10\x01\x12\x1c\n\x18REFUSAL_REASON_WRONG_RUN\x10\x02\x12\x1f\n\x1bREFUSAL_REASON_ROUND_CLOSED\x10\x03\x12\x1e\n\x1aREFUSAL_REASON_NOT_SAMPLED\x10\x04\x12 \n\x1cREFUSAL_REASON_STALE_VERSION\x10\x05\x12\x1d\n\x19REFUSAL_REASON_WRONG_KIND\x10\x06\x12\x1d\n\x19REFUSAL_REASON_BAD_WEIGHT\x10\x07\x12\x1e\n\x1aREFUSAL_REASON_BAD_METRICS\x10\x08\x12\x1e\n\x1aREFUSAL_REASON_BAD_TENSORS\x10\t\x12\x1d\n\x19REFUSAL_REASON_BAD_VALUES\x10\n\x12\x1d\n\x19REFUSAL_REASON_BAD_STREAM\x10\x0b\x12\x1c\n\x18REFUSAL_REASON_TOO_LARGE\x10\x0c\x12\x17\n\x13REFUSAL_REASON_BUSY\x10\r\x12 \n\x1cREFUSAL_REASON_REGISTRY_FULL\x10\x0e\x12\x1b\n\x17REFUSAL_REASON_STOPPING\x10\x0f\x12 \n\x1cREFUSAL_REASON_BAD_CLIENT_ID\x10\x10\x12\x1e\n\x1aREFUSAL_REASON_NOT_ALLOWED\x10\x11\x12\x1f\n\x1bREFUSAL_REASON_BAD_PROTOCOL\x10\x12\x32\xb7\x04\n\x0b\x43oordinator\x12\x39\n\x04Join\x12\x17.fedmeta.v1.JoinRequest\x1a\x18.fedmeta.v1.JoinResponse\x12`\n\x11WaitForAssignment\x12$.fedmeta.v1.WaitForAssignmentRequest\x1a%.fedmeta.v1.WaitForAssignmentResponse\x12\\\n\x0f\x46\x65tchParameters\x12\".fedmeta.v1.FetchParametersRequest\x1a#.fedmeta.v1.FetchParametersResponse0\x01\x12S\n\x0cSubmitUpdate\x12\x1f.fedmeta.v1.SubmitUpdateRequest\x1a .fedmeta.v1.SubmitUpdateResponse(\x01\x12P\n\x12SubmitInlineUpdate\x12\x18.fedmeta.v1.InlineUpdate\x1a .fedmeta.v1.SubmitUpdateResponse\x12<\n\x05Leave\x12\x18.fedmeta.v1.LeaveRequest\x1a\x19.fedmeta.v1.LeaveResponse\x12H\n\tHeartbeat\x12\x1c.fedmeta.v1.HeartbeatRequest\x1a\x1d.fedmeta.v1.HeartbeatResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66\x65\x64meta/v1/coordinator.proto\x12\nfedmeta.v1\x1a\x17\x66\x65\x64meta/v1/tensor.proto\".\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bkwargs_json\x18\x02 \x01(\t\"\x81\x08\n\tRunConfig\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\talgorithm\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12$\n\x05model\x18\x04 \x01(\x0b\x32\x15.fedmeta.v1.ModelSpec\x12\r\n\x05shots\x18\x05 \x01(\r\x12\x0f\n\x07queries\x18\x06 \x01(\r\x12\x18\n\x10tasks_per_client\x18\x07 \x01(\r\x12\x13\n\x0binner_steps\x18\x08 \x01(\r\x12\x10\n\x08inner_lr\x18\t \x01(\x01\x12\x0c\n\x04seed\x18\n \x01(\x04\x12&\n\x08\x65ncoding\x18\x0b \x01(\x0e\x32\x14.fedmeta.v1.Encoding\x12\x13\n\x0b\x63hunk_bytes\x18\x0c \x01(\r\x12\x12\n\neval_shots\x18\r \x01(\r\x12\x12\n\neval_steps\x18\x0e \x01(\r\x12\x1d\n\x15\x65val_tasks_per_client\x18\x0f \x01(\r\x12\x16\n\x0epoll_timeout_s\x18\x10 \x01(\x01\x12\x0e\n\x06rounds\x18\x11 \x01(\r\x12\x14\n\x0c\x65val_queries\x18\x12 \x01(\r\x12\x0c\n\x04ways\x18\x13 \x01(\r\x12\x0b\n\x03\x64im\x18\x14 \x01(\r\x12\x11\n\tpartition\x18\x15 \x01(\t\x12\x0e\n\x06shards\x18\x16 \x01(\r\x12\x11\n\trotations\x18\x17 \x01(\x08\x12\x1a\n\x12\x66irst_order_rounds\x18\x18 \x01(\r\x12\x0b\n\x03msl\x18\x19 \x01(\x08\x12\x0c\n\x04lslr\x18\x1a \x01(\x08\x12\x14\n\x0c\x63osine_outer\x18\x1b \x01(\x08\x12\x13\n\x0blocal_steps\x18\x1c \x01(\r\x12\x10\n\x08local_lr\x18\x1d \x01(\x01\x12\x19\n\x11perfedavg_variant\x18\x1e \x01(\t\x12\x16\n\x0e\x63urvature_bias\x18< \x01(\t\x12\x1d\n\x15\x63urvature_first_order\x18= \x01(\x08\x12\x12\n\neval_every\x18( \x01(\r\x12\x1c\n\x14val_tasks_per_client\x18) \x01(\r\x12\x11\n\teval_ways\x18\x1f \x01(\r\x12\x18\n\x10\x65val_curve_tasks\x18  \x01(\r\x12\x10\n\x08\x63lusters\x18\x46 \x01(\r\x12\x14\n\x0cmatching_fce\x18\x32 \x01(\x08\x12\x16\n\x0ematching_steps\x18\x33 \x01(\r\x12\x15\n\rrelation_loss\x18\x34 \x01(\t\x12\x15\n\rrelation_pool\x18\x35 \x01(\t\x12\x17\n\x0frelation_hidden\x18\x36 \x01(\r\x12\x15\n\rrelation_norm\x18\x37 \x01(\x08\x12\x10\n\x08schedule\x18P \x01(\t\x12\x13\n\x0b\x62uffer_size\x18Q \x01(\r\x12\x1a\n\x12staleness_exponent\x18R \x01(\x01\x12\x15\n\rmax_staleness\x18S \x01(\r\"\x86\x01\n\x0bJoinRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x11\n\tnum_tasks\x18\x04 \x01(\x04\x12\'\n\tencodings\x18\x05 \x03(\x0e\x32\x14.fedmeta.v1.Encoding\"P\n\x0cJoinResponse\x12%\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x15.fedmeta.v1.RunConfig\x12\x19\n\x11poll_takes_update\x18\x02 \x01(\x08\"}\n\x18WaitForAssignmentRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x14\n\x0cheld_version\x18\x03 \x01(\t\x12(\n\x06update\x18\x04 \x01(\x0b\x32\x18.fedmeta.v1.InlineUpdate\"\xf1\x01\n\x19WaitForAssignmentResponse\x12\"\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x12.fedmeta.v1.Action\x12\r\n\x05round\x18\x02 \x01(\r\x12\x19\n\x11parameter_version\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x30\n\nparameters\x18\x05 \x01(\x0b\x32\x1c.fedmeta.v1.InlineParameters\x12\x12\n\nvalidation\x18\x06 \x01(\x08\x12\x30\n\x06update\x18\x07 \x01(\x0b\x32 .fedmeta.v1.SubmitUpdateResponse\"Q\n\x10InlineParameters\x12,\n\x07tensors\x18\x01 \x01(\x0b\x32\x1b.fedmeta.v1.TensorSetHeader\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"V\n\x16\x46\x65tchParametersRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x19\n\x11parameter_version\x18\x03 \x01(\t\"~\n\x17\x46\x65tchParametersResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.fedmeta.v1.ParametersHeaderH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.fedmeta.v1.TensorChunkH\x00\x42\t\n\x07message\"[\n\x10ParametersHeader\x12\x19\n\x11parameter_version\x18\x01 \x01(\t\x12,\n\x07tensors\x18\x02 \x01(\x0b\x32\x1b.fedmeta.v1.TensorSetHeader\"\x9c\x01\n\x13SubmitUpdateRequest\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedmeta.v1.UpdateHeaderH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.fedmeta.v1.TensorChunkH\x00\x12$\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x15.fedmeta.v1.UpdateEndH\x00\x42\t\n\x07message\"\x0b\n\tUpdateEnd\"I\n\x0cInlineUpdate\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedmeta.v1.UpdateHeader\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"\xb6\x02\n\x0cUpdateHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\t\x12$\n\x04kind\x18\x05 \x01(\x0e\x32\x16.fedmeta.v1.UpdateKind\x12\x0e\n\x06weight\x18\x06 \x01(\x01\x12\x36\n\x07metrics\x18\x07 \x03(\x0b\x32%.fedmeta.v1.UpdateHeader.MetricsEntry\x12,\n\x07tensors\x18\x08 \x01(\x0b\x32\x1b.fedmeta.v1.TensorSetHeader\x12\x12\n\nvalidation\x18\t \x01(\x08\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\";\n\x14SubmitUpdateResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"1\n\x0cLeaveRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\"\x0f\n\rLeaveResponse\"D\n\x10HeartbeatRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\")\n\x11HeartbeatResponse\x12\x14\n\x0cstill_needed\x18\x01 \x01(\x08*m\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x41\x43TION_TRAIN\x10\x01\x12\x13\n\x0f\x41\x43TION_EVALUATE\x10\x02\x12\x0f\n\x0b\x41\x43TION_WAIT\x10\x03\x12\x13\n\x0f\x41\x43TION_FINISHED\x10\x04*\x85\x01\n\nUpdateKind\x12\x1b\n\x17UPDATE_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19UPDATE_KIND_META_GRADIENT\x10\x01\x12\x1f\n\x1bUPDATE_KIND_PARAMETER_DELTA\x10\x02\x12\x1a\n\x16UPDATE_KIND_EVALUATION\x10\x03*\xe4\x04\n\rRefusalReason\x12\x1e\n\x1aREFUSAL_REASON_UNSPECIFIED\x10\x00\x12\x1d\n\x19REFUSAL_REASON_NOT_JOINED\x10\x01\x12\x1c\n\x18REFUSAL_REASON_WRONG_RUN\x10\x02\x12\x1f\n\x1bREFUSAL_REASON_ROUND_CLOSED\x10\x03\x12\x1e\n\x1aREFUSAL_REASON_NOT_SAMPLED\x10\x04\x12 \n\x1cREFUSAL_REASON_STALE_VERSION\x10\x05\x12\x1d\n\x19REFUSAL_REASON_WRONG_KIND\x10\x06\x12\x1d\n\x19REFUSAL_REASON_BAD_WEIGHT\x10\x07\x12\x1e\n\x1aREFUSAL_REASON_BAD_METRICS\x10\x08\x12\x1e\n\x1aREFUSAL_REASON_BAD_TENSORS\x10\t\x12\x1d\n\x19REFUSAL_REASON_BAD_VALUES\x10\n\x12\x1d\n\x19REFUSAL_REASON_BAD_STREAM\x10\x0b\x12\x1c\n\x18REFUSAL_REASON_TOO_LARGE\x10\x0c\x12\x17\n\x13REFUSAL_REASON_BUSY\x10\r\x12 \n\x1cREFUSAL_REASON_REGISTRY_FULL\x10\x0e\x12\x1b\n\x17REFUSAL_REASON_STOPPING\x10\x0f\x12 \n\x1cREFUSAL_REASON_BAD_CLIENT_ID\x10\x10\x12\x1e\n\x1aREFUSAL_REASON_NOT_ALLOWED\x10\x11\x12\x1f\n\x1bREFUSAL_REASON_BAD_PROTOCOL\x10\x12\x32\xb7\x04\n\x0b\x43oordinator\x12\x39\n\x04Join\x12\x17.fedmeta.v1.JoinRequest\x1a\x18.fedmeta.v1.JoinResponse\x12`\n\x11WaitForAssignment\x12$.fedmeta.v1.WaitForAssignmentRequest\x1a%.fedmeta.v1.WaitForAssignmentResponse\x12\\\n\x0f\x46\x65tchParameters\x12\".fedmeta.v1.FetchParametersRequest\x1a#.fedmeta.v1.FetchParametersResponse0\x01\x12S\n\x0cSubmitUpdate\x12\x1f.fedmeta.v1.SubmitUpdateRequest\x1a .fedmeta.v1.SubmitUpdateResponse(\x01\x12P\n\x12SubmitInlineUpdate\x12\x18.fedmeta.v1.InlineUpdate\x1a .fedmeta.v1.SubmitUpdateResponse\x12<\n\x05Leave\x12\x18.fedmeta.v1.LeaveRequest\x1a\x19.fedmeta.v1.LeaveResponse\x12H\n\tHeartbeat\x12\x1c.fedmeta.v1.HeartbeatRequest\x1a\x1d.fedmeta.v1.HeartbeatResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,12 +34,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_UPDATEHEADER_METRICSENTRY']._loaded_options = None
   _globals['_UPDATEHEADER_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_ACTION']._serialized_start=2810
-  _globals['_ACTION']._serialized_end=2919
-  _globals['_UPDATEKIND']._serialized_start=2922
-  _globals['_UPDATEKIND']._serialized_end=3055
-  _globals['_REFUSALREASON']._serialized_start=3058
-  _globals['_REFUSALREASON']._serialized_end=3670
+  _globals['_ACTION']._serialized_start=2929
+  _globals['_ACTION']._serialized_end=3038
+  _globals['_UPDATEKIND']._serialized_start=3041
+  _globals['_UPDATEKIND']._serialized_end=3174
+  _globals['_REFUSALREASON']._serialized_start=3177
+  _globals['_REFUSALREASON']._serialized_end=3789
   _globals['_MODELSPEC']._serialized_start=69
   _globals['_MODELSPEC']._serialized_end=115
   _globals['_RUNCONFIG']._serialized_start=118
@@ -47,39 +47,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOINREQUEST']._serialized_start=1146
   _globals['_JOINREQUEST']._serialized_end=1280
   _globals['_JOINRESPONSE']._serialized_start=1282
-  _globals['_JOINRESPONSE']._serialized_end=1335
-  _globals['_WAITFORASSIGNMENTREQUEST']._serialized_start=1337
-  _globals['_WAITFORASSIGNMENTREQUEST']._serialized_end=1420
-  _globals['_WAITFORASSIGNMENTRESPONSE']._serialized_start=1423
-  _globals['_WAITFORASSIGNMENTRESPONSE']._serialized_end=1614
-  _globals['_INLINEPARAMETERS']._serialized_start=1616
-  _globals['_INLINEPARAMETERS']._serialized_end=1697
-  _globals['_FETCHPARAMETERSREQUEST']._serialized_start=1699
-  _globals['_FETCHPARAMETERSREQUEST']._serialized_end=1785
-  _globals['_FETCHPARAMETERSRESPONSE']._serialized_start=1787
-  _globals['_FETCHPARAMETERSRESPONSE']._serialized_end=1913
-  _globals['_PARAMETERSHEADER']._serialized_start=1915
-  _globals['_PARAMETERSHEADER']._serialized_end=2006
-  _globals['_SUBMITUPDATEREQUEST']._serialized_start=2009
-  _globals['_SUBMITUPDATEREQUEST']._serialized_end=2165
-  _globals['_UPDATEEND']._serialized_start=2167
-  _globals['_UPDATEEND']._serialized_end=2178
-  _globals['_INLINEUPDATE']._serialized_start=2180
-  _globals['_INLINEUPDATE']._serialized_end=2253
-  _globals['_UPDATEHEADER']._serialized_start=2256
-  _globals['_UPDATEHEADER']._serialized_end=2566
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=2520
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=2566
-  _globals['_SUBMITUPDATERESPONSE']._serialized_start=2568
-  _globals['_SUBMITUPDATERESPONSE']._serialized_end=2627
-  _globals['_LEAVEREQUEST']._serialized_start=2629
-  _globals['_LEAVEREQUEST']._serialized_end=2678
-  _globals['_LEAVERESPONSE']._serialized_start=2680
-  _globals['_LEAVERESPONSE']._serialized_end=2695
-  _globals['_HEARTBEATREQUEST']._serialized_start=2697
-  _globals['_HEARTBEATREQUEST']._serialized_end=2765
-  _globals['_HEARTBEATRESPONSE']._serialized_start=2767
-  _globals['_HEARTBEATRESPONSE']._serialized_end=2808
-  _globals['_COORDINATOR']._serialized_start=3673
-  _globals['_COORDINATOR']._serialized_end=4240
+  _globals['_JOINRESPONSE']._serialized_end=1362
+  _globals['_WAITFORASSIGNMENTREQUEST']._serialized_start=1364
+  _globals['_WAITFORASSIGNMENTREQUEST']._serialized_end=1489
+  _globals['_WAITFORASSIGNMENTRESPONSE']._serialized_start=1492
+  _globals['_WAITFORASSIGNMENTRESPONSE']._serialized_end=1733
+  _globals['_INLINEPARAMETERS']._serialized_start=1735
+  _globals['_INLINEPARAMETERS']._serialized_end=1816
+  _globals['_FETCHPARAMETERSREQUEST']._serialized_start=1818
+  _globals['_FETCHPARAMETERSREQUEST']._serialized_end=1904
+  _globals['_FETCHPARAMETERSRESPONSE']._serialized_start=1906
+  _globals['_FETCHPARAMETERSRESPONSE']._serialized_end=2032
+  _globals['_PARAMETERSHEADER']._serialized_start=2034
+  _globals['_PARAMETERSHEADER']._serialized_end=2125
+  _globals['_SUBMITUPDATEREQUEST']._serialized_start=2128
+  _globals['_SUBMITUPDATEREQUEST']._serialized_end=2284
+  _globals['_UPDATEEND']._serialized_start=2286
+  _globals['_UPDATEEND']._serialized_end=2297
+  _globals['_INLINEUPDATE']._serialized_start=2299
+  _globals['_INLINEUPDATE']._serialized_end=2372
+  _globals['_UPDATEHEADER']._serialized_start=2375
+  _globals['_UPDATEHEADER']._serialized_end=2685
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=2639
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=2685
+  _globals['_SUBMITUPDATERESPONSE']._serialized_start=2687
+  _globals['_SUBMITUPDATERESPONSE']._serialized_end=2746
+  _globals['_LEAVEREQUEST']._serialized_start=2748
+  _globals['_LEAVEREQUEST']._serialized_end=2797
+  _globals['_LEAVERESPONSE']._serialized_start=2799
+  _globals['_LEAVERESPONSE']._serialized_end=2814
+  _globals['_HEARTBEATREQUEST']._serialized_start=2816
+  _globals['_HEARTBEATREQUEST']._serialized_end=2884
+  _globals['_HEARTBEATRESPONSE']._serialized_start=2886
+  _globals['_HEARTBEATRESPONSE']._serialized_end=2927
+  _globals['_COORDINATOR']._serialized_start=3792
+  _globals['_COORDINATOR']._serialized_end=4359
 # @@protoc_insertion_point(module_scope)

@@ -194,36 +194,42 @@ class JoinRequest(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., device: _Optional[str] = ..., num_tasks: _Optional[int] = ..., encodings: _Optional[_Iterable[_Union[_tensor_pb2.Encoding, str]]] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("config",)
+    __slots__ = ("config", "poll_takes_update")
     CONFIG_FIELD_NUMBER: _ClassVar[int]
+    POLL_TAKES_UPDATE_FIELD_NUMBER: _ClassVar[int]
     config: RunConfig
-    def __init__(self, config: _Optional[_Union[RunConfig, _Mapping]] = ...) -> None: ...
+    poll_takes_update: bool
+    def __init__(self, config: _Optional[_Union[RunConfig, _Mapping]] = ..., poll_takes_update: _Optional[bool] = ...) -> None: ...
 
 class WaitForAssignmentRequest(_message.Message):
-    __slots__ = ("run_id", "client_id", "held_version")
+    __slots__ = ("run_id", "client_id", "held_version", "update")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     HELD_VERSION_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     client_id: str
     held_version: str
-    def __init__(self, run_id: _Optional[str] = ..., client_id: _Optional[str] = ..., held_version: _Optional[str] = ...) -> None: ...
+    update: InlineUpdate
+    def __init__(self, run_id: _Optional[str] = ..., client_id: _Optional[str] = ..., held_version: _Optional[str] = ..., update: _Optional[_Union[InlineUpdate, _Mapping]] = ...) -> None: ...
 
 class WaitForAssignmentResponse(_message.Message):
-    __slots__ = ("action", "round", "parameter_version", "detail", "parameters", "validation")
+    __slots__ = ("action", "round", "parameter_version", "detail", "parameters", "validation", "update")
     ACTION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_VERSION_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_FIELD_NUMBER: _ClassVar[int]
     action: Action
     round: int
     parameter_version: str
     detail: str
     parameters: InlineParameters
     validation: bool
-    def __init__(self, action: _Optional[_Union[Action, str]] = ..., round: _Optional[int] = ..., parameter_version: _Optional[str] = ..., detail: _Optional[str] = ..., parameters: _Optional[_Union[InlineParameters, _Mapping]] = ..., validation: _Optional[bool] = ...) -> None: ...
+    update: SubmitUpdateResponse
+    def __init__(self, action: _Optional[_Union[Action, str]] = ..., round: _Optional[int] = ..., parameter_version: _Optional[str] = ..., detail: _Optional[str] = ..., parameters: _Optional[_Union[InlineParameters, _Mapping]] = ..., validation: _Optional[bool] = ..., update: _Optional[_Union[SubmitUpdateResponse, _Mapping]] = ...) -> None: ...
 
 class InlineParameters(_message.Message):
     __slots__ = ("tensors", "payload")

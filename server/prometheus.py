@@ -36,6 +36,9 @@ METRICS: tuple[tuple[str, str, str, str], ...] = (
                                                           "(duplicates, acknowledged, are not counted again)"),
     ("fedmeta_updates_refused_total", "counter", "reason", "updates refused, by RefusalReason name (UNSPECIFIED: "
                                                            "no reason)"),
+    ("fedmeta_updates_carried_total", "counter", "", "updates that came with a client's long-poll "
+                                                      "(WaitForAssignment) instead of a call of their own, "
+                                                      "accepted or refused"),
     ("fedmeta_bytes_sent_total", "counter", "", "bytes of gRPC messages sent to clients over the run"),
     ("fedmeta_bytes_received_total", "counter", "", "bytes of gRPC messages received from clients over the run"),
     ("fedmeta_clients_live", "gauge", "", "registered clients that called within their lease"),
@@ -111,6 +114,7 @@ class _Collector:
         for reason in REASONS:
             refused.add_metric([reason], s.refused[reason])
         yield refused
+        yield counter("fedmeta_updates_carried_total", s.carried)
         yield counter("fedmeta_bytes_sent_total", self.c.bytes_sent)
         yield counter("fedmeta_bytes_received_total", self.c.bytes_received)
         yield gauge("fedmeta_clients_live", self.c.live_clients())

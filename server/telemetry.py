@@ -1,7 +1,7 @@
 """What the coordinator counts for monitoring, in plain Python (no exporter needed to count).
 
 Event sites bump it: Coordinator.commit (an update counted), the service's SubmitUpdate (an
-update refused, by its RefusalReason), and RunState.record (every metrics.jsonl record: a
+update refused, by its RefusalReason), its WaitForAssignment (an update carried by a long-poll), and RunState.record (every metrics.jsonl record: a
 round closed, a validation). The Prometheus exporter (server/prometheus.py) reads a snapshot
 at each scrape. Every label value is from a fixed set the coordinator chose: update kinds,
 RefusalReason names, metric names of the schema (common/metrics.py); never a string a peer
@@ -46,6 +46,7 @@ class Snapshot:
     train: Mapping[str, float]
     validation: Mapping[str, float]
     validations: int
+    carried: int = 0  # updates that came with a long-poll (WaitForAssignment), accepted or not
 
 
 class Telemetry:
@@ -61,6 +62,11 @@ class Telemetry:
         self._train: dict[str, float] = {}
         self._validation: dict[str, float] = {}
         self._validations = 0
+        self._carried = 0
+
+    def update_carried(self) -> None:
+        with self._lock:
+            self._carried += 1
 
     def update_accepted(self, kind: str) -> None:
         if kind not in self._accepted:
@@ -100,7 +106,8 @@ class Telemetry:
                 total += n
                 cumulative.append(total)
             return Snapshot(self._rounds, tuple(cumulative), self._round_sum, dict(self._accepted),
-                            dict(self._refused), dict(self._train), dict(self._validation), self._validations)
+                            dict(self._refused), dict(self._train), dict(self._validation), self._validations,
+                            self._carried)
 
 
 def _values(record: Mapping[str, Any], keys: Mapping[str, str]) -> dict[str, float]:

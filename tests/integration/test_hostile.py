@@ -453,6 +453,99 @@ def test_inline_and_streamed_updates_are_one_update_counted_once(inprocess_serve
     assert close_to(c.parameters(), expected)
 
 
+# ---- the same table through the update a long-poll carries (WaitForAssignment.update) --------------
+
+
+def carry(s: Session, update: pb.InlineUpdate, *, client_id: str | None = None) -> pb.WaitForAssignmentResponse:
+    """A long-poll carrying `update`, under the id its header names (so the poll's own checks are the
+    update's), or `client_id`."""
+    if client_id is None:
+        client_id = update.header.client_id if update.HasField("header") else s.client_id
+    request = pb.WaitForAssignmentRequest(run_id=s.run_id, client_id=client_id, update=update)
+    return s.stub.WaitForAssignment(request, timeout=TIMEOUT_S)
+
+
+@pytest.mark.parametrize(("build", "code", "word", "hostile_client"), INLINE_CASES)
+def test_hostile_update_carried_by_a_long_poll_is_refused_and_changes_nothing(inprocess_server, build, code, word,
+                                                                               hostile_client) -> None:
+    """Every update SubmitInlineUpdate refuses is refused the same way when a long-poll carries it:
+    the call ends with the refusal (a poll that waited would have answered WAIT)."""
+    s = start(inprocess_server)
+    before = snapshot(s)
+    built = build(s)
+    update = built if isinstance(built, pb.InlineUpdate) else as_inline(built)
+    err = refused(lambda: carry(s, update))
+    assert err.code() == code, f"{err.code()}: {err.details()}"
+    assert word in err.details().lower(), err.details()
+    assert_untouched(s, before, hostile_client=hostile_client)
+    assert_still_accepts(s, before)
+
+
+def test_a_long_poll_carries_only_its_own_clients_update(inprocess_server) -> None:
+    server = inprocess_server(**(SETTINGS | {"clients_per_round": 2}))
+    run_id = join(server, "alice").run_id
+    join(server, "bob")
+    s, bob = session(server, "alice", run_id), session(server, "bob", run_id)
+    before = snapshot(s)
+    header, payload = encoded(s)
+    err = refused(lambda: carry(bob, pb.InlineUpdate(header=header, payload=payload), client_id="bob"))
+    assert err.code() == BAD and "only its own update" in err.details(), err.details()
+    assert server.coordinator._round is not None and server.coordinator._round.accumulator.count == 0
+    assert_untouched(s, before)
+
+
+def test_an_update_carried_by_a_long_poll_counts_once_and_the_reply_answers_it(inprocess_server) -> None:
+    """alice's long-poll carries her update and then waits for round 1 (bob has not answered round 0);
+    resends of it, carried or on their own, are acknowledged as duplicates; θ takes one outer step on
+    the two updates, as for updates sent on their own."""
+    server = inprocess_server(**(SETTINGS | {"clients_per_round": 2, "poll_timeout_s": 8.0}))
+    joined = server.stub.Join(pb.JoinRequest(client_id="alice", protocol_version=PROTOCOL_VERSION), timeout=TIMEOUT_S)
+    assert joined.poll_takes_update
+    run_id = joined.config.run_id
+    join(server, "bob")
+    s, bob = session(server, "alice", run_id), session(server, "bob", run_id)
+    c = server.coordinator
+    before = snapshot(s)
+    header, payload = encoded(s)
+    update = pb.InlineUpdate(header=header, payload=payload)
+    waiting = s.stub.WaitForAssignment.future(
+        pb.WaitForAssignmentRequest(run_id=run_id, client_id="alice", update=update), timeout=TIMEOUT_S)
+    wait_for(lambda: c._round is not None and c._round.accumulator.count == 1, timeout_s=10,
+             what="alice's carried update to be counted")
+    assert not waiting.done()  # counted, then waiting for work
+    again = carry(s, update)  # a second poll of alice's is answered at once: WAIT, and the duplicate's answer
+    assert again.action == pb.ACTION_WAIT and (again.update.accepted, again.update.duplicate) == (True, True)
+    assert submit_inline(s, update).duplicate
+    assert c._round.accumulator.count == 1
+    g_bob = gradient(bob, seed=1)
+    assert submit_inline(bob, as_inline(stream(*encoded(bob, g_bob)))).accepted
+    reply = waiting.result(timeout=TIMEOUT_S)
+    assert (reply.update.accepted, reply.update.duplicate) == (True, False)
+    assert reply.action == pb.ACTION_TRAIN and reply.round == 1  # woken by round 1, which samples both
+    expected = adam_step(s, before.theta, [(gradient(s), 4.0), (g_bob, 4.0)])
+    assert close_to(c.parameters(), expected)
+    assert c.telemetry.snapshot().carried == 2
+
+
+def test_a_waiting_long_poll_holds_only_its_own_fields_not_the_update_it_carried() -> None:
+    """The deserialiser the coordinator registers for WaitForAssignment (server/grpc_server.py): what
+    the call keeps while it waits is the poll's ids and version; the carried update is handed out
+    once, to be checked and dropped."""
+    from fedmeta.server.service import PollRequest
+
+    update = pb.InlineUpdate(header=pb.UpdateHeader(client_id="alice"), payload=bytes(60_000))
+    raw = pb.WaitForAssignmentRequest(run_id="r", client_id="alice", held_version="v" * 64,
+                                      update=update).SerializeToString()
+    request = PollRequest.parse(raw)
+    assert request.client_id == "alice" and request.poll.held_version == "v" * 64
+    assert not request.poll.HasField("update") and request.poll.ByteSize() < 200
+    taken = request.take()
+    assert taken is not None and len(taken.update.payload) == 60_000
+    assert request.take() is None  # handed out once
+    plain = PollRequest.parse(pb.WaitForAssignmentRequest(run_id="r", client_id="alice").SerializeToString())
+    assert plain.take() is None
+
+
 # ---- the other RPCs -------------------------------------------------------------------------------
 
 

@@ -89,6 +89,8 @@ def test_prometheus_counts_rounds_accepted_updates_and_refusals_by_reason(inproc
     # every update the run counted, and only those: its rounds' answers, its evaluation's clients
     assert value(after, "fedmeta_updates_accepted_total", kind="train") == sum(r["clients_answered"] for r in rounds)
     assert value(after, "fedmeta_updates_accepted_total", kind="evaluation") == summary["eval"]["clients"] == 1
+    # the client's training updates (7 kB) rode on its next long-poll, each of them
+    assert value(after, "fedmeta_updates_carried_total") == sum(r["clients_answered"] for r in rounds) == 3
     assert value(after, "fedmeta_updates_refused_total", reason="WRONG_RUN") == 1
     assert value(after, "fedmeta_updates_refused_total", reason="BAD_STREAM") == 1
     assert value(after, "fedmeta_train_metric", metric="loss_post") == rounds[-1]["meta_loss"]

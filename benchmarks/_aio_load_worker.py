@@ -5,8 +5,10 @@ stops at a few hundred clients per process. Here a process runs thousands of cli
 coroutines on one asyncio event loop, --clients-per-channel of them sharing a channel (its own
 TCP connection; calls are the threaded client's futures, see rpc()), and speaks the same protocol with the same updates (s * P, exact in float32,
 so load_clients.py replays θ bit for bit): Join -> WaitForAssignment long-polls -> the
-inlined parameters (digest checked) or FetchParameters -> SubmitInlineUpdate (one message; the
-sinusoid MLP's update is 7 KB) or SubmitUpdate (header, chunks, UpdateEnd), until FINISHED, then Leave. UNAVAILABLE and RESOURCE_EXHAUSTED are retried after a
+inlined parameters (digest checked) or FetchParameters -> the update carried by the next
+long-poll (WaitForAssignment.update, where the coordinator's JoinResponse says it takes it; the
+sinusoid MLP's update is 7 KB), or with --no-carry SubmitInlineUpdate (one message) or
+SubmitUpdate (header, chunks, UpdateEnd), until FINISHED, then Leave. UNAVAILABLE and RESOURCE_EXHAUSTED are retried after a
 jittered pause (as client/retry.py does); FAILED_PRECONDITION is recorded and the client asks
 for new work; anything else is an error. The last stdout line is JSON, as _load_worker.py's.
 
@@ -91,7 +93,7 @@ class Pacer:
 
 class AioClient:
     def __init__(self, index: int, stub: pb_grpc.CoordinatorStub, updates: Updates, give_up_s: float,
-                 resend_every: int, pacer: Pacer) -> None:
+                 resend_every: int, pacer: Pacer, carry: bool = True) -> None:
         self.pacer = pacer
         self.index = index
         self.client_id = client_id(index)
@@ -109,6 +111,9 @@ class AioClient:
         self.joined_at = 0.0
         self.finished = False
         self.leave_failed = ""
+        self.carry = carry  # a training update rides on the next long-poll, where the coordinator takes it
+        self.takes_update = False  # what the coordinator's JoinResponse says
+        self.carried = 0
 
     async def _retry(self, call: Callable[[], Awaitable[T]], what: str = "") -> T:
         deadline = time.monotonic() + self.give_up_s
@@ -133,6 +138,7 @@ class AioClient:
         reply = await self._retry(lambda: rpc(self.stub.Join, request, timeout=_RPC_TIMEOUT_S, metadata=self.metadata),
                                   "Join")
         self.run = run_config_from_proto(reply.config)
+        self.takes_update = bool(reply.poll_takes_update)
         self.kind = _KIND[get_algorithm(self.run.algorithm).update_kind]
         self.joined_at = time.monotonic()
 
@@ -158,12 +164,35 @@ class AioClient:
     async def loop(self) -> None:
         held_version = ""
         specs: tuple[TensorSpec, ...] | None = None
+        # a trained update waiting to ride on the next long-poll: its record, header, tensors, message
+        pending: tuple[dict[str, Any], pb.UpdateHeader, Any, pb.InlineUpdate] | None = None
         while True:
             request = pb.WaitForAssignmentRequest(run_id=self.run.run_id, client_id=self.client_id,
-                                                  held_version=held_version)
-            a = await self._retry(lambda: rpc(
-                self.stub.WaitForAssignment, request, timeout=self.run.poll_timeout_s + 10.0, metadata=self.metadata), "WaitForAssignment")
+                                                  held_version=held_version,
+                                                  update=None if pending is None else pending[3])
+            try:
+                a = await self._retry(lambda: rpc(
+                    self.stub.WaitForAssignment, request, timeout=self.run.poll_timeout_s + 10.0, metadata=self.metadata), "WaitForAssignment")
+            except grpc.RpcError as exc:
+                if pending is None:
+                    raise
+                record = pending[0]  # the carried update was refused: as a refused SubmitInlineUpdate
+                pending = None
+                record["status"] = exc.code().name
+                if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                    self.errors.append(f"round {record['round']}: {exc.code().name}: {exc.details()}")
+                continue
             assigned = time.monotonic()
+            if pending is not None:
+                record, header, tensors, _ = pending
+                pending = None
+                if a.HasField("update"):
+                    record["status"] = "duplicate" if a.update.duplicate else "ok"
+                    if self.resend_every and (self.index + record["round"]) % self.resend_every == 0:
+                        record["resend"] = "duplicate" if (await self._submit(header, tensors)).duplicate else "counted"
+                else:
+                    record["status"] = "unanswered"
+                    self.errors.append(f"round {record['round']}: the long-poll's reply did not answer its update")
             if a.action == pb.ACTION_FINISHED:
                 self.finished = True
                 try:
@@ -194,6 +223,14 @@ class AioClient:
                     base_version=a.parameter_version, kind=self.kind if train else pb.UPDATE_KIND_EVALUATION,
                     weight=1.0, metrics=placeholder_metrics(self.run, evaluation=not train))
                 update = self.updates.get(specs, scale) if train else None
+                message = inline_update(header, update) if train and self.carry and self.takes_update else None
+                if message is not None:  # sent with the next long-poll, which answers it
+                    record |= {"fetch_s": fetched - assigned, "submit_s": None, "done": time.monotonic(),
+                               "carried": True}
+                    self.records.append(record)
+                    pending = (record, header, update, message)
+                    self.carried += 1
+                    continue
                 reply = await self._submit(header, update)
                 record["status"] = "duplicate" if reply.duplicate else "ok"
                 if train and self.resend_every and (self.index + a.round) % self.resend_every == 0:
@@ -216,18 +253,18 @@ class AioClient:
     def report(self) -> dict[str, Any]:
         return {"client_id": self.client_id, "index": self.index, "joined_at": self.joined_at,
                 "finished": self.finished, "leave_failed": self.leave_failed, "inlined": self.inlined,
-                "fetched": self.fetched, "retries": self.retries, "retry_codes": self.retry_codes, "retry_details": self.retry_details, "errors": self.errors, "records": self.records}
+                "fetched": self.fetched, "carried": self.carried, "retries": self.retries, "retry_codes": self.retry_codes, "retry_details": self.retry_details, "errors": self.errors, "records": self.records}
 
 
 async def run(server: str, first: int, n: int, per_channel: int, give_up_s: float,
-              resend_every: int) -> dict[str, Any]:
+              resend_every: int, carry: bool = True) -> dict[str, Any]:
     updates = Updates()
     options = [("grpc.max_receive_message_length", 4 << 20), ("grpc.max_send_message_length", 4 << 20),
                ("grpc.use_local_subchannel_pool", 1)]  # each channel a connection of its own
     channels = [grpc.insecure_channel(server, options=options) for _ in range((n + per_channel - 1) // per_channel)]
     pacer = Pacer()
     clients = [AioClient(first + i, pb_grpc.CoordinatorStub(channels[i // per_channel]), updates, give_up_s,
-                         resend_every, pacer) for i in range(n)]
+                         resend_every, pacer, carry) for i in range(n)]
     try:
         await asyncio.gather(*(c.run_forever() for c in clients))
     finally:
@@ -245,10 +282,12 @@ def main() -> int:
     parser.add_argument("--give-up-s", type=float, default=300.0, help="retry transient errors this long")
     parser.add_argument("--resend-every", type=int, default=0,
                         help="client i resends its accepted update of round r when (i + r) %% N == 0 (0: never)")
+    parser.add_argument("--no-carry", action="store_true",
+                        help="send every update on its own call, never with the next long-poll")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = asyncio.run(run(args.server, args.first_index, args.clients, max(1, args.clients_per_channel),
-                          args.give_up_s, args.resend_every))
+                          args.give_up_s, args.resend_every, not args.no_carry))
     print(json.dumps(out), flush=True)
     return 0 if all(c["finished"] and not c["errors"] for c in out["clients"]) else 1
 

@@ -124,14 +124,19 @@ def analyse(spec: Any, values: dict[str, Any], run_dir: Path, clients: list[dict
             "round_s": percentiles(round_s),
             "round_s_excl_round_0": percentiles(round_s[1:]),
             "round_0_s": round_s[0] if round_s else None,
-            "client_assignment_to_accepted": percentiles([r["done"] - r["assigned"] for r in train]),
+            # a carried update's "done" is when its long-poll left (its answer comes when the poll ends)
+            "client_assignment_to_accepted": percentiles([r["done"] - r["assigned"] for r in train
+                                                          if not r.get("carried")]),
+            "client_assignment_to_sent_with_the_next_poll": percentiles([r["done"] - r["assigned"] for r in train
+                                                                         if r.get("carried")]),
             "client_fetch": percentiles([r["fetch_s"] for r in train]),
-            "client_submit": percentiles([r["submit_s"] for r in train]),
+            "client_submit": percentiles([r["submit_s"] for r in train if r["submit_s"] is not None]),
             "round_span_first_assignment_to_last_accept": percentiles(spans),
         },
         "joins_spread_s": max(joined) - min(joined) if joined else None,
         "inlined_assignments": sum(c["inlined"] for c in clients),
         "fetches": sum(c["fetched"] for c in clients),
+        "updates_carried_by_polls": sum(c.get("carried", 0) for c in clients),
         "client_retries": sum(c["retries"] for c in clients),
         "client_retry_codes": dict(sum((Counter(c.get("retry_codes", {})) for c in clients), Counter())),
         "client_retry_details": {k: v for c in clients for k, v in c.get("retry_details", {}).items()},

@@ -129,6 +129,8 @@ def worker_command(args: argparse.Namespace, spec: RunSpec, port: int, first: in
     aio = worker == "aio" or (worker == "auto" and spec.clients > 1000)
     command = [str(HERE / ("_aio_load_worker.py" if aio else "_load_worker.py")), "--server", f"127.0.0.1:{port}",
                "--first-index", str(first), "--clients", str(n), "--resend-every", str(args.resend_every)]
+    if aio and getattr(args, "no_carry", False):
+        command.append("--no-carry")
     return command
 
 
@@ -231,6 +233,8 @@ def main() -> int:
     parser.add_argument("--resend-every", type=int, default=8,
                         help="client i sends its accepted update of round r a second time when (i + r) %% N == 0, "
                              "as after a lost reply; it must come back as a duplicate (default: 8; 0: never)")
+    parser.add_argument("--no-carry", action="store_true",
+                        help="coroutine clients send each update on its own call, not with their next long-poll")
     parser.add_argument("--no-rss-runs", action="store_true", help="skip the two runs with the ~1M-parameter model")
     parser.add_argument("--rss-dim", type=int, default=16000,
                         help="inputs of the RSS runs' MLP DIM-64-64-5 (default: 16000 -> 1,028,549 parameters, 4.1 MB)")
@@ -298,7 +302,7 @@ def main() -> int:
         "settings": {"clients": args.clients, "clients_per_round": args.clients_per_round or args.clients,
                      "worker": args.worker, "processes": args.processes, "rounds": args.rounds,
                      "algorithm": args.algorithm, "aggregator": "mean", "round_deadline_s": args.round_deadline_s,
-                     "poll_timeout_s": args.poll_timeout_s, "resend_every": args.resend_every,
+                     "poll_timeout_s": args.poll_timeout_s, "resend_every": args.resend_every, "carry": not args.no_carry,
                      "max_workers": args.max_workers or "coordinator default",
                      "rss_runs": not args.no_rss_runs, "rss_dim": args.rss_dim, "rss_rounds": args.rss_rounds,
                      "rss_round_deadline_s": args.rss_round_deadline_s, "coordinator_env": args.coordinator_env,

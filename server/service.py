@@ -355,11 +355,12 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     async def _carried(self, update: pb.InlineUpdate, client_id: str, context: Context) -> pb.SubmitUpdateResponse:
         """The update a WaitForAssignment carries: the poller's own, taken as SubmitInlineUpdate's."""
+        self.coordinator.telemetry.update_carried()
         if update.HasField("header") and update.header.client_id != client_id:
+            self.coordinator.telemetry.update_refused(Reason.BAD_CLIENT_ID)
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"the update carried by WaitForAssignment names client "
                            f"{clip(update.header.client_id, 64)!r}, the poll {client_id!r}: a client carries only "
                            "its own update", Reason.BAD_CLIENT_ID)
-        self.coordinator.telemetry.update_carried()
         return await self._inline(update, context)
 
     async def _inline(self, request: pb.InlineUpdate, context: Context) -> pb.SubmitUpdateResponse:

@@ -491,6 +491,8 @@ def test_a_long_poll_carries_only_its_own_clients_update(inprocess_server) -> No
     err = refused(lambda: carry(bob, pb.InlineUpdate(header=header, payload=payload), client_id="bob"))
     assert err.code() == BAD and "only its own update" in err.details(), err.details()
     assert server.coordinator._round is not None and server.coordinator._round.accumulator.count == 0
+    counted = server.coordinator.telemetry.snapshot()
+    assert counted.carried == 1 and counted.refused["BAD_CLIENT_ID"] == 1
     assert_untouched(s, before)
 
 

@@ -416,14 +416,27 @@ INLINE_CASES = [
 ]
 
 
+def carry(s: Session, update: pb.InlineUpdate, *, client_id: str | None = None) -> pb.WaitForAssignmentResponse:
+    """A long-poll carrying `update`, under the id its header names (so the poll's own checks are the
+    update's), or `client_id`."""
+    if client_id is None:
+        client_id = update.header.client_id if update.HasField("header") else s.client_id
+    request = pb.WaitForAssignmentRequest(run_id=s.run_id, client_id=client_id, update=update)
+    return s.stub.WaitForAssignment(request, timeout=TIMEOUT_S)
+
+
+@pytest.mark.parametrize("route", ["SubmitInlineUpdate", "carried-by-WaitForAssignment"])
 @pytest.mark.parametrize(("build", "code", "word", "hostile_client"), INLINE_CASES)
-def test_hostile_inline_update_is_refused_and_changes_nothing(inprocess_server, build, code, word,
+def test_hostile_inline_update_is_refused_and_changes_nothing(inprocess_server, route, build, code, word,
                                                               hostile_client) -> None:
+    """Sent on its own, or carried by a long-poll: there the call ends with the refusal (a poll that
+    waited would have answered WAIT)."""
     s = start(inprocess_server)
     before = snapshot(s)
     built = build(s)
     update = built if isinstance(built, pb.InlineUpdate) else as_inline(built)
-    err = refused(lambda: submit_inline(s, update))
+    send = submit_inline if route == "SubmitInlineUpdate" else carry
+    err = refused(lambda: send(s, update))
     assert err.code() == code, f"{err.code()}: {err.details()}"
     assert word in err.details().lower(), err.details()
     assert len(err.details()) >= 20, f"not a sentence a person can act on: {err.details()!r}"
@@ -453,32 +466,7 @@ def test_inline_and_streamed_updates_are_one_update_counted_once(inprocess_serve
     assert close_to(c.parameters(), expected)
 
 
-# ---- the same table through the update a long-poll carries (WaitForAssignment.update) --------------
-
-
-def carry(s: Session, update: pb.InlineUpdate, *, client_id: str | None = None) -> pb.WaitForAssignmentResponse:
-    """A long-poll carrying `update`, under the id its header names (so the poll's own checks are the
-    update's), or `client_id`."""
-    if client_id is None:
-        client_id = update.header.client_id if update.HasField("header") else s.client_id
-    request = pb.WaitForAssignmentRequest(run_id=s.run_id, client_id=client_id, update=update)
-    return s.stub.WaitForAssignment(request, timeout=TIMEOUT_S)
-
-
-@pytest.mark.parametrize(("build", "code", "word", "hostile_client"), INLINE_CASES)
-def test_hostile_update_carried_by_a_long_poll_is_refused_and_changes_nothing(inprocess_server, build, code, word,
-                                                                               hostile_client) -> None:
-    """Every update SubmitInlineUpdate refuses is refused the same way when a long-poll carries it:
-    the call ends with the refusal (a poll that waited would have answered WAIT)."""
-    s = start(inprocess_server)
-    before = snapshot(s)
-    built = build(s)
-    update = built if isinstance(built, pb.InlineUpdate) else as_inline(built)
-    err = refused(lambda: carry(s, update))
-    assert err.code() == code, f"{err.code()}: {err.details()}"
-    assert word in err.details().lower(), err.details()
-    assert_untouched(s, before, hostile_client=hostile_client)
-    assert_still_accepts(s, before)
+# ---- updates carried by a long-poll (WaitForAssignment.update) --------------------------------------
 
 
 def test_a_long_poll_carries_only_its_own_clients_update(inprocess_server) -> None:

@@ -6,6 +6,7 @@ payload in chunks of at most chunk_bytes, and, where the stream says so, an end 
     FetchParameters   (server stream)   header{version, tensors}  chunk*
     SubmitUpdate      (client stream)   header{update, tensors}   chunk*  end
     SubmitInlineUpdate (one message)    header{update, tensors}, payload   (payloads <= 64 KiB)
+    WaitForAssignment.update            the same message, carried by the client's next long-poll
     WaitForAssignment (one message)     parameters{tensors, payload}      (small models, inlined)
 
 The receiver trusts nothing it is sent: the header is checked against the expected specs

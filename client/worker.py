@@ -109,8 +109,9 @@ class Worker:
         self._cached_version = ""
         self._params: dict[str, torch.Tensor] = {}
         self.rounds_trained = 0
-        # a trained update waiting to ride on the next long-poll: (header, encoded, message)
-        self._carried: tuple[pb.UpdateHeader, EncodedTensorSet | None, pb.InlineUpdate] | None = None
+        # a trained update waiting to ride on the next long-poll: (header, encoded, message, what to do once accepted)
+        self._carried: tuple[pb.UpdateHeader, EncodedTensorSet | None, pb.InlineUpdate,
+                             Callable[[pb.SubmitUpdateResponse], None]] | None = None
 
     # ---- RPCs -------------------------------------------------------------------------------
     def join(self) -> RunConfig:
@@ -173,11 +174,11 @@ class Worker:
         except TensorSetError as exc:
             raise ClientError(f"the coordinator's parameters for version {version[:12]} are unusable: {exc}") from None
 
-    def _submit(self, header: pb.UpdateHeader, tensors: dict[str, torch.Tensor] | None, *,
-                carry: bool = False) -> pb.SubmitUpdateResponse | None:
+    def _submit(self, header: pb.UpdateHeader, tensors: dict[str, torch.Tensor] | None, *, carry: bool = False,
+                then: Callable[[pb.SubmitUpdateResponse], None] = _ignore) -> pb.SubmitUpdateResponse | None:
         """Send an update, or with `carry` leave it for the next long-poll to take (None: the reply
-        to that poll answers it), where the coordinator takes updates that way and it fits in one
-        message: one call a round instead of two."""
+        to that poll answers it, and `then` gets that answer), where the coordinator takes updates
+        that way and it fits in one message: one call a round instead of two."""
         assert self.run is not None
         encoded = None
         if tensors is not None:
@@ -185,7 +186,7 @@ class Worker:
         self.hooks.on_submit(header)
         message = self.session.carry(header, encoded) if carry else None
         if message is not None:
-            self._carried = (header, encoded, message)
+            self._carried = (header, encoded, message, then)
             return None
         return self._send(header, encoded)
 
@@ -299,13 +300,16 @@ class Worker:
             kind=_KIND[self.algorithm.update_kind], weight=update.weight,
             metrics={**update.metrics, "compute_s": compute_s},
         )
-        reply = self._submit(header, update.tensors, carry=True)
-        self.rounds_trained += 1
-        level = logging.INFO if self.rounds_trained % 100 == 1 else logging.DEBUG
-        log.log(level, "round %d: %d tasks, query loss %.3f -> %.3f, %.1f ms compute%s", round_index,
-                batch.num_tasks, update.metrics["loss_pre"], update.metrics["loss_post"], compute_s * 1e3,
-                " (duplicate)" if reply is not None and reply.duplicate else
-                " (sent with the next long-poll)" if reply is None else "", extra=fields(event="trained", round=round_index))
+        def accepted(reply: pb.SubmitUpdateResponse) -> None:  # a line per accepted update, as it is answered
+            self.rounds_trained += 1
+            level = logging.INFO if self.rounds_trained % 100 == 1 else logging.DEBUG
+            log.log(level, "round %d: %d tasks, query loss %.3f -> %.3f, %.1f ms compute%s", round_index,
+                    batch.num_tasks, update.metrics["loss_pre"], update.metrics["loss_post"], compute_s * 1e3,
+                    " (duplicate)" if reply.duplicate else "", extra=fields(event="trained", round=round_index))
+
+        reply = self._submit(header, update.tensors, carry=True, then=accepted)
+        if reply is not None:
+            accepted(reply)
 
     def evaluate(self, round_index: int, version: str, *, validation: bool = False) -> None:
         with self._heartbeats(round_index):
@@ -407,6 +411,8 @@ class Worker:
                 log.warning("the coordinator did not answer the update carried by WaitForAssignment for round %d",
                             carried[0].round, extra=fields(event="refused", round=int(carried[0].round)))
             self.hooks.on_answer(carried[0], a.update if a.HasField("update") else None)
+            if a.HasField("update") and a.update.accepted:
+                carried[3](a.update)
         return a
 
     def _send_carried(self) -> None:
@@ -414,7 +420,7 @@ class Worker:
         carried, self._carried = self._carried, None
         if carried is not None:
             try:
-                self._send(carried[0], carried[1])
+                carried[3](self._send(carried[0], carried[1]))
             except grpc.RpcError as exc:
                 log.warning("the update for round %d was not sent before stopping: %s", carried[0].round,
                             exc.code().name if isinstance(exc, grpc.Call) else exc)

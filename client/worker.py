@@ -82,6 +82,16 @@ class WorkerHooks:
     on_answer: Callable[[pb.UpdateHeader, pb.SubmitUpdateResponse | None], None] = _ignore
 
 
+@dataclass(frozen=True)
+class _Carried:
+    """A trained update waiting to ride on the next long-poll (WaitForAssignment.update)."""
+
+    header: pb.UpdateHeader
+    encoded: EncodedTensorSet | None
+    message: pb.InlineUpdate
+    accepted: Callable[[pb.SubmitUpdateResponse], None]  # what the worker does once it is accepted
+
+
 class Worker:
     """Runs one client until the coordinator says FINISHED (exit 0) or it gives up (exit 1).
 
@@ -109,9 +119,7 @@ class Worker:
         self._cached_version = ""
         self._params: dict[str, torch.Tensor] = {}
         self.rounds_trained = 0
-        # a trained update waiting to ride on the next long-poll: (header, encoded, message, what to do once accepted)
-        self._carried: tuple[pb.UpdateHeader, EncodedTensorSet | None, pb.InlineUpdate,
-                             Callable[[pb.SubmitUpdateResponse], None]] | None = None
+        self._carried: _Carried | None = None
 
     # ---- RPCs -------------------------------------------------------------------------------
     def join(self) -> RunConfig:
@@ -186,7 +194,7 @@ class Worker:
         self.hooks.on_submit(header)
         message = self.session.carry(header, encoded) if carry else None
         if message is not None:
-            self._carried = (header, encoded, message, then)
+            self._carried = _Carried(header, encoded, message, then)
             return None
         return self._send(header, encoded)
 
@@ -401,18 +409,18 @@ class Worker:
         carried, self._carried = self._carried, None
         try:
             a = self.session.wait(run.run_id, self._cached_version, timeout_s=run.poll_timeout_s + 10.0,
-                                  update=None if carried is None else carried[2])
+                                  update=None if carried is None else carried.message)
         except grpc.RpcError as exc:
             if carried is not None and not retryable(exc, overload=False):  # refused: the update does not count
-                self.hooks.on_answer(carried[0], None)
+                self.hooks.on_answer(carried.header, None)
             raise
         if carried is not None:
             if not a.HasField("update"):
                 log.warning("the coordinator did not answer the update carried by WaitForAssignment for round %d",
-                            carried[0].round, extra=fields(event="refused", round=int(carried[0].round)))
-            self.hooks.on_answer(carried[0], a.update if a.HasField("update") else None)
+                            carried.header.round, extra=fields(event="refused", round=int(carried.header.round)))
+            self.hooks.on_answer(carried.header, a.update if a.HasField("update") else None)
             if a.HasField("update") and a.update.accepted:
-                carried[3](a.update)
+                carried.accepted(a.update)
         return a
 
     def _send_carried(self) -> None:
@@ -420,9 +428,9 @@ class Worker:
         carried, self._carried = self._carried, None
         if carried is not None:
             try:
-                carried[3](self._send(carried[0], carried[1]))
+                carried.accepted(self._send(carried.header, carried.encoded))
             except grpc.RpcError as exc:
-                log.warning("the update for round %d was not sent before stopping: %s", carried[0].round,
+                log.warning("the update for round %d was not sent before stopping: %s", carried.header.round,
                             exc.code().name if isinstance(exc, grpc.Call) else exc)
 
     def _on_refusal(self, exc: grpc.Call) -> None:
